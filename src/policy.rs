@@ -1,0 +1,1 @@
+//! Authorization policy (placeholder; see issue 4).
