@@ -2,7 +2,8 @@
 //! into `config::Env`, and hands over to the library; `anyhow` lives only here and in `app`.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use meshd::config::{self, Config, Env};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,33 +24,133 @@ enum Command {
         #[arg(long)]
         exit_with: Option<u32>,
     },
-    /// Validate a config file (and the policy it names); errors are file:line:column.
+    /// Validate a config file (and the policy it names) and policy files; errors are
+    /// printed as file:line:column: message, and the exit code is 1.
     Check {
-        #[arg(long, default_value = "/etc/meshd/meshd.yaml")]
+        #[arg(long)]
         config: Option<PathBuf>,
         /// Policy files to validate on their own.
         #[arg(long)]
         policy: Vec<PathBuf>,
     },
+    /// Authorization policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// The development CA: serves the SPIFFE Workload API on unix sockets, one per identity.
     DevCa(meshd::dev_ca::DevCaArgs),
+    /// A demo gRPC app of the reference topology (plaintext, loopback).
+    DemoApp(meshd::demo_apps::DemoAppArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print ALLOW or DENY, the deciding rule and the mode for one request.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[arg(long)]
+    policy: PathBuf,
+    /// The caller's SPIFFE ID.
+    #[arg(long)]
+    from: String,
+    /// A gRPC target, SERVICE/METHOD.
+    #[arg(long, conflicts_with = "http")]
+    grpc: Option<String>,
+    /// An HTTP target: METHOD PATH.
+    #[arg(long, num_args = 2, value_names = ["METHOD", "PATH"])]
+    http: Option<Vec<String>>,
+    /// The local port (default 15006).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+fn env() -> Env {
+    Env(std::env::vars().collect())
+}
+
+fn check(config_path: Option<PathBuf>, policies: Vec<PathBuf>) -> ExitCode {
+    let mut ok = true;
+    let mut policies = policies;
+    if let Some(path) = &config_path {
+        let (report, good) = config::check_report(path, &env());
+        println!("{report}");
+        ok &= good;
+        if let Ok(cfg) = Config::load(path, &env()) {
+            if let Some(p) = cfg.inbound.and_then(|i| i.policy) {
+                policies.push(p);
+            }
+        }
+    }
+    if config_path.is_none() && policies.is_empty() {
+        eprintln!("meshd check: give --config FILE and/or --policy FILE");
+        return ExitCode::from(2);
+    }
+    for p in policies {
+        let (lines, good) = meshd::policy_parse::check_file(&p);
+        for l in lines {
+            println!("{l}");
+        }
+        ok &= good;
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { .. } => {
-            eprintln!("meshd run: not built yet");
-            ExitCode::FAILURE
+        Command::Run { config, exit_with } => {
+            let cfg = match Config::load(&config, &env()) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match meshd::app::main(cfg, meshd::app::RunOptions { exit_with }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshd: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
-        Command::Check { .. } => {
-            eprintln!("meshd check: not built yet");
-            ExitCode::FAILURE
+        Command::Check { config, policy } => check(config, policy),
+        Command::Policy(PolicyCommand::Explain(a)) => {
+            let http = a.http.as_ref().map(|v| (v[0].as_str(), v[1].as_str()));
+            match meshd::policy_parse::explain_cli(
+                &a.policy,
+                &a.from,
+                a.grpc.as_deref(),
+                http,
+                a.port,
+            ) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::DevCa(args) => match meshd::dev_ca::main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshd dev-ca: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DemoApp(args) => match meshd::demo_apps::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshd demo-app: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -1,0 +1,289 @@
+//! The composition root: builds everything in the order data flows (telemetry,
+//! identity, TLS, policy, listeners, admin), spawns the tasks under one drain, and waits
+//! for a stop signal (SIGTERM/SIGINT, `POST /shutdown`, or the app's exit).
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, Endpoints};
+use crate::identity::{parse_spiffe_id, IdentityStatus};
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::policy_store::PolicyStore;
+use crate::proxy::{Connector, Drain, H2Pool};
+use crate::telemetry::{self, AccessLogger, LabelBounds, Labels};
+use crate::tls::TlsStore;
+use anyhow::{anyhow, Context};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// What `run` needs beyond the config.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Drain and exit when this PID exits.
+    pub exit_with: Option<u32>,
+}
+
+/// Runs the sidecar until drained. Builds its own runtime from `runtime.worker_threads`.
+pub fn main(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+    let rt = if config.runtime.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.runtime.worker_threads)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(config, opts))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the {what} listener on {addr}"))
+}
+
+async fn resolve_static(name: &str, endpoints: &Endpoints) -> anyhow::Result<Vec<SocketAddr>> {
+    let Endpoints::Static(list) = endpoints else {
+        return Err(anyhow!(
+            "outbound {name}: only a static endpoint list is supported in this build"
+        ));
+    };
+    let mut out = Vec::new();
+    for e in list {
+        let addrs = tokio::net::lookup_host(e.as_str())
+            .await
+            .with_context(|| format!("outbound {name}: cannot resolve endpoint `{e}`"))?;
+        out.extend(addrs.take(1));
+    }
+    Ok(out)
+}
+
+/// Builds and runs everything; returns after a complete drain.
+pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+    let _ = crate::identity::crypto_provider();
+    let log_reload = telemetry::init_logging(&config.log.level);
+    let metrics = match telemetry::install_metrics() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
+    let labels = Arc::new(Labels::default());
+    let access = Arc::new(AccessLogger {
+        mode: config.log.access,
+    });
+    let drain = Drain::default();
+    let background = CancellationToken::new();
+
+    // Identity.
+    let expect = config
+        .identity
+        .expect
+        .as_deref()
+        .map(parse_spiffe_id)
+        .transpose()
+        .map_err(|e| anyhow!("identity.expect: {e}"))?;
+    let (id_tx, id_rx) = watch::channel(IdentityStatus::Waiting {
+        reason: "waiting for the first X.509-SVID".into(),
+    });
+    let reload_files = Arc::new(Notify::new());
+    if let Some(files) = config.identity.files.clone() {
+        tokio::spawn(crate::identity_files::run(
+            files,
+            expect.clone(),
+            id_tx,
+            reload_files.clone(),
+            background.clone(),
+        ));
+    } else {
+        let addr = config
+            .identity
+            .workload_api
+            .clone()
+            .unwrap_or_else(|| "unix:///run/spire/sockets/agent.sock".into());
+        let addr = crate::workload_api::parse_address(&addr)?;
+        tokio::spawn(crate::workload_api::run(
+            addr,
+            expect.clone(),
+            id_tx,
+            background.clone(),
+        ));
+    }
+    tokio::spawn(identity_metrics(id_rx.clone()));
+
+    // TLS.
+    let mut upstream_ids = Vec::new();
+    for o in &config.outbound {
+        let id = parse_spiffe_id(&o.server_id)
+            .map_err(|e| anyhow!("outbound {}: server_id: {e}", o.name))?;
+        upstream_ids.push((o.name.clone(), id, o.protocol.is_http()));
+    }
+    let inbound_h2 = config.inbound.as_ref().is_none_or(|i| i.protocol.is_http());
+    let tls = Arc::new(TlsStore::new(inbound_h2, upstream_ids));
+    tokio::spawn(tls.clone().run(id_rx.clone()));
+
+    // Policy.
+    let policy = match config.inbound.as_ref().and_then(|i| i.policy.clone()) {
+        Some(path) => {
+            let store = Arc::new(PolicyStore::new(path));
+            if let Err(problems) = store.reload() {
+                for p in problems {
+                    tracing::error!("{p}");
+                }
+            }
+            tokio::spawn(store.clone().watch(background.clone()));
+            Some(store)
+        }
+        None => None,
+    };
+    let policy_for_inbound = policy
+        .clone()
+        .unwrap_or_else(|| Arc::new(PolicyStore::new("<none: inbound.policy is not set>")));
+    update_labels(&labels, policy.as_deref(), &config);
+
+    // Listeners.
+    let mut inbound_port = 0;
+    if let Some(ib) = &config.inbound {
+        let listener = bind(ib.listen, "inbound").await?;
+        inbound_port = listener.local_addr()?.port();
+        let inbound = Arc::new(Inbound {
+            protocol: ib.protocol,
+            forward: ib.forward,
+            port: inbound_port,
+            identity: id_rx.clone(),
+            tls: tls.clone(),
+            policy: policy_for_inbound.clone(),
+            app: H2Pool::new(Connector::Plain(ib.forward)),
+            labels: labels.clone(),
+            log: access.clone(),
+        });
+        tracing::info!("inbound listening on {} -> {}", listener.local_addr()?, ib.forward);
+        tokio::spawn(inbound.serve(listener, drain.clone()));
+    }
+    for o in &config.outbound {
+        let listener = bind(o.listen, &format!("outbound {}", o.name)).await?;
+        let addrs = resolve_static(&o.name, &o.endpoints).await?;
+        let slot = tls
+            .upstream(&o.name)
+            .ok_or_else(|| anyhow!("outbound {}: no TLS slot", o.name))?;
+        let ob = Arc::new(Outbound::new(
+            o.name.clone(),
+            o.protocol,
+            o.timeout,
+            slot,
+            addrs,
+            labels.clone(),
+            access.clone(),
+        ));
+        tracing::info!("outbound {} listening on {}", o.name, listener.local_addr()?);
+        tokio::spawn(ob.serve(listener, drain.clone()));
+    }
+
+    // Admin.
+    let admin_listener = bind(config.admin.listen, "admin").await?;
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(AdminState {
+        identity: id_rx.clone(),
+        policy: Some(policy_for_inbound.clone()).filter(|_| config.inbound.is_some()),
+        inbound_port,
+        metrics,
+        config: config.redacted(),
+        listeners_bound: Default::default(),
+        shutdown: shutdown.clone(),
+        log_reload,
+    });
+    state.listeners_bound.store(true, Ordering::Release);
+    tracing::info!("admin listening on {}", admin_listener.local_addr()?);
+    tokio::spawn(admin::serve(admin_listener, state.clone(), background.clone()));
+
+    // Signals.
+    let exit_with = opts.exit_with.or(config.lifecycle.exit_with_app);
+    wait_for_stop(shutdown.clone(), exit_with, policy.clone(), reload_files, &labels, &config).await;
+
+    tracing::info!("draining (up to {:?})", config.lifecycle.drain_timeout);
+    shutdown.cancel();
+    drain.stop.cancel();
+    drain.tracker.close();
+    if tokio::time::timeout(config.lifecycle.drain_timeout, drain.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+    background.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn update_labels(labels: &Labels, policy: Option<&PolicyStore>, _config: &Config) {
+    let mut bounds = LabelBounds::default();
+    if let Some(p) = policy.and_then(|p| p.snapshot()) {
+        bounds.peers = p.named_peers();
+        bounds.methods = p.named_methods();
+    }
+    labels.set(bounds);
+}
+
+async fn wait_for_stop(
+    shutdown: CancellationToken,
+    exit_with: Option<u32>,
+    policy: Option<Arc<PolicyStore>>,
+    reload_files: Arc<Notify>,
+    labels: &Labels,
+    config: &Config,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut seen_version = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(_) = async { term.as_mut()?.recv().await } => return,
+            Some(_) = async { int.as_mut()?.recv().await } => return,
+            Some(_) = async { hup.as_mut()?.recv().await } => {
+                tracing::info!("SIGHUP: reloading policy and identity files");
+                if let Some(p) = &policy {
+                    let _ = p.reload();
+                }
+                reload_files.notify_one();
+                update_labels(labels, policy.as_deref(), config);
+            }
+            _ = tick.tick() => {
+                let version = policy.as_ref().and_then(|p| p.snapshot()).map(|p| p.version);
+                if version != seen_version {
+                    seen_version = version;
+                    update_labels(labels, policy.as_deref(), config);
+                }
+                if let Some(pid) = exit_with {
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        tracing::info!("app process {pid} exited");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn identity_metrics(mut rx: watch::Receiver<IdentityStatus>) {
+    loop {
+        if let Some(s) = rx.borrow_and_update().snapshot() {
+            metrics::gauge!("meshd_svid_expiry_timestamp_seconds")
+                .set(crate::identity::unix_seconds(s.svid.not_after) as f64);
+            metrics::gauge!("meshd_bundle_trust_domains").set(s.bundles.domains.len() as f64);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Identity from PEM files (`identity.files`, or `MTLS_CERT_FILE`/`MTLS_KEY_FILE`/
+//! `MTLS_CA_FILE` of the original design).
+//!
+//! Flow: `load` reads the chain, key and CA bundle into a snapshot; `run` publishes it,
+//! then reloads when any of the three files changes (a `notify` watch on their folders)
+//! or when `reload` is notified (SIGHUP). A half-written or mismatched set keeps the
+//! previous identity and logs why.
+
+use crate::config::IdentityFiles;
+use crate::identity::{
+    check_expected, crypto_provider, parse_spiffe_id, BundleSet, IdentitySnapshot,
+    IdentityStatus, SpiffeId, Svid,
+};
+use notify::{RecursiveMode, Watcher};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use x509_parser::prelude::*;
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads the three files into a snapshot.
+pub fn load(
+    files: &IdentityFiles,
+    expect: Option<&SpiffeId>,
+    generation: u64,
+) -> Result<IdentitySnapshot, String> {
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let ca_pem = read(&files.bundle)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", files.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: holds no certificate", files.cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        format!(
+            "{}: no PKCS#8 or SEC1 private key found: {e}",
+            files.key.display()
+        )
+    })?;
+    let svid = Svid::from_der(chain, key, &crypto_provider())
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    check_expected(&svid.id, expect)?;
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM bundle: {e}", files.bundle.display()))?;
+    let mut by_domain: std::collections::BTreeMap<String, Vec<CertificateDer<'static>>> =
+        Default::default();
+    let own = svid.id.trust_domain_name().to_string();
+    for ca in cas {
+        let td = ca_trust_domain(&ca).unwrap_or_else(|| own.clone());
+        by_domain.entry(td).or_default().push(ca);
+    }
+    if !by_domain.contains_key(&own) {
+        return Err(format!(
+            "{}: holds no CA certificate for trust domain {own}",
+            files.bundle.display()
+        ));
+    }
+    let mut bundles = BundleSet::default();
+    for (td, cas) in by_domain {
+        bundles
+            .insert(&td, cas)
+            .map_err(|e| format!("{}: {e}", files.bundle.display()))?;
+    }
+    Ok(IdentitySnapshot {
+        svid,
+        bundles,
+        generation,
+    })
+}
+
+/// A CA's trust domain, when it carries a `spiffe://td` URI SAN (as SPIRE's do).
+fn ca_trust_domain(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => parse_spiffe_id(u)
+            .ok()
+            .map(|id| id.trust_domain_name().to_string()),
+        _ => None,
+    })
+}
+
+/// Publishes the files' identity and follows changes until `stop`.
+pub async fn run(
+    files: IdentityFiles,
+    expect: Option<SpiffeId>,
+    status: watch::Sender<IdentityStatus>,
+    reload: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let changed = Arc::new(Notify::new());
+    let _watcher = {
+        let changed = changed.clone();
+        let names: Vec<_> = [&files.cert, &files.key, &files.bundle]
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+            .collect();
+        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if ev.paths.iter().any(|p| {
+                    p.file_name()
+                        .is_some_and(|n| names.iter().any(|m| m == n))
+                }) {
+                    changed.notify_one();
+                }
+            }
+        })
+        .ok();
+        if let Some(w) = w.as_mut() {
+            for p in [&files.cert, &files.key, &files.bundle] {
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                    tracing::warn!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
+                }
+            }
+        }
+        w
+    };
+    let mut generation = 0u64;
+    loop {
+        match load(&files, expect.as_ref(), generation + 1) {
+            Ok(snap) => {
+                let same = status
+                    .borrow()
+                    .snapshot()
+                    .is_some_and(|s| s.svid.serial == snap.svid.serial && s.bundles == snap.bundles);
+                if !same {
+                    generation += 1;
+                    tracing::info!(spiffe_id = %snap.svid.id, serial = %snap.svid.serial, "loaded identity from files");
+                    if generation > 1 {
+                        metrics::counter!("meshd_svid_rotations_total").increment(1);
+                    }
+                    status.send_replace(IdentityStatus::Ready(Arc::new(snap)));
+                }
+            }
+            Err(reason) if reason.contains("identity.expect") => {
+                tracing::error!("{reason}");
+                status.send_replace(IdentityStatus::Mismatch { reason });
+            }
+            Err(reason) => {
+                if status.borrow().snapshot().is_some() {
+                    tracing::warn!("keeping the previous identity: {reason}");
+                } else {
+                    tracing::warn!("no identity yet: {reason}");
+                    status.send_replace(IdentityStatus::Waiting { reason });
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = changed.notified() => {
+                // Let a writer finish the other files of the set.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            _ = reload.notified() => {}
+        }
+    }
+}

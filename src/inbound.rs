@@ -1,0 +1,269 @@
+//! Inbound: the mTLS listener in front of the app. Only mutual TLS with a valid
+//! X.509-SVID gets in; every request (or TCP connection) is authorized by the caller's
+//! SPIFFE ID; the app gets the caller in `x-forwarded-client-cert` over one pooled h2c
+//! connection (or a byte stream for `tcp`).
+//!
+//! Flow: accept -> TLS handshake with the current server config (none = no identity =
+//! refuse) -> peer SPIFFE ID from the verified leaf -> per request: authorize -> strip
+//! and set XFCC -> forward to the app -> stream the response back, metered.
+
+use crate::config::Protocol;
+use crate::identity::SpiffeId;
+use crate::metered_body::MeteredBody;
+use crate::policy::{Request as AuthzRequest, Target};
+use crate::policy_store::PolicyStore;
+use crate::proxy::{self, Drain, H2Pool, ProxyBody, ProxyError, XFCC};
+use crate::telemetry::{AccessLogger, Labels, RequestRecord};
+use crate::tls::{self, TlsStore};
+use http::{HeaderValue, Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long a peer may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The inbound listener's shared state.
+#[derive(Debug)]
+pub struct Inbound {
+    pub protocol: Protocol,
+    /// The app's own address (loopback).
+    pub forward: SocketAddr,
+    /// The listener's port, for policy `ports`.
+    pub port: u16,
+    /// Our identity, for XFCC `By=` (read once per connection).
+    pub identity: tokio::sync::watch::Receiver<crate::identity::IdentityStatus>,
+    pub tls: Arc<TlsStore>,
+    pub policy: Arc<PolicyStore>,
+    /// The single pooled h2c connection to the app.
+    pub app: H2Pool,
+    pub labels: Arc<Labels>,
+    pub log: Arc<AccessLogger>,
+}
+
+/// Per-connection facts handed to each request.
+#[derive(Debug)]
+struct Peer {
+    id: SpiffeId,
+    id_text: String,
+    /// Built once per connection: `By=<own>;URI=<peer>`.
+    xfcc: Option<HeaderValue>,
+}
+
+impl Inbound {
+    /// Accepts connections until drained.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = drain.stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("inbound accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let stop = drain.stop.clone();
+            drain.tracker.spawn(async move { this.connection(tcp, remote, stop).await });
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let Some(config) = self.tls.inbound() else {
+            metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_identity").increment(1);
+            tracing::warn!(%remote, "refused connection: meshd has no valid SVID");
+            return;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = tls::failure_reason(&e);
+                metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
+                tracing::info!(%remote, reason, "inbound TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "timeout").increment(1);
+                tracing::info!(%remote, "inbound TLS handshake timed out");
+                return;
+            }
+        };
+        let (_, conn) = stream.get_ref();
+        let Some(id) = tls::peer_id(conn.peer_certificates()) else {
+            tracing::warn!(%remote, "peer certificate has no SPIFFE ID");
+            return;
+        };
+        if self.protocol.is_http() && conn.alpn_protocol() != Some(tls::ALPN_H2) {
+            metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_alpn").increment(1);
+            tracing::info!(%remote, peer = %id, "closed: client did not negotiate ALPN h2");
+            return;
+        }
+        let id_text = id.to_string();
+        let own_id = self
+            .identity
+            .borrow()
+            .snapshot()
+            .map(|s| s.svid.id.to_string())
+            .unwrap_or_default();
+        let peer = Arc::new(Peer {
+            xfcc: proxy::xfcc_value(&own_id, &id_text),
+            id,
+            id_text,
+        });
+        if self.protocol == Protocol::Tcp {
+            self.tcp(stream, peer).await;
+            return;
+        }
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, &peer).await) }
+        });
+        proxy::serve_h2(stream, svc, stop).await;
+    }
+
+    async fn tcp(&self, stream: tokio_rustls::server::TlsStream<TcpStream>, peer: Arc<Peer>) {
+        let target = Target {
+            port: self.port,
+            request: AuthzRequest::Tcp,
+        };
+        let (decision, policy) = self.policy.decide(&peer.id, &target);
+        let mut record = RequestRecord::new(
+            "inbound",
+            self.labels.peer(&peer.id_text),
+            peer.id_text.clone(),
+            "other".into(),
+            None,
+            "TCP".into(),
+            self.forward.to_string(),
+            Some(self.log.clone()),
+        );
+        if !decision.allowed || decision.would_deny {
+            log_denial(&peer.id_text, "tcp", &decision, &policy);
+        }
+        if !decision.allowed {
+            record.denied = true;
+            record.rule = Some(decision.rule_name(&policy).to_string());
+            record.http_status = 403;
+            return;
+        }
+        match proxy::tcp_connect(self.forward).await {
+            Ok(app) => {
+                let (rx, tx) = proxy::pipe(stream, app, "inbound").await;
+                record.bytes = rx + tx;
+                record.http_status = 200;
+            }
+            Err(e) => {
+                record.http_status = 503;
+                tracing::warn!("app at {} unavailable: {e}", self.forward)
+            }
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+        let grpc = self.protocol == Protocol::Grpc || proxy::is_grpc(&req);
+        let path = req.uri().path().to_string();
+        let grpc_parts = if grpc { proxy::grpc_path(&path) } else { None };
+        let (method_label, grpc_method) = match grpc_parts {
+            Some((svc, m)) => (self.labels.method(svc, m), Some(format!("{svc}/{m}"))),
+            None => ("other".to_string(), None),
+        };
+        let http_method = req.method().as_str().to_string();
+        let mut record = RequestRecord::new(
+            "inbound",
+            self.labels.peer(&peer.id_text),
+            peer.id_text.clone(),
+            method_label,
+            grpc_method,
+            http_method.clone(),
+            self.forward.to_string(),
+            Some(self.log.clone()),
+        );
+        let request = match grpc_parts {
+            Some((service, method)) => AuthzRequest::Grpc { service, method },
+            None => AuthzRequest::Http {
+                method: &http_method,
+                path: &path,
+            },
+        };
+        let target = Target {
+            port: self.port,
+            request,
+        };
+        let (decision, policy) = self.policy.decide(&peer.id, &target);
+        if !decision.allowed || decision.would_deny {
+            log_denial(&peer.id_text, &path, &decision, &policy);
+        }
+        let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
+        if !decision.allowed {
+            record.denied = true;
+            record.rule = Some(decision.rule_name(&policy).to_string());
+            return fail(record, protocol, ProxyError::Denied(decision.message(&policy)));
+        }
+        let headers = req.headers_mut();
+        headers.remove(XFCC);
+        if let Some(v) = &peer.xfcc {
+            headers.insert(XFCC, v.clone());
+        }
+        match self.app.send(req).await {
+            Ok(resp) => {
+                record.http_status = resp.status().as_u16();
+                record.grpc_status = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                resp.map(|b| Either::Left(MeteredBody::new(b, record)))
+            }
+            Err(e) => fail(
+                record,
+                protocol,
+                ProxyError::Unavailable(format!("app at {} unavailable: {e}", self.forward)),
+            ),
+        }
+    }
+}
+
+fn log_denial(
+    peer: &str,
+    target: &str,
+    decision: &crate::policy::Decision,
+    policy: &crate::policy::Policy,
+) {
+    let line = serde_json::json!({
+        "event": if decision.allowed { "would_deny" } else { "deny" },
+        "peer_id": peer,
+        "target": target,
+        "rule": decision.rule_name(policy),
+        "mode": decision.mode.as_str(),
+        "message": decision.message(policy),
+    });
+    tracing::info!(target: "meshd::authz", "{line}");
+}
+
+fn fail(mut record: RequestRecord, protocol: Protocol, err: ProxyError) -> Response<ProxyBody> {
+    let (grpc, http) = err.codes();
+    record.http_status = if protocol == Protocol::Grpc {
+        200
+    } else {
+        http.as_u16()
+    };
+    record.grpc_status = (protocol == Protocol::Grpc).then_some(grpc);
+    record.finish();
+    err.response(protocol)
+}

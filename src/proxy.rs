@@ -1,0 +1,415 @@
+//! What the inbound and outbound listeners share: response bodies, gRPC-aware error
+//! responses, deadlines, the `x-forwarded-client-cert` header, and a pooled HTTP/2
+//! client connection that reconnects after GOAWAY or an error.
+//!
+//! Decisions (error mapping, deadlines) are plain functions with table tests; the I/O
+//! around them is kept thin.
+
+use crate::config::Protocol;
+use crate::tls::UpstreamTls;
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// A response body: the upstream's stream (metered), or a small local answer.
+pub type ProxyBody = Either<crate::metered_body::MeteredBody, Full<Bytes>>;
+
+/// The header that tells the app who called (Envoy's format).
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// Why a request could not be proxied; each maps to one gRPC status and HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The policy denied the request (message names the rule).
+    #[error("{0}")]
+    Denied(String),
+    /// No connection to the upstream (or the app) could be made.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The upstream did not answer within the deadline.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// No valid identity: meshd fails closed.
+    #[error("{0}")]
+    NoIdentity(String),
+}
+
+impl ProxyError {
+    /// The gRPC status code and HTTP status for this error.
+    pub fn codes(&self) -> (u32, StatusCode) {
+        match self {
+            ProxyError::Denied(_) => (7, StatusCode::FORBIDDEN),
+            ProxyError::Unavailable(_) | ProxyError::NoIdentity(_) => {
+                (14, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            ProxyError::DeadlineExceeded(_) => (4, StatusCode::GATEWAY_TIMEOUT),
+        }
+    }
+
+    /// The local response: a trailers-only gRPC status for gRPC, a status code and a text
+    /// body for HTTP.
+    pub fn response(&self, protocol: Protocol) -> Response<ProxyBody> {
+        let (grpc, http) = self.codes();
+        let msg = self.to_string();
+        if protocol == Protocol::Grpc {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+            let h = r.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(grpc));
+            if let Ok(v) = HeaderValue::from_str(&grpc_message_encode(&msg)) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from(msg + "\n"))));
+            *r.status_mut() = http;
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            );
+            r
+        }
+    }
+}
+
+/// Percent-encodes a grpc-message value as the gRPC spec asks.
+pub fn grpc_message_encode(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parses a `grpc-timeout` header value (`100m`, `5S`, ...).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The deadline of a request: the configured timeout, or the app's `grpc-timeout` when
+/// it is shorter.
+pub fn request_deadline(configured: Duration, headers: &HeaderMap) -> Duration {
+    headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(configured, |app| app.min(configured))
+}
+
+/// Builds the XFCC value the app receives: `By=<own id>;URI=<peer id>`.
+pub fn xfcc_value(own: &str, peer: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("By={own};URI={peer}")).ok()
+}
+
+/// Splits a gRPC path `/pkg.Service/Method` into service and method.
+pub fn grpc_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (svc, method) = rest.split_once('/')?;
+    (!svc.is_empty() && !method.is_empty() && !method.contains('/')).then_some((svc, method))
+}
+
+/// Whether a request is gRPC (by content-type).
+pub fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// How a pooled connection reaches its peer.
+#[derive(Debug, Clone)]
+pub enum Connector {
+    /// h2c to the local app.
+    Plain(SocketAddr),
+    /// mTLS + h2 to an upstream endpoint, verified against the upstream's `server_id`.
+    Tls {
+        addr: SocketAddr,
+        tls: Arc<UpstreamTls>,
+    },
+}
+
+/// One HTTP/2 connection, shared by all requests to one peer and re-made when it closes.
+#[derive(Debug)]
+pub struct H2Pool {
+    /// How to (re)connect.
+    connector: Connector,
+    /// The live connection's handle; empty until first use or after it closed.
+    sender: ArcSwapOption<SendRequest<Incoming>>,
+    /// Single-flight for reconnects: one handshake at a time, requests wait for it.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl H2Pool {
+    pub fn new(connector: Connector) -> H2Pool {
+        H2Pool {
+            connector,
+            sender: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn live(&self) -> Option<SendRequest<Incoming>> {
+        self.sender
+            .load()
+            .as_ref()
+            .filter(|s| !s.is_closed() && s.is_ready())
+            .map(|s| (**s).clone())
+    }
+
+    /// A handle to a ready connection, connecting if needed.
+    pub async fn sender(&self) -> Result<SendRequest<Incoming>, String> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let s = connect_h2(&self.connector).await?;
+        self.sender.store(Some(Arc::new(s.clone())));
+        Ok(s)
+    }
+
+    /// Sends a request; if the connection turned out closed before the request left
+    /// (GOAWAY, reset), reconnects once and sends it again.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let mut sender = self.sender().await?;
+        match sender.try_send_request(req).await {
+            Ok(r) => Ok(r),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    self.sender.store(None);
+                    let mut sender = self.sender().await?;
+                    sender.send_request(req).await.map_err(|e| e.to_string())
+                }
+                None => Err(e.into_error().to_string()),
+            },
+        }
+    }
+}
+
+/// Opens a TCP connection with Nagle off.
+pub async fn tcp_connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// A fixed server name: peers are verified by SPIFFE ID, never by hostname.
+pub fn spiffe_server_name() -> rustls_pki_types::ServerName<'static> {
+    rustls_pki_types::ServerName::try_from("meshd.spiffe.invalid").expect("static name is valid")
+}
+
+/// Opens an mTLS connection to an upstream endpoint with the current client config.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    tls: &UpstreamTls,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let config = tls
+        .config
+        .load_full()
+        .ok_or_else(|| "no valid SVID to connect with".to_string())?;
+    let tcp = tcp_connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match connector.connect(spiffe_server_name(), tcp).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "outbound", "reason" => crate::tls::failure_reason(&e)).increment(1);
+            Err(format!("TLS handshake with {addr}: {e}"))
+        }
+    }
+}
+
+fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_frame_size(1 << 16)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+async fn connect_h2(connector: &Connector) -> Result<SendRequest<Incoming>, String> {
+    match connector {
+        Connector::Plain(addr) => {
+            let tcp = tcp_connect(*addr)
+                .await
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            let (sender, conn) = h2_client()
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("connection to {}: {e}", "app");
+                }
+            });
+            Ok(sender)
+        }
+        Connector::Tls { addr, tls } => {
+            let stream = tls_connect(*addr, tls).await?;
+            let (sender, conn) = h2_client()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("upstream connection closed: {e}");
+                }
+            });
+            Ok(sender)
+        }
+    }
+}
+
+/// The HTTP/2 server settings of both listeners.
+pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(4096)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_header_list_size(64 << 10)
+        .max_pending_accept_reset_streams(200)
+        .max_local_error_reset_streams(1024);
+    b
+}
+
+/// Stops listeners and lets in-flight work finish (DESIGN: drain on SIGTERM).
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    /// Cancelled when meshd starts draining: listeners stop accepting, HTTP/2
+    /// connections send GOAWAY.
+    pub stop: tokio_util::sync::CancellationToken,
+    /// Every connection task, so the drain can wait for them.
+    pub tracker: tokio_util::task::TaskTracker,
+}
+
+/// Serves one HTTP/2 connection until it ends; on drain sends GOAWAY and lets in-flight
+/// streams finish.
+pub async fn serve_h2<I, S>(io: I, service: S, stop: tokio_util::sync::CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = h2_server();
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("HTTP/2 connection ended: {e}");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Copies bytes both ways, counting them in `meshd_tcp_bytes_total`.
+pub async fn pipe<A, B>(mut a: A, mut b: B, direction: &'static str) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    metrics::counter!("meshd_tcp_connections_opened_total", "direction" => direction).increment(1);
+    let (rx, tx) = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 << 10, 64 << 10)
+        .await
+        .unwrap_or((0, 0));
+    metrics::counter!("meshd_tcp_bytes_total", "direction" => direction, "dir" => "rx").increment(rx);
+    metrics::counter!("meshd_tcp_bytes_total", "direction" => direction, "dir" => "tx").increment(tx);
+    metrics::counter!("meshd_tcp_connections_closed_total", "direction" => direction).increment(1);
+    (rx, tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        let table = [
+            ("100m", Some(Duration::from_millis(100))),
+            ("5S", Some(Duration::from_secs(5))),
+            ("1M", Some(Duration::from_secs(60))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("250u", Some(Duration::from_micros(250))),
+            ("7n", Some(Duration::from_nanos(7))),
+            ("S", None),
+            ("12x", None),
+            ("1234567890S", None),
+            ("-1S", None),
+        ];
+        for (v, want) in table {
+            assert_eq!(parse_grpc_timeout(v), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn deadline_takes_the_shorter() {
+        let mut h = HeaderMap::new();
+        let five = Duration::from_secs(5);
+        assert_eq!(request_deadline(five, &h), five);
+        h.insert("grpc-timeout", HeaderValue::from_static("200m"));
+        assert_eq!(request_deadline(five, &h), Duration::from_millis(200));
+        h.insert("grpc-timeout", HeaderValue::from_static("60S"));
+        assert_eq!(request_deadline(five, &h), five);
+    }
+
+    #[test]
+    fn errors_map_to_codes() {
+        let table = [
+            (ProxyError::Denied("x".into()), 7, 403),
+            (ProxyError::Unavailable("x".into()), 14, 503),
+            (ProxyError::NoIdentity("x".into()), 14, 503),
+            (ProxyError::DeadlineExceeded("x".into()), 4, 504),
+        ];
+        for (e, grpc, http) in table {
+            assert_eq!(e.codes(), (grpc, StatusCode::from_u16(http).unwrap()));
+            let r = e.response(Protocol::Grpc);
+            assert_eq!(r.headers()["grpc-status"], grpc.to_string().as_str());
+            assert_eq!(e.response(Protocol::Http).status().as_u16(), http);
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_message_encode("denied by rule \"a\""), "denied by rule \"a\"");
+        assert_eq!(grpc_message_encode("100%\n"), "100%25%0A");
+    }
+}

@@ -1,0 +1,308 @@
+//! Metrics and logs: the Prometheus recorder with every family described, bounded label
+//! values, the per-request record that ends in metrics and an access-log line, and the
+//! tracing subscriber whose level admin can change at runtime.
+//!
+//! Flow: `app` calls `install` once; proxies create a `RequestRecord` per request (or TCP
+//! connection) and it records itself when finished or dropped.
+
+use crate::config::AccessLog;
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// Histogram buckets in seconds, from 100 µs to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Why the recorder could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// A recorder is already installed in this process or the buckets were refused.
+    #[error("cannot install the metrics recorder: {0}")]
+    Recorder(String),
+}
+
+/// Installs the Prometheus recorder (once per process) and describes every family.
+pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("duration_seconds".into()),
+            DURATION_BUCKETS,
+        )
+        .map_err(|e| TelemetryError::Recorder(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("grpc_server_requests_total", "gRPC requests handled, by method.");
+    describe_histogram!(
+        "grpc_server_request_duration_seconds",
+        Unit::Seconds,
+        "gRPC request duration, by method."
+    );
+    describe_counter!(
+        "grpc_server_requests_failed_total",
+        "gRPC requests that ended with a non-OK status, by method and reason."
+    );
+    describe_counter!(
+        "meshd_requests_total",
+        "Requests proxied, by direction, peer SPIFFE ID, gRPC method and status."
+    );
+    describe_histogram!(
+        "meshd_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request headers to the end of the response, by direction."
+    );
+    describe_counter!(
+        "meshd_tcp_connections_opened_total",
+        "TCP connections opened, by direction."
+    );
+    describe_counter!(
+        "meshd_tcp_connections_closed_total",
+        "TCP connections closed, by direction."
+    );
+    describe_counter!(
+        "meshd_tcp_bytes_total",
+        Unit::Bytes,
+        "Bytes proxied in tcp mode, by direction and dir (rx from peer, tx to peer)."
+    );
+    describe_counter!(
+        "meshd_tls_handshake_failures_total",
+        "TLS handshakes that failed, by direction and reason."
+    );
+    describe_counter!(
+        "meshd_authz_decisions_total",
+        "Authorization decisions, by decision, rule and mode."
+    );
+    describe_counter!(
+        "meshd_policy_reload_failures_total",
+        "Policy reloads rejected (the previous policy stays in force)."
+    );
+    describe_gauge!(
+        "meshd_svid_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "Not-after of the current X.509-SVID, as a Unix timestamp."
+    );
+    describe_counter!("meshd_svid_rotations_total", "X.509-SVID rotations received.");
+    describe_gauge!(
+        "meshd_bundle_trust_domains",
+        "Trust domains in the current trust bundle set (own and federated)."
+    );
+    describe_gauge!(
+        "meshd_upstream_endpoints",
+        "Upstream endpoints, by service and state."
+    );
+    describe_gauge!(
+        "meshd_circuit_open",
+        "1 when the upstream's circuit breaker is open."
+    );
+    describe_counter!("meshd_retries_total", "Retries sent, by upstream service.");
+}
+
+/// The label values metrics may take: names from the policy and declared services,
+/// everything else becomes `other`, so no label comes from unbounded input.
+#[derive(Debug, Default)]
+pub struct LabelBounds {
+    /// SPIFFE IDs named exactly in the policy.
+    pub peers: HashSet<String>,
+    /// gRPC `service/method` names from the policy or declared services.
+    pub methods: HashSet<String>,
+}
+
+/// Shared, swappable label bounds (updated when the policy reloads).
+#[derive(Debug, Default)]
+pub struct Labels(ArcSwap<LabelBounds>);
+
+impl Labels {
+    pub fn set(&self, bounds: LabelBounds) {
+        self.0.store(Arc::new(bounds));
+    }
+    /// The `peer_id` label for a peer.
+    pub fn peer(&self, id: &str) -> String {
+        if self.0.load().peers.contains(id) {
+            id.to_string()
+        } else {
+            "other".to_string()
+        }
+    }
+    /// The `grpc_method` label for `service/method`; a wildcard service entry
+    /// (`svc/*`) admits its methods.
+    pub fn method(&self, service: &str, method: &str) -> String {
+        let b = self.0.load();
+        let full = format!("{service}/{method}");
+        if b.methods.contains(&full) || b.methods.contains(&format!("{service}/*")) {
+            full
+        } else {
+            "other".to_string()
+        }
+    }
+}
+
+/// Writes JSON access-log lines to stdout.
+#[derive(Debug)]
+pub struct AccessLogger {
+    pub mode: AccessLog,
+}
+
+impl AccessLogger {
+    pub fn write(&self, denied: bool, line: serde_json::Value) {
+        let wanted = match self.mode {
+            AccessLog::Off => false,
+            AccessLog::Deny => denied,
+            AccessLog::All => true,
+        };
+        if !wanted {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, &line);
+        let _ = out.write_all(b"\n");
+    }
+}
+
+/// One request (or TCP connection) in flight; records metrics and the access log
+/// exactly once, when finished or dropped.
+#[derive(Debug)]
+pub struct RequestRecord {
+    pub direction: &'static str,
+    pub peer_label: String,
+    pub peer_id: String,
+    pub method_label: String,
+    pub grpc_method: Option<String>,
+    pub http_method: String,
+    pub upstream: String,
+    pub start: Instant,
+    pub http_status: u16,
+    pub grpc_status: Option<u32>,
+    pub rule: Option<String>,
+    pub bytes: u64,
+    pub denied: bool,
+    pub log: Option<Arc<AccessLogger>>,
+    done: bool,
+}
+
+impl RequestRecord {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        direction: &'static str,
+        peer_label: String,
+        peer_id: String,
+        method_label: String,
+        grpc_method: Option<String>,
+        http_method: String,
+        upstream: String,
+        log: Option<Arc<AccessLogger>>,
+    ) -> RequestRecord {
+        RequestRecord {
+            direction,
+            peer_label,
+            peer_id,
+            method_label,
+            grpc_method,
+            http_method,
+            upstream,
+            start: Instant::now(),
+            http_status: 0,
+            grpc_status: None,
+            rule: None,
+            bytes: 0,
+            denied: false,
+            log,
+            done: false,
+        }
+    }
+
+    /// The status label: the gRPC status for gRPC, else the HTTP status.
+    fn status(&self) -> String {
+        match (self.grpc_method.is_some(), self.grpc_status) {
+            (true, Some(s)) => s.to_string(),
+            (true, None) if self.http_status == 200 => "0".to_string(),
+            _ => self.http_status.to_string(),
+        }
+    }
+
+    /// Records metrics and the access-log line (once).
+    pub fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let secs = self.start.elapsed().as_secs_f64();
+        let status = self.status();
+        metrics::counter!("meshd_requests_total",
+            "direction" => self.direction,
+            "peer_id" => self.peer_label.clone(),
+            "grpc_method" => self.method_label.clone(),
+            "status" => status.clone())
+        .increment(1);
+        metrics::histogram!("meshd_request_duration_seconds", "direction" => self.direction)
+            .record(secs);
+        if self.direction == "inbound" && self.grpc_method.is_some() {
+            let m = self.method_label.clone();
+            metrics::counter!("grpc_server_requests_total", "method" => m.clone()).increment(1);
+            metrics::histogram!("grpc_server_request_duration_seconds", "method" => m.clone())
+                .record(secs);
+            if status != "0" {
+                let reason = if self.denied { "permission_denied" } else { "status" };
+                metrics::counter!("grpc_server_requests_failed_total", "method" => m, "reason" => reason)
+                    .increment(1);
+            }
+        }
+        if let Some(log) = &self.log {
+            log.write(
+                self.denied,
+                serde_json::json!({
+                    "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                    "direction": self.direction,
+                    "peer_id": self.peer_id,
+                    "method": self.http_method,
+                    "grpc_method": self.grpc_method,
+                    "status": status,
+                    "duration_ms": secs * 1000.0,
+                    "bytes": self.bytes,
+                    "upstream": self.upstream,
+                    "rule": self.rule,
+                }),
+            );
+        }
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// A handle to change the log level at runtime (admin `PUT /logging?level=`).
+pub type LogReload = tracing_subscriber::reload::Handle<
+    tracing_subscriber::EnvFilter,
+    tracing_subscriber::Registry,
+>;
+
+/// Installs the tracing subscriber (JSON lines on stderr) with a reloadable filter.
+pub fn init_logging(level: &str) -> Option<LogReload> {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_current_span(false);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .ok()
+        .map(|_| handle)
+}
