@@ -1,0 +1,2 @@
+//! Helpers shared by the integration tests (`mod common;` in a tests/*.rs file).
+pub mod spire;

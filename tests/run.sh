@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# meshd's test command (the README's): installs what the tests need when it is missing, then
+# runs the whole suite in release mode (proxy tests push load).
+#
+#   tests/run.sh [EXTRA CARGO TEST ARGS...]     e.g. tests/run.sh --test spire_smoke
+#
+# Installs only what is missing, so a second run goes straight to cargo:
+#   - SPIRE v1.13.3 (spire/install.sh, built with Go into the cache)
+#   - Debian packages for missing commands (apt-get update once, then apt-get install -y)
+#   - grpcurl and ghz (go install into $MESHD_CACHE/bin)
+# Exports PATH (cache bin folders first) and MESHD_SPIRE_BIN for the tests.
+#   MESHD_CACHE   cache root (default: ~/.cache/meshd)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MESHD_CACHE=${MESHD_CACHE:-$HOME/.cache/meshd}
+say() { echo "tests/run.sh: $*" >&2; }
+
+# 1. Debian packages: command -> package. Later: dnsmasq, iptables, iproute2 (ip), iperf3.
+apt_updated=
+need_deb() {
+  local cmd=$1 pkg=$2
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  command -v apt-get >/dev/null 2>&1 ||
+    { say "'$cmd' is missing and there is no apt-get to install $pkg"; exit 1; }
+  if [ -z "$apt_updated" ]; then
+    say "apt-get update (installing missing commands)"
+    apt-get update -qq >&2
+    apt_updated=1
+  fi
+  say "installing $pkg (for $cmd)"
+  # Packages like prometheus would start their daemon; tests start what they need themselves.
+  local policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >&2 ||
+    { [ -z "$policy" ] || rm -f "$policy"; say "apt-get install $pkg failed"; exit 1; }
+  [ -z "$policy" ] || rm -f "$policy"
+  command -v "$cmd" >/dev/null 2>&1 || { say "$pkg installed but '$cmd' is still missing"; exit 1; }
+}
+need_deb curl curl
+need_deb openssl openssl
+need_deb setpriv util-linux
+need_deb promtool prometheus
+need_deb h2load nghttp2-client
+
+# 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
+MESHD_SPIRE_BIN=$(spire/install.sh)
+export MESHD_SPIRE_BIN
+
+# 3. Go tools, pinned.
+gobin=$MESHD_CACHE/bin
+mkdir -p "$gobin"
+need_go() {
+  local cmd=$1 pkg=$2
+  [ -x "$gobin/$cmd" ] && return 0
+  command -v go >/dev/null 2>&1 || { say "go is required to build $cmd"; exit 1; }
+  say "go install $pkg (once, into $gobin)"
+  GOBIN=$gobin go install "$pkg" >&2
+}
+need_go grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
+need_go ghz github.com/bojand/ghz/cmd/ghz@v0.120.0
+
+export PATH="$gobin:$MESHD_SPIRE_BIN:$PATH"
+
+# 4. The suite.
+say "cargo test --release --all-targets $*"
+exec cargo test --release --all-targets "$@"
