@@ -219,9 +219,35 @@ pub struct Sidecar {
 impl Sidecar {
     /// Writes `config_yaml` (which must use `admin_port`) and starts `meshd run`.
     pub fn start(name: &str, dir: &Path, config_yaml: &str, admin_port: u16) -> Sidecar {
+        Sidecar::start_as(name, dir, config_yaml, admin_port, None)
+    }
+
+    /// Like `start`, but runs meshd as `uid` (via setpriv) so SPIRE's unix attestor
+    /// gives it the identity registered for that uid.
+    pub fn start_as(
+        name: &str,
+        dir: &Path,
+        config_yaml: &str,
+        admin_port: u16,
+        uid: Option<u32>,
+    ) -> Sidecar {
         let config = dir.join(format!("{name}.yaml"));
         std::fs::write(&config, config_yaml).expect("write config");
-        let mut cmd = Command::new(meshd_bin());
+        let mut cmd = match uid {
+            Some(uid) => {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".to_string(),
+                ]);
+                c.arg(meshd_bin());
+                c
+            }
+            None => Command::new(meshd_bin()),
+        };
         cmd.arg("run").arg("--config").arg(&config);
         cmd.env_remove("SPIFFE_ENDPOINT_SOCKET");
         let proc = Proc::spawn(name, cmd, None);

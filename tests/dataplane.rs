@@ -1,0 +1,317 @@
+//! The mTLS data plane through two real meshd processes: the payment sidecar's outbound
+//! listener carries the payment app's calls to the contact sidecar's inbound listener,
+//! which forwards them to the contact app. Identities come from the development CA
+//! served over the Workload API, exactly as from SPIRE.
+
+mod common;
+
+use common::meshd::{free_port, DemoApp, DevCa, Sidecar};
+use meshd::pb::contact::contact_service_client::ContactServiceClient;
+use meshd::pb::contact::{Contact, GetContactRequest, ListContactsRequest};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The pair payment sidecar (outbound) -> contact sidecar (inbound) -> contact app.
+struct Pair {
+    _dir: tempfile::TempDir,
+    ca: DevCa,
+    _app: DemoApp,
+    contact: Sidecar,
+    payment: Sidecar,
+    /// The payment sidecar's outbound listener for contact-service.
+    outbound: u16,
+    /// The contact sidecar's inbound listener.
+    inbound: u16,
+}
+
+fn contact_sidecar(dir: &Path, ca: &DevCa, app: &DemoApp, inbound: u16, protocol: &str) -> Sidecar {
+    let admin = free_port();
+    let yaml = format!(
+        r#"service: contact-service
+identity:
+  workload_api: {sock}
+  expect: spiffe://jia.app/contact-service
+inbound:
+  listen: 127.0.0.1:{inbound}
+  forward: {app}
+  protocol: {protocol}
+  policy: {policy}
+admin:
+  listen: 127.0.0.1:{admin}
+log:
+  access: all
+"#,
+        sock = ca.socket("contact-service"),
+        app = app.addr,
+        policy = repo("deploy/policies/contact-service.yaml").display(),
+    );
+    Sidecar::start("contact-sidecar", dir, &yaml, admin)
+}
+
+fn client_sidecar(
+    dir: &Path,
+    ca: &DevCa,
+    who: &str,
+    outbound: u16,
+    inbound: u16,
+    server_id: &str,
+    protocol: &str,
+) -> Sidecar {
+    let admin = free_port();
+    let yaml = format!(
+        r#"service: {who}
+identity:
+  workload_api: {sock}
+outbound:
+  - name: contact-service
+    listen: 127.0.0.1:{outbound}
+    protocol: {protocol}
+    endpoints: ["127.0.0.1:{inbound}"]
+    server_id: {server_id}
+    timeout: 5s
+admin:
+  listen: 127.0.0.1:{admin}
+"#,
+        sock = ca.socket(who),
+    );
+    Sidecar::start(&format!("{who}-sidecar"), dir, &yaml, admin)
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::start(
+            dir.path(),
+            &["payment-service", "contact-service", "api-gateway"],
+            "1h",
+            &[],
+        );
+        let app = DemoApp::start("contact", &[]);
+        let inbound = free_port();
+        let contact = contact_sidecar(dir.path(), &ca, &app, inbound, "grpc");
+        let outbound = free_port();
+        let payment = client_sidecar(
+            dir.path(),
+            &ca,
+            "payment-service",
+            outbound,
+            inbound,
+            "spiffe://jia.app/contact-service",
+            "grpc",
+        );
+        contact.wait_ready();
+        payment.wait_ready();
+        Pair {
+            _dir: dir,
+            ca,
+            _app: app,
+            contact,
+            payment,
+            outbound,
+            inbound,
+        }
+    }
+}
+
+async fn client(port: u16) -> ContactServiceClient<Channel> {
+    let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the outbound listener");
+    ContactServiceClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn get(id: &str, payload: Vec<u8>) -> GetContactRequest {
+    GetContactRequest {
+        contact_id: id.into(),
+        payload,
+    }
+}
+
+// Story: the payment app calls contact through both sidecars with every gRPC call kind,
+// the contact app sees the payment-service SPIFFE ID, and big messages pass intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_calls_contact_with_every_call_kind() {
+    let pair = Pair::start();
+    let mut c = client(pair.outbound).await;
+
+    let r = c.get_contact(get("c-1", b"hi".to_vec())).await.unwrap().into_inner();
+    assert_eq!(r.seen_caller, "spiffe://jia.app/payment-service");
+    assert_eq!(r.payload, b"hi");
+
+    let mut stream = c
+        .list_contacts(ListContactsRequest {
+            count: 100,
+            payload_size: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = stream.message().await.unwrap() {
+        assert_eq!(m.payload.len(), 1000);
+        n += 1;
+    }
+    assert_eq!(n, 100, "server streaming delivers every message");
+
+    let up: Vec<Contact> = (0..50)
+        .map(|i| Contact {
+            contact_id: i.to_string(),
+            payload: vec![7; 100],
+            ..Default::default()
+        })
+        .collect();
+    let s = c
+        .upload_contacts(tokio_stream::iter(up))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.count, s.bytes), (50, 5000), "client streaming");
+
+    let msgs: Vec<Contact> = (0..20)
+        .map(|i| Contact {
+            contact_id: i.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    let mut echo = c
+        .sync_contacts(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = echo.message().await.unwrap() {
+        ids.push(m.contact_id);
+    }
+    assert_eq!(ids.len(), 20, "bidirectional streaming echoes all");
+
+    let big: Vec<u8> = (0..10 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let r = c.get_contact(get("big", big.clone())).await.unwrap().into_inner();
+    assert!(r.payload == big, "a 10 MB message passes intact");
+
+    // Metrics saw the calls on both sides.
+    assert!(pair.contact.metric("meshd_requests_total", &["direction=\"inbound\""]) >= 5.0);
+    assert!(pair.payment.metric("meshd_requests_total", &["direction=\"outbound\""]) >= 5.0);
+}
+
+// Story: a thousand concurrent calls share the pooled connections and all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams() {
+    let pair = Pair::start();
+    let c = client(pair.outbound).await;
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get_contact(get(&i.to_string(), vec![1; 64])).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1000);
+}
+
+// Story: the contact policy admits only payment-service; the api-gateway's call is
+// refused with PERMISSION_DENIED naming the default deny, and the access log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_the_policy_does_not_allow_gets_permission_denied() {
+    let pair = Pair::start();
+    let port = free_port();
+    let gw = client_sidecar(
+        pair._dir.path(),
+        &pair.ca,
+        "api-gateway",
+        port,
+        pair.inbound,
+        "spiffe://jia.app/contact-service",
+        "grpc",
+    );
+    gw.wait_ready();
+    let mut c = client(port).await;
+    let err = c.get_contact(get("x", vec![])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("default deny"), "{}", err.message());
+    assert!(pair.contact.proc.wait_output("\"rule\":\"default\"", Duration::from_secs(5)));
+    assert!(
+        pair.contact
+            .metric("meshd_authz_decisions_total", &["decision=\"deny\""])
+            >= 1.0
+    );
+}
+
+// Story: the inbound port speaks only mutual TLS: plaintext h2c is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_to_the_inbound_port_fails() {
+    let pair = Pair::start();
+    let ch = Channel::from_shared(format!("http://127.0.0.1:{}", pair.inbound))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(3))
+        .connect_lazy();
+    let mut c = ContactServiceClient::new(ch);
+    assert!(c.get_contact(get("x", vec![])).await.is_err());
+    assert!(
+        pair.contact
+            .metric("meshd_tls_handshake_failures_total", &["direction=\"inbound\""])
+            >= 1.0
+    );
+}
+
+// Story: the upstream answers with a valid SVID of another service: the outbound side
+// refuses it and the app gets UNAVAILABLE naming the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_the_wrong_spiffe_id_is_refused() {
+    let pair = Pair::start();
+    let port = free_port();
+    let wrong = client_sidecar(
+        pair._dir.path(),
+        &pair.ca,
+        "api-gateway",
+        port,
+        pair.inbound,
+        "spiffe://jia.app/family-service",
+        "grpc",
+    );
+    wrong.wait_ready();
+    let mut c = client(port).await;
+    let err = c.get_contact(get("x", vec![])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("contact-service"), "{}", err.message());
+    assert!(
+        wrong.metric(
+            "meshd_tls_handshake_failures_total",
+            &["reason=\"wrong_server_id\""]
+        ) >= 1.0
+    );
+}
+
+// Story: the contact sidecar goes away: calls fail fast with UNAVAILABLE; it comes back
+// on the same port and calls succeed again without restarting the payment sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_then_back() {
+    let mut pair = Pair::start();
+    let mut c = client(pair.outbound).await;
+    c.get_contact(get("a", vec![])).await.unwrap();
+    pair.contact.proc.signal("KILL");
+    pair.contact.proc.wait_exit(Duration::from_secs(5));
+    let err = c.get_contact(get("b", vec![])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("contact-service"), "{}", err.message());
+
+    pair.contact = contact_sidecar(pair._dir.path(), &pair.ca, &pair._app, pair.inbound, "grpc");
+    pair.contact.wait_ready();
+    let r = c.get_contact(get("c", vec![])).await.unwrap().into_inner();
+    assert_eq!(r.seen_caller, "spiffe://jia.app/payment-service");
+}
