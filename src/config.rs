@@ -1,14 +1,26 @@
 //! The `meshd.yaml` configuration: its types, loading from a file plus the environment
 //! overrides of DESIGN.md §2, and validation whose errors name `file:line:column`.
 //!
-//! Flow: `Config::load(path, env)` reads the file, deserializes it (unknown keys are
-//! errors), applies environment overrides, then `validate` collects every semantic
-//! problem. Nothing else in the crate reads the environment: `main` hands `Env` in.
+//! Flow: [`Config::load`] reads the file and deserializes it with `serde_yaml_ng` (unknown
+//! keys and bad types are errors carrying the parser's line and column), applies the
+//! environment overrides ([`Env`]; the environment wins over the file), fills the
+//! identity default, then `config_check::validate` collects EVERY semantic problem and
+//! locates each one in the source text. Nothing else in the crate reads the environment:
+//! `main` builds [`Env`] from `std::env::vars()` and hands it in. `meshd check` is
+//! [`crate::config_check::check_report`].
 
-use serde::{Deserialize, Serialize};
+use crate::config_check::{self, Overrides, Source};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
+
+/// The default SPIFFE Workload API address when neither the file nor the environment
+/// names one and no file-based identity is configured (DESIGN.md §2).
+pub const DEFAULT_WORKLOAD_API: &str = "unix:///run/spire/sockets/agent.sock";
 
 /// The whole configuration of one meshd process (sidecar or gateway).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -91,6 +103,18 @@ pub struct InboundConfig {
     pub policy: Option<PathBuf>,
 }
 
+impl Default for InboundConfig {
+    /// The §2 defaults: `0.0.0.0:15006` forwarding gRPC to `127.0.0.1:8081`, no policy.
+    fn default() -> Self {
+        InboundConfig {
+            listen: default_inbound_listen(),
+            forward: default_inbound_forward(),
+            protocol: Protocol::default(),
+            policy: None,
+        }
+    }
+}
+
 /// One upstream service the app calls through a local plaintext listener.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -108,8 +132,9 @@ pub struct OutboundConfig {
     pub retries: RetryConfig,
 }
 
-/// `endpoints:` is either a static list of `host:port` or one resolver URI.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// `endpoints:` is either a static list of `host:port` or one resolver URI; see
+/// [`parse_endpoints`] for what each may hold.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Endpoints {
     Static(Vec<String>),
@@ -282,3 +307,350 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         )),
     }
 }
+
+impl<'de> Deserialize<'de> for Endpoints {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Endpoints, D::Error> {
+        struct EndpointsVisitor;
+        impl<'de> serde::de::Visitor<'de> for EndpointsVisitor {
+            type Value = Endpoints;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of `host:port` strings or one URI string (dns:///, dns+srv:///, file:///)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Endpoints, E> {
+                Ok(Endpoints::Uri(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Endpoints, A::Error> {
+                let mut list = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    list.push(item);
+                }
+                Ok(Endpoints::Static(list))
+            }
+        }
+        d.deserialize_any(EndpointsVisitor)
+    }
+}
+
+pub use crate::config_check::{check_report, parse_endpoints, EndpointsSpec, HostPort};
+
+/// The process environment, captured once by `main` (`std::env::vars().collect()`).
+/// Empty values count as unset, as Kubernetes manifests often template them empty.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Env(pub HashMap<String, String>);
+
+impl Env {
+    /// The value of `name`, or `None` when it is unset or empty.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+impl FromIterator<(String, String)> for Env {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Env {
+        Env(iter.into_iter().collect())
+    }
+}
+
+/// Everything that can be wrong with a configuration, one variant per problem. Each
+/// message names the offending key so it reads well after `file:line:column: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, permissions, not UTF-8).
+    #[error("cannot read the config file: {0}")]
+    Read(String),
+    /// YAML syntax, a wrong type, a missing required key or an unknown key, as the
+    /// parser words it (without its own position suffix).
+    #[error("{0}")]
+    Syntax(String),
+    /// An environment override whose value does not parse.
+    #[error("environment variable {var}=`{value}`: {reason}")]
+    BadEnv {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// Some but not all of `MTLS_CERT_FILE`, `MTLS_KEY_FILE`, `MTLS_CA_FILE` are set.
+    #[error("file-based identity needs MTLS_CERT_FILE, MTLS_KEY_FILE and MTLS_CA_FILE; missing: {missing}")]
+    IncompleteMtlsEnv { missing: String },
+    /// `MESHD_IDENTITY_WORKLOAD_API` and the `MTLS_*_FILE` variables pick different sources.
+    #[error(
+        "MESHD_IDENTITY_WORKLOAD_API and MTLS_*_FILE are both set: choose one identity source"
+    )]
+    EnvIdentityConflict,
+    /// `service` is empty.
+    #[error("service must not be empty")]
+    EmptyService,
+    /// `identity.workload_api` is not a `unix:` address with an absolute path.
+    #[error("identity.workload_api: {0}")]
+    WorkloadApi(String),
+    /// The file sets both `identity.files` and `identity.workload_api`.
+    #[error("identity.files and identity.workload_api are both set: choose one identity source")]
+    IdentityConflict,
+    /// `identity.expect` or an `outbound[].server_id` is not a SPIFFE ID.
+    #[error("{field}: `{value}` is not a valid SPIFFE ID: {reason}")]
+    BadSpiffeId {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    /// An outbound has an empty `name`.
+    #[error("outbound[{index}].name must not be empty")]
+    EmptyOutboundName { index: usize },
+    /// Two outbounds share a name.
+    #[error("outbound[{index}].name `{name}` is already used by outbound[{first}]")]
+    DuplicateOutboundName {
+        index: usize,
+        name: String,
+        first: usize,
+    },
+    /// Two listeners would bind the same port on overlapping addresses.
+    #[error("{field}: {addr} collides with {other_field} ({other_addr})")]
+    ListenCollision {
+        field: String,
+        addr: SocketAddr,
+        other_field: String,
+        other_addr: SocketAddr,
+    },
+    /// An `endpoints` value is neither a valid static list nor a known resolver URI.
+    #[error("{field}: {reason}")]
+    BadEndpoints { field: String, reason: String },
+    /// An outbound `timeout` of zero.
+    #[error("{field} must be greater than 0")]
+    ZeroTimeout { field: String },
+    /// A retry budget over 100 percent.
+    #[error("{field} is {value}; it is a percentage, at most 100")]
+    BudgetOverHundred { field: String, value: u32 },
+    /// `runtime.worker_threads: 0`.
+    #[error("runtime.worker_threads must be at least 1")]
+    ZeroWorkers,
+    /// `log.level` is not a tracing `EnvFilter` directive list.
+    #[error("log.level `{value}`: {reason}")]
+    BadLogLevel { value: String, reason: String },
+    /// (warning) The admin server listens beyond loopback.
+    #[error("admin.listen {addr} is not loopback: /config and /shutdown are reachable from outside the pod")]
+    AdminNotLoopback { addr: SocketAddr },
+}
+
+impl ConfigError {
+    /// Whether this problem stops the config from loading.
+    pub fn severity(&self) -> Severity {
+        match self {
+            ConfigError::AdminNotLoopback { .. } => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+/// Whether a problem stops the config from loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem and where it is. `line`/`column` are 1-based; `line == 0` means "no
+/// position" (an unreadable file, or a value that came from the environment, in which
+/// case `file` is `env:VARIABLE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub severity: Severity,
+    pub error: ConfigError,
+}
+
+impl ConfigProblem {
+    /// The problem's message without its position.
+    pub fn message(&self) -> String {
+        self.error.to_string()
+    }
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}:", self.file.display())?;
+        if self.line > 0 {
+            write!(f, "{}:{}:", self.line, self.column)?;
+        }
+        if self.severity == Severity::Warning {
+            write!(f, " warning:")?;
+        }
+        write!(f, " {}", self.error)
+    }
+}
+
+/// Every problem found in a config, one per line when displayed; contains at least one
+/// [`Severity::Error`] when returned as an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Loads `path` with `env` overrides and validates it; warnings are logged.
+    pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigErrors> {
+        let (config, warnings) = Config::load_checked(path, env)?;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(config)
+    }
+
+    /// Like [`Config::load`] but hands the warnings back instead of logging them.
+    pub fn load_checked(
+        path: &Path,
+        env: &Env,
+    ) -> Result<(Config, Vec<ConfigProblem>), ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigProblem {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                severity: Severity::Error,
+                error: ConfigError::Read(e.to_string()),
+            }])
+        })?;
+        Config::from_text(path, &text, env)
+    }
+
+    /// Parses, overrides and validates `text` as if read from `path` (for tests and
+    /// callers that already hold the text). Returns the config and its warnings.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        env: &Env,
+    ) -> Result<(Config, Vec<ConfigProblem>), ConfigErrors> {
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigErrors(vec![ConfigProblem {
+                file: path.to_path_buf(),
+                line,
+                column,
+                severity: Severity::Error,
+                error: ConfigError::Syntax(strip_position(&e.to_string())),
+            }])
+        })?;
+        let file_conflict =
+            config.identity.files.is_some() && config.identity.workload_api.is_some();
+        let mut overrides = Overrides::default();
+        let mut problems = crate::config_env::apply(&mut config, env, &mut overrides);
+        if config.identity.files.is_none() && config.identity.workload_api.is_none() {
+            config.identity.workload_api = Some(DEFAULT_WORKLOAD_API.to_string());
+        }
+        let source = Source::new(path, text, &overrides);
+        problems.extend(config_check::validate(&config, file_conflict, &source));
+        problems.sort_by_key(|p| (p.line, p.column));
+        if problems.iter().any(|p| p.severity == Severity::Error) {
+            return Err(ConfigErrors(problems));
+        }
+        if let Some(Ok(canonical)) = config
+            .identity
+            .workload_api
+            .as_deref()
+            .map(crate::workload_api::parse_address)
+        {
+            config.identity.workload_api = Some(canonical);
+        }
+        Ok((config, problems))
+    }
+
+    /// The effective config as JSON for the admin `/config` endpoint. File paths stay;
+    /// any key named in [`SECRET_KEYS`] (at any depth) becomes `"<redacted>"`, so secret
+    /// fields added later (gateway API keys, JWT secrets) are covered by naming them there.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_else(
+            |e| serde_json::json!({ "error": format!("cannot render config: {e}") }),
+        );
+        redact(&mut value);
+        value
+    }
+}
+
+/// Config keys whose values are secrets and never leave the process.
+pub const SECRET_KEYS: &[&str] = &[
+    "api_key",
+    "api_keys",
+    "secret",
+    "password",
+    "token",
+    "jwt_secret",
+];
+
+fn redact(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if SECRET_KEYS.contains(&key.as_str()) {
+                    *v = serde_json::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Drops serde_yaml_ng's own ` at line L column C…` suffix; the position is reported separately.
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s {
+            "grpc" => Ok(Protocol::Grpc),
+            "http" => Ok(Protocol::Http),
+            "tcp" => Ok(Protocol::Tcp),
+            _ => Err("expected grpc, http or tcp".into()),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+impl FromStr for AccessLog {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AccessLog, String> {
+        match s {
+            "off" => Ok(AccessLog::Off),
+            "deny" => Ok(AccessLog::Deny),
+            "all" => Ok(AccessLog::All),
+            _ => Err("expected off, deny or all".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

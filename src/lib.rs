@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod config_check;
+mod config_env;
 pub mod dev_ca;
 pub mod identity;
 pub mod pb;
