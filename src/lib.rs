@@ -10,4 +10,6 @@ pub mod dev_ca;
 pub mod identity;
 pub mod pb;
 pub mod policy;
+pub mod policy_parse;
+pub mod policy_store;
 pub mod workload_api;
