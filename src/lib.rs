@@ -12,6 +12,8 @@ pub mod dev_ca;
 pub mod identity;
 pub mod pb;
 pub mod policy;
+pub mod policy_parse;
+pub mod policy_store;
 pub mod workload_api;
 pub mod tls;
 pub mod metered_body;
