@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod dev_ca;
+mod dev_ca_cli;
+mod dev_ca_server;
 pub mod identity;
 pub mod pb;
 pub mod policy;
