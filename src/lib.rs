@@ -9,6 +9,8 @@ pub mod config;
 pub mod config_check;
 mod config_env;
 pub mod dev_ca;
+mod dev_ca_cli;
+mod dev_ca_server;
 pub mod identity;
 pub mod pb;
 pub mod policy;
