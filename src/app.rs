@@ -225,8 +225,17 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 fn update_labels(labels: &Labels, policy: Option<&PolicyStore>, _config: &Config) {
     let mut bounds = LabelBounds::default();
     if let Some(p) = policy.and_then(|p| p.snapshot()) {
-        bounds.peers = p.named_peers();
-        bounds.methods = p.named_methods();
+        for rule in &p.rules {
+            for m in &rule.from {
+                if let crate::policy::IdMatcher::Exact { .. } = m {
+                    bounds.peers.insert(m.to_string());
+                }
+            }
+            for g in rule.to.iter().flat_map(|t| t.grpc.iter()) {
+                let method = g.method.as_deref().unwrap_or("*");
+                bounds.methods.insert(format!("{}/{method}", g.service));
+            }
+        }
     }
     labels.set(bounds);
 }

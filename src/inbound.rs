@@ -28,7 +28,6 @@ use tokio::net::{TcpListener, TcpStream};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inbound listener's shared state.
-#[derive(Debug)]
 pub struct Inbound {
     pub protocol: Protocol,
     /// The app's own address (loopback).
