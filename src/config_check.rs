@@ -59,7 +59,7 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// `error` positioned at `key_path`.
+    /// `error` positioned at `key_path`, or at the variable that set it.
     fn problem(&self, key_path: &str, error: ConfigError) -> ConfigProblem {
         let severity = error.severity();
         if let Some(var) = self.overrides.origin(key_path) {
@@ -72,6 +72,12 @@ impl<'a> Source<'a> {
                 error,
             };
         }
+        self.in_file(key_path, error)
+    }
+
+    /// `error` positioned at `key_path` in the file, whatever the environment did.
+    fn in_file(&self, key_path: &str, error: ConfigError) -> ConfigProblem {
+        let severity = error.severity();
         let (line, column) = locate(self.text, key_path).unwrap_or((0, 0));
         let file = self.path.to_path_buf();
         ConfigProblem {
@@ -92,7 +98,7 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         out.push(src.problem("service", ConfigError::EmptyService));
     }
     if file_conflict {
-        out.push(src.problem("identity.files", ConfigError::IdentityConflict));
+        out.push(src.in_file("identity.files", ConfigError::IdentityConflict));
     }
     if let Some(addr) = &config.identity.workload_api {
         if let Err(e) = crate::workload_api::parse_address(addr) {

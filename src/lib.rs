@@ -8,6 +8,7 @@
 pub mod config;
 pub mod config_check;
 mod config_env;
+mod config_error;
 pub mod dev_ca;
 mod dev_ca_cli;
 mod dev_ca_server;

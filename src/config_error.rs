@@ -1,0 +1,152 @@
+//! The one error enum of the config module and how its problems are positioned and shown.
+//! Re-exported from `crate::config`; see there for the loading flow.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything that can be wrong with a configuration, one variant per problem. Each
+/// message names the offending key so it reads well after `file:line:column: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, permissions, not UTF-8).
+    #[error("cannot read the config file: {0}")]
+    Read(String),
+    /// YAML syntax, a wrong type, a missing required key or an unknown key, as the
+    /// parser words it (without its own position suffix).
+    #[error("{0}")]
+    Syntax(String),
+    /// An environment override whose value does not parse.
+    #[error("environment variable {var}=`{value}`: {reason}")]
+    BadEnv {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// Some but not all of `MTLS_CERT_FILE`, `MTLS_KEY_FILE`, `MTLS_CA_FILE` are set.
+    #[error("file-based identity needs MTLS_CERT_FILE, MTLS_KEY_FILE and MTLS_CA_FILE; missing: {missing}")]
+    IncompleteMtlsEnv { missing: String },
+    /// `MESHD_IDENTITY_WORKLOAD_API` and the `MTLS_*_FILE` variables pick different sources.
+    #[error(
+        "MESHD_IDENTITY_WORKLOAD_API and MTLS_*_FILE are both set: choose one identity source"
+    )]
+    EnvIdentityConflict,
+    /// `service` is empty.
+    #[error("service must not be empty")]
+    EmptyService,
+    /// `identity.workload_api` is not a `unix:` address with an absolute path.
+    #[error("identity.workload_api: {0}")]
+    WorkloadApi(String),
+    /// The file sets both `identity.files` and `identity.workload_api`.
+    #[error("identity.files and identity.workload_api are both set: choose one identity source")]
+    IdentityConflict,
+    /// `identity.expect` or an `outbound[].server_id` is not a SPIFFE ID.
+    #[error("{field}: `{value}` is not a valid SPIFFE ID: {reason}")]
+    BadSpiffeId {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    /// An outbound has an empty `name`.
+    #[error("outbound[{index}].name must not be empty")]
+    EmptyOutboundName { index: usize },
+    /// Two outbounds share a name.
+    #[error("outbound[{index}].name `{name}` is already used by outbound[{first}]")]
+    DuplicateOutboundName {
+        index: usize,
+        name: String,
+        first: usize,
+    },
+    /// Two listeners would bind the same port on overlapping addresses.
+    #[error("{field}: {addr} collides with {other_field} ({other_addr})")]
+    ListenCollision {
+        field: String,
+        addr: SocketAddr,
+        other_field: String,
+        other_addr: SocketAddr,
+    },
+    /// An `endpoints` value is neither a valid static list nor a known resolver URI.
+    #[error("{field}: {reason}")]
+    BadEndpoints { field: String, reason: String },
+    /// An outbound `timeout` of zero.
+    #[error("{field} must be greater than 0")]
+    ZeroTimeout { field: String },
+    /// A retry budget over 100 percent.
+    #[error("{field} is {value}; it is a percentage, at most 100")]
+    BudgetOverHundred { field: String, value: u32 },
+    /// `runtime.worker_threads: 0`.
+    #[error("runtime.worker_threads must be at least 1")]
+    ZeroWorkers,
+    /// `log.level` is not a tracing `EnvFilter` directive list.
+    #[error("log.level `{value}`: {reason}")]
+    BadLogLevel { value: String, reason: String },
+    /// (warning) The admin server listens beyond loopback.
+    #[error("admin.listen {addr} is not loopback: /config and /shutdown are reachable from outside the pod")]
+    AdminNotLoopback { addr: SocketAddr },
+}
+
+impl ConfigError {
+    /// Whether this problem stops the config from loading.
+    pub fn severity(&self) -> Severity {
+        match self {
+            ConfigError::AdminNotLoopback { .. } => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+/// Whether a problem stops the config from loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem and where it is. `line`/`column` are 1-based; `line == 0` means "no
+/// position" (an unreadable file, or a value that came from the environment, in which
+/// case `file` is `env:VARIABLE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub severity: Severity,
+    pub error: ConfigError,
+}
+
+impl ConfigProblem {
+    /// The problem's message without its position.
+    pub fn message(&self) -> String {
+        self.error.to_string()
+    }
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}:", self.file.display())?;
+        if self.line > 0 {
+            write!(f, "{}:{}:", self.line, self.column)?;
+        }
+        if self.severity == Severity::Warning {
+            write!(f, " warning:")?;
+        }
+        write!(f, " {}", self.error)
+    }
+}
+
+/// Every problem found in a config, one per line when displayed; contains at least one
+/// [`Severity::Error`] when returned as an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
