@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod demo_apps;
+mod demo_payment;
 pub mod dev_ca;
 mod dev_ca_cli;
 mod dev_ca_server;

@@ -33,6 +33,8 @@ enum Command {
     },
     /// The development CA: serves the SPIFFE Workload API on unix sockets, one per identity.
     DevCa(meshd::dev_ca::DevCaArgs),
+    /// A reference service (payment, contact, family, document) on loopback, plaintext h2c.
+    DemoApp(meshd::demo_apps::DemoAppArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshd dev-ca: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DemoApp(args) => match meshd::demo_apps::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshd demo-app: {e}");
                 ExitCode::FAILURE
             }
         },
