@@ -5,25 +5,27 @@
 //! with `telemetry` a leaf handed in by `app`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod config_check;
 mod config_env;
 mod config_error;
+pub mod demo_apps;
+mod demo_payment;
 pub mod dev_ca;
 mod dev_ca_cli;
 mod dev_ca_server;
 pub mod identity;
+pub mod identity_files;
+pub mod inbound;
+pub mod metered_body;
+pub mod outbound;
 pub mod pb;
 pub mod policy;
 pub mod policy_parse;
 pub mod policy_store;
-pub mod workload_api;
-pub mod tls;
-pub mod metered_body;
-pub mod outbound;
 pub mod proxy;
 pub mod telemetry;
-pub mod admin;
-pub mod app;
-pub mod identity_files;
-pub mod inbound;
+pub mod tls;
+pub mod workload_api;
