@@ -162,7 +162,11 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             format!("{method} not allowed on {path}\n"),
         );
     }
-    if Limited::new(req.into_body(), MAX_BODY).collect().await.is_err() {
+    if Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .is_err()
+    {
         return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
     match path.as_str() {
@@ -180,7 +184,10 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
                 );
                 r
             }
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n"),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metrics recorder not installed\n",
+            ),
         },
         "/config" => json(&state.config),
         "/identity" => json(&identity_json(&state.identity.borrow())),
@@ -203,11 +210,17 @@ fn set_level(query: &HashMap<String, String>, state: &AdminState) -> Response<Fu
         return text(StatusCode::BAD_REQUEST, "missing ?level=\n");
     };
     let Ok(filter) = tracing_subscriber::EnvFilter::try_new(level) else {
-        return text(StatusCode::BAD_REQUEST, format!("invalid level `{level}`\n"));
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("invalid level `{level}`\n"),
+        );
     };
     match &state.log_reload {
         Some(h) if h.reload(filter).is_ok() => text(StatusCode::OK, format!("log level {level}\n")),
-        _ => text(StatusCode::SERVICE_UNAVAILABLE, "log level cannot be changed\n"),
+        _ => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log level cannot be changed\n",
+        ),
     }
 }
 
@@ -220,7 +233,12 @@ fn authz(query: &HashMap<String, String>, state: &AdminState) -> Response<Full<B
     };
     let peer = match crate::identity::parse_spiffe_id(from) {
         Ok(p) => p,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid SPIFFE ID `{from}`: {e}\n")),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid SPIFFE ID `{from}`: {e}\n"),
+            )
+        }
     };
     let port = match query.get("port").map(|p| p.parse::<u16>()) {
         None => state.inbound_port,
@@ -238,7 +256,10 @@ fn authz(query: &HashMap<String, String>, state: &AdminState) -> Response<Full<B
         AuthzRequest::Tcp
     };
     let Some(policy) = store.snapshot() else {
-        return text(StatusCode::OK, "DENY  rule=no policy loaded  mode=enforce\n");
+        return text(
+            StatusCode::OK,
+            "DENY  rule=no policy loaded  mode=enforce\n",
+        );
     };
     let target = Target { port, request };
     text(

@@ -164,7 +164,11 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             labels: labels.clone(),
             log: access.clone(),
         });
-        tracing::info!("inbound listening on {} -> {}", listener.local_addr()?, ib.forward);
+        tracing::info!(
+            "inbound listening on {} -> {}",
+            listener.local_addr()?,
+            ib.forward
+        );
         tokio::spawn(inbound.serve(listener, drain.clone()));
     }
     for o in &config.outbound {
@@ -182,7 +186,11 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             labels.clone(),
             access.clone(),
         ));
-        tracing::info!("outbound {} listening on {}", o.name, listener.local_addr()?);
+        tracing::info!(
+            "outbound {} listening on {}",
+            o.name,
+            listener.local_addr()?
+        );
         tokio::spawn(ob.serve(listener, drain.clone()));
     }
 
@@ -201,11 +209,23 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     });
     state.listeners_bound.store(true, Ordering::Release);
     tracing::info!("admin listening on {}", admin_listener.local_addr()?);
-    tokio::spawn(admin::serve(admin_listener, state.clone(), background.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        background.clone(),
+    ));
 
     // Signals.
     let exit_with = opts.exit_with.or(config.lifecycle.exit_with_app);
-    wait_for_stop(shutdown.clone(), exit_with, policy.clone(), reload_files, &labels, &config).await;
+    wait_for_stop(
+        shutdown.clone(),
+        exit_with,
+        policy.clone(),
+        reload_files,
+        &labels,
+        &config,
+    )
+    .await;
 
     tracing::info!("draining (up to {:?})", config.lifecycle.drain_timeout);
     shutdown.cancel();

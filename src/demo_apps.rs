@@ -7,6 +7,9 @@
 //! one app with downstreams, lives in `demo_payment`; it calls contact, family and
 //! document through the URLs it is given (its sidecar's outbound listeners).
 
+/// The largest gRPC message the demo apps accept or send.
+const MAX_MESSAGE: usize = 64 << 20;
+
 use crate::config::parse_duration;
 use crate::pb::contact::contact_service_server::{ContactService, ContactServiceServer};
 use crate::pb::contact::{Contact, GetContactRequest, ListContactsRequest, UploadSummary};
@@ -180,7 +183,12 @@ impl DemoApp {
         let router = tonic::transport::Server::builder().add_service(health);
         let router = match self.handler {
             Handler::Payment(app) => router.add_service(app.into_server()),
-            Handler::Contact(leaf) => router.add_service(ContactServiceServer::new(leaf)),
+            // Tests send 10 MB messages through the mesh; tonic's default cap is 4 MB.
+            Handler::Contact(leaf) => router.add_service(
+                ContactServiceServer::new(leaf)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            ),
             Handler::Family(leaf) => router.add_service(FamilyServiceServer::new(leaf)),
             Handler::Document(leaf) => router.add_service(DocumentServiceServer::new(leaf)),
         };

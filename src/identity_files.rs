@@ -8,8 +8,8 @@
 
 use crate::config::IdentityFiles;
 use crate::identity::{
-    check_expected, crypto_provider, parse_spiffe_id, BundleSet, IdentitySnapshot,
-    IdentityStatus, SpiffeId, Svid,
+    check_expected, crypto_provider, parse_spiffe_id, BundleSet, IdentitySnapshot, IdentityStatus,
+    SpiffeId, Svid,
 };
 use notify::{RecursiveMode, Watcher};
 use rustls_pki_types::pem::PemObject;
@@ -107,10 +107,11 @@ pub async fn run(
             .collect();
         let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
-                if ev.paths.iter().any(|p| {
-                    p.file_name()
-                        .is_some_and(|n| names.iter().any(|m| m == n))
-                }) {
+                if ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)))
+                {
                     changed.notify_one();
                 }
             }
@@ -118,7 +119,10 @@ pub async fn run(
         .ok();
         if let Some(w) = w.as_mut() {
             for p in [&files.cert, &files.key, &files.bundle] {
-                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let dir = p
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
                     tracing::warn!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
                 }
@@ -130,10 +134,9 @@ pub async fn run(
     loop {
         match load(&files, expect.as_ref(), generation + 1) {
             Ok(snap) => {
-                let same = status
-                    .borrow()
-                    .snapshot()
-                    .is_some_and(|s| s.svid.serial == snap.svid.serial && s.bundles == snap.bundles);
+                let same = status.borrow().snapshot().is_some_and(|s| {
+                    s.svid.serial == snap.svid.serial && s.bundles == snap.bundles
+                });
                 if !same {
                     generation += 1;
                     tracing::info!(spiffe_id = %snap.svid.id, serial = %snap.svid.serial, "loaded identity from files");

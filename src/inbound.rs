@@ -71,7 +71,9 @@ impl Inbound {
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             let stop = drain.stop.clone();
-            drain.tracker.spawn(async move { this.connection(tcp, remote, stop).await });
+            drain
+                .tracker
+                .spawn(async move { this.connection(tcp, remote, stop).await });
         }
     }
 
@@ -212,7 +214,11 @@ impl Inbound {
         if !decision.allowed {
             record.denied = true;
             record.rule = Some(decision.rule_name(&policy).to_string());
-            return fail(record, protocol, ProxyError::Denied(decision.message(&policy)));
+            return fail(
+                record,
+                protocol,
+                ProxyError::Denied(decision.message(&policy)),
+            );
         }
         let headers = req.headers_mut();
         headers.remove(XFCC);

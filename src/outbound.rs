@@ -208,7 +208,11 @@ impl Outbound {
         err: ProxyError,
     ) -> Response<ProxyBody> {
         let (grpc, http) = err.codes();
-        record.http_status = if protocol == Protocol::Grpc { 200 } else { http.as_u16() };
+        record.http_status = if protocol == Protocol::Grpc {
+            200
+        } else {
+            http.as_u16()
+        };
         record.grpc_status = (protocol == Protocol::Grpc).then_some(grpc);
         tracing::debug!("outbound {}: {err}", self.name);
         record.finish();

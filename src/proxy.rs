@@ -351,8 +351,10 @@ where
     let (rx, tx) = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 << 10, 64 << 10)
         .await
         .unwrap_or((0, 0));
-    metrics::counter!("meshd_tcp_bytes_total", "direction" => direction, "dir" => "rx").increment(rx);
-    metrics::counter!("meshd_tcp_bytes_total", "direction" => direction, "dir" => "tx").increment(tx);
+    metrics::counter!("meshd_tcp_bytes_total", "direction" => direction, "dir" => "rx")
+        .increment(rx);
+    metrics::counter!("meshd_tcp_bytes_total", "direction" => direction, "dir" => "tx")
+        .increment(tx);
     metrics::counter!("meshd_tcp_connections_closed_total", "direction" => direction).increment(1);
     (rx, tx)
 }
@@ -409,7 +411,10 @@ mod tests {
 
     #[test]
     fn grpc_message_is_percent_encoded() {
-        assert_eq!(grpc_message_encode("denied by rule \"a\""), "denied by rule \"a\"");
+        assert_eq!(
+            grpc_message_encode("denied by rule \"a\""),
+            "denied by rule \"a\""
+        );
         assert_eq!(grpc_message_encode("100%\n"), "100%25%0A");
     }
 }

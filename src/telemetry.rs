@@ -30,10 +30,7 @@ pub enum TelemetryError {
 /// Installs the Prometheus recorder (once per process) and describes every family.
 pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("duration_seconds".into()),
-            DURATION_BUCKETS,
-        )
+        .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), DURATION_BUCKETS)
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?
         .install_recorder()
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
@@ -43,7 +40,10 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("grpc_server_requests_total", "gRPC requests handled, by method.");
+    describe_counter!(
+        "grpc_server_requests_total",
+        "gRPC requests handled, by method."
+    );
     describe_histogram!(
         "grpc_server_request_duration_seconds",
         Unit::Seconds,
@@ -92,7 +92,10 @@ fn describe() {
         Unit::Seconds,
         "Not-after of the current X.509-SVID, as a Unix timestamp."
     );
-    describe_counter!("meshd_svid_rotations_total", "X.509-SVID rotations received.");
+    describe_counter!(
+        "meshd_svid_rotations_total",
+        "X.509-SVID rotations received."
+    );
     describe_gauge!(
         "meshd_bundle_trust_domains",
         "Trust domains in the current trust bundle set (own and federated)."
@@ -252,7 +255,11 @@ impl RequestRecord {
             metrics::histogram!("grpc_server_request_duration_seconds", "method" => m.clone())
                 .record(secs);
             if status != "0" {
-                let reason = if self.denied { "permission_denied" } else { "status" };
+                let reason = if self.denied {
+                    "permission_denied"
+                } else {
+                    "status"
+                };
                 metrics::counter!("grpc_server_requests_failed_total", "method" => m, "reason" => reason)
                     .increment(1);
             }
@@ -284,10 +291,8 @@ impl Drop for RequestRecord {
 }
 
 /// A handle to change the log level at runtime (admin `PUT /logging?level=`).
-pub type LogReload = tracing_subscriber::reload::Handle<
-    tracing_subscriber::EnvFilter,
-    tracing_subscriber::Registry,
->;
+pub type LogReload =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 /// Installs the tracing subscriber (JSON lines on stderr) with a reloadable filter.
 pub fn init_logging(level: &str) -> Option<LogReload> {

@@ -143,7 +143,11 @@ async fn payment_calls_contact_with_every_call_kind() {
     let pair = Pair::start();
     let mut c = client(pair.outbound).await;
 
-    let r = c.get_contact(get("c-1", b"hi".to_vec())).await.unwrap().into_inner();
+    let r = c
+        .get_contact(get("c-1", b"hi".to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.seen_caller, "spiffe://jia.app/payment-service");
     assert_eq!(r.payload, b"hi");
 
@@ -194,12 +198,24 @@ async fn payment_calls_contact_with_every_call_kind() {
     assert_eq!(ids.len(), 20, "bidirectional streaming echoes all");
 
     let big: Vec<u8> = (0..10 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-    let r = c.get_contact(get("big", big.clone())).await.unwrap().into_inner();
+    let r = c
+        .get_contact(get("big", big.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.payload == big, "a 10 MB message passes intact");
 
     // Metrics saw the calls on both sides.
-    assert!(pair.contact.metric("meshd_requests_total", &["direction=\"inbound\""]) >= 5.0);
-    assert!(pair.payment.metric("meshd_requests_total", &["direction=\"outbound\""]) >= 5.0);
+    assert!(
+        pair.contact
+            .metric("meshd_requests_total", &["direction=\"inbound\""])
+            >= 5.0
+    );
+    assert!(
+        pair.payment
+            .metric("meshd_requests_total", &["direction=\"outbound\""])
+            >= 5.0
+    );
 }
 
 // Story: a thousand concurrent calls share the pooled connections and all succeed.
@@ -243,7 +259,10 @@ async fn a_caller_the_policy_does_not_allow_gets_permission_denied() {
     let err = c.get_contact(get("x", vec![])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("default deny"), "{}", err.message());
-    assert!(pair.contact.proc.wait_output("\"rule\":\"default\"", Duration::from_secs(5)));
+    assert!(pair
+        .contact
+        .proc
+        .wait_output("\"rule\":\"default\"", Duration::from_secs(5)));
     assert!(
         pair.contact
             .metric("meshd_authz_decisions_total", &["decision=\"deny\""])
@@ -263,9 +282,10 @@ async fn plaintext_to_the_inbound_port_fails() {
     let mut c = ContactServiceClient::new(ch);
     assert!(c.get_contact(get("x", vec![])).await.is_err());
     assert!(
-        pair.contact
-            .metric("meshd_tls_handshake_failures_total", &["direction=\"inbound\""])
-            >= 1.0
+        pair.contact.metric(
+            "meshd_tls_handshake_failures_total",
+            &["direction=\"inbound\""]
+        ) >= 1.0
     );
 }
 
@@ -288,7 +308,11 @@ async fn a_server_with_the_wrong_spiffe_id_is_refused() {
     let mut c = client(port).await;
     let err = c.get_contact(get("x", vec![])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("contact-service"), "{}", err.message());
+    assert!(
+        err.message().contains("contact-service"),
+        "{}",
+        err.message()
+    );
     assert!(
         wrong.metric(
             "meshd_tls_handshake_failures_total",
@@ -308,7 +332,11 @@ async fn upstream_down_then_back() {
     pair.contact.proc.wait_exit(Duration::from_secs(5));
     let err = c.get_contact(get("b", vec![])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("contact-service"), "{}", err.message());
+    assert!(
+        err.message().contains("contact-service"),
+        "{}",
+        err.message()
+    );
 
     pair.contact = contact_sidecar(pair._dir.path(), &pair.ca, &pair._app, pair.inbound, "grpc");
     pair.contact.wait_ready();

@@ -32,13 +32,20 @@ fn identity_field(s: &Sidecar, field: &str) -> String {
 fn not_ready_until_the_workload_api_serves_then_ready() {
     let dir = tempfile::tempdir().unwrap();
     let sock = format!("unix://{}/payment-service.sock", dir.path().display());
-    let s = sidecar(dir.path(), "payment-service", &format!("  workload_api: {sock}"));
+    let s = sidecar(
+        dir.path(),
+        "payment-service",
+        &format!("  workload_api: {sock}"),
+    );
     let (code, body) = s.get("/ready");
     assert_eq!(code, 503);
     assert!(body.contains("unreachable"), "{body}");
     let _ca = DevCa::start(dir.path(), &["payment-service"], "1h", &[]);
     s.wait_ready();
-    assert_eq!(identity_field(&s, "spiffe_id"), "spiffe://jia.app/payment-service");
+    assert_eq!(
+        identity_field(&s, "spiffe_id"),
+        "spiffe://jia.app/payment-service"
+    );
     assert!(s.metric("meshd_svid_expiry_timestamp_seconds", &[]) > 1.0e9);
 }
 
@@ -66,7 +73,10 @@ fn rotation_is_followed_without_a_gap() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(serials.len() >= 3, "expected at least two rotations, saw {serials:?}");
+    assert!(
+        serials.len() >= 3,
+        "expected at least two rotations, saw {serials:?}"
+    );
     assert!(s.metric("meshd_svid_rotations_total", &[]) >= 2.0);
 }
 
@@ -151,7 +161,10 @@ fn federated_bundles_reach_the_bundle_set() {
     );
     s.wait_ready();
     let tds = identity_field(&s, "trust_domains");
-    assert!(tds.contains("partner.example") && tds.contains("jia.app"), "{tds}");
+    assert!(
+        tds.contains("partner.example") && tds.contains("jia.app"),
+        "{tds}"
+    );
     assert_eq!(s.metric("meshd_bundle_trust_domains", &[]), 2.0);
 }
 
@@ -170,7 +183,11 @@ fn a_malformed_workload_api_address_is_refused() {
         .arg(&cfg)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("bad.yaml:3:") && text.contains("unix:relative.sock"), "{text}");
+    assert!(
+        text.contains("bad.yaml:3:") && text.contains("unix:relative.sock"),
+        "{text}"
+    );
 }

@@ -27,7 +27,10 @@ fn identity(s: &Sidecar) -> serde_json::Value {
 }
 
 fn serial(s: &Sidecar) -> String {
-    identity(s)["serial"].as_str().unwrap_or_default().to_string()
+    identity(s)["serial"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Polls until the serial differs from `old`, asserting `/ready` stays 200 meanwhile.
@@ -54,8 +57,13 @@ fn spire_svid_rotation_and_agent_restart() {
     let dir = tempfile::tempdir().unwrap();
     let s = sidecar(&spire, dir.path(), "payment-service", 20001, None);
     s.wait_ready();
-    assert_eq!(identity(&s)["spiffe_id"], "spiffe://jia.app/payment-service");
-    assert!(identity(&s)["trust_domains"].to_string().contains("jia.app"));
+    assert_eq!(
+        identity(&s)["spiffe_id"],
+        "spiffe://jia.app/payment-service"
+    );
+    assert!(identity(&s)["trust_domains"]
+        .to_string()
+        .contains("jia.app"));
     let first = serial(&s);
     let second = wait_rotation(&s, &first, Duration::from_secs(40));
 
@@ -105,7 +113,15 @@ fn spire_no_entry_mismatch_and_federation() {
     let ca = dir.path().join("partner-ca.pem");
     let key = dir.path().join("partner-key.pem");
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
         .args(["-subj", "/CN=partner", "-days", "1"])
         .args(["-addext", "subjectAltName=URI:spiffe://partner.example"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
@@ -116,7 +132,11 @@ fn spire_no_entry_mismatch_and_federation() {
         .arg(&ca)
         .output()
         .expect("openssl is needed (Debian package openssl; tests/run.sh installs it)");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     spire.bundle_set("partner.example", &std::fs::read_to_string(&ca).unwrap());
     spire.server_cli(&[
         "entry",
@@ -130,7 +150,11 @@ fn spire_no_entry_mismatch_and_federation() {
         "-federatesWith",
         "spiffe://partner.example",
     ]);
-    spire.wait_served(20007, "spiffe://jia.app/federated-workload", Duration::from_secs(30));
+    spire.wait_served(
+        20007,
+        "spiffe://jia.app/federated-workload",
+        Duration::from_secs(30),
+    );
     let fed = sidecar(&spire, dir.path(), "federated", 20007, None);
     fed.wait_ready();
     let tds = wait_until(Duration::from_secs(15), || {

@@ -34,7 +34,9 @@ impl Proc {
     /// Spawns `cmd`, capturing output; waits until a stdout line contains `ready_marker`
     /// (if given) or the process exits.
     pub fn spawn(name: &str, mut cmd: Command, ready_marker: Option<&str>) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
@@ -143,7 +145,11 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)>
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split(' ').nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     Some((status, body))
 }
 
@@ -200,7 +206,13 @@ impl DemoApp {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(meshd_bin());
-        cmd.args(["demo-app", "--service", service, "--listen", &addr.to_string()]);
+        cmd.args([
+            "demo-app",
+            "--service",
+            service,
+            "--listen",
+            &addr.to_string(),
+        ]);
         cmd.args(extra);
         DemoApp {
             proc: Proc::spawn(&format!("{service}-app"), cmd, Some("demo-app ready")),
@@ -270,7 +282,12 @@ impl Sidecar {
             http(self.admin, "GET", "/ready").is_some_and(|(c, _)| c == 200)
         });
         let last = http(self.admin, "GET", "/ready");
-        assert!(ok, "{} never became ready: {last:?}\n{}", self.proc.name, self.proc.dump());
+        assert!(
+            ok,
+            "{} never became ready: {last:?}\n{}",
+            self.proc.name,
+            self.proc.dump()
+        );
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {

@@ -1,3 +1,3 @@
 //! Helpers shared by the integration tests (`mod common;` in a tests/*.rs file).
-pub mod spire;
 pub mod meshd;
+pub mod spire;
