@@ -90,6 +90,18 @@ fn ca_trust_domain(der: &[u8]) -> Option<String> {
     })
 }
 
+async fn sleep_until_expiry(at: Option<std::time::SystemTime>) {
+    match at {
+        Some(t) => {
+            let wait = t
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::sleep(wait).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Publishes the files' identity and follows changes until `stop`.
 pub async fn run(
     files: IdentityFiles,
@@ -159,8 +171,23 @@ pub async fn run(
                 }
             }
         }
+        let expiry = status.borrow().snapshot().map(|s| s.svid.not_after);
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = sleep_until_expiry(expiry) => {
+                let reason = format!(
+                    "SVID from {} expired and no valid replacement was written; refusing new handshakes",
+                    files.cert.display()
+                );
+                tracing::error!("{reason}");
+                status.send_replace(IdentityStatus::Expired { reason });
+                // Wait for the files to change before trying again.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = changed.notified() => tokio::time::sleep(Duration::from_millis(150)).await,
+                    _ = reload.notified() => {}
+                }
+            }
             _ = changed.notified() => {
                 // Let a writer finish the other files of the set.
                 tokio::time::sleep(Duration::from_millis(150)).await;

@@ -191,3 +191,56 @@ fn a_malformed_workload_api_address_is_refused() {
         "{text}"
     );
 }
+
+// Story: identity from PEM files written by the CA: the sidecar loads them, follows each
+// rewrite (rotation), keeps the previous identity when a key that does not match is
+// written, and fails closed when the SVID expires with no replacement.
+#[test]
+fn identity_from_files_follows_rewrites_and_keeps_the_last_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let mut ca = DevCa::start(
+        dir.path(),
+        &["api-gateway"],
+        "6s",
+        &[
+            "--write-files",
+            &format!("spiffe://jia.app/payment-service={}", files.display()),
+        ],
+    );
+    let s = sidecar(
+        dir.path(),
+        "payment-service",
+        &format!(
+            "  files:\n    cert: {f}/svid.pem\n    key: {f}/key.pem\n    bundle: {f}/bundle.pem",
+            f = files.display()
+        ),
+    );
+    s.wait_ready();
+    assert_eq!(identity_field(&s, "spiffe_id"), "spiffe://jia.app/payment-service");
+    let first = identity_field(&s, "serial");
+    let rotated = wait_until(Duration::from_secs(8), || identity_field(&s, "serial") != first);
+    assert!(rotated, "a rewrite of the files is picked up");
+
+    // The CA stops rewriting; a key that does not belong to the certificate is written.
+    ca.proc.signal("KILL");
+    ca.proc.wait_exit(Duration::from_secs(5));
+    let current = identity_field(&s, "serial");
+    let key = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .output()
+        .expect("openssl is needed (Debian package openssl; tests/run.sh installs it)");
+    std::fs::write(files.join("key.pem"), &key.stdout).unwrap();
+    assert!(
+        s.proc.wait_output("does not match", Duration::from_secs(5)),
+        "the log says why the new files were refused:\n{}",
+        s.proc.dump()
+    );
+    assert_eq!(identity_field(&s, "serial"), current, "the previous identity stays");
+    assert_eq!(s.get("/ready").0, 200);
+
+    // No valid replacement before expiry: fail closed.
+    let expired = wait_until(Duration::from_secs(10), || s.get("/ready").1.contains("expired"));
+    assert!(expired, "{:?}", s.get("/ready"));
+}
