@@ -169,6 +169,25 @@ fn missing_fields() {
         .contains("missing field `name`"));
 }
 
+// Rule names label metrics and denials: empty or spaced names are refused where written.
+#[test]
+fn bad_rule_names() {
+    let e = one_error(&format!(
+        "{HEAD}  - name: \"\"\n    from: [\"spiffe://td/x\"]\n"
+    ));
+    assert!(
+        e.starts_with("p.yaml:3:11: rules[0].name: rule name `` must be non-empty"),
+        "{e}"
+    );
+    let e = one_error(&format!(
+        "{HEAD}  - name: two words\n    from: [\"spiffe://td/x\"]\n"
+    ));
+    assert!(
+        e.starts_with("p.yaml:3:11: rules[0].name: rule name `two words`"),
+        "{e}"
+    );
+}
+
 // Two rules with one name: an error at the second, naming the first's line.
 #[test]
 fn duplicate_names() {
