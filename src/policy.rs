@@ -414,6 +414,8 @@ struct DomainIndex {
     exact: HashMap<String, Bucket>,
     /// Keyed by the prefix path without `/*`, e.g. `/ns/ops`.
     prefix: HashMap<String, Bucket>,
+    /// The longest key in `prefix`: deeper ancestors of a peer's path need no lookup.
+    max_prefix_len: usize,
     whole: Bucket,
 }
 
@@ -454,6 +456,7 @@ impl Policy {
                 let bucket = match m {
                     IdMatcher::Exact { path, .. } => domain.exact.entry(path.clone()).or_default(),
                     IdMatcher::Prefix { prefix, .. } => {
+                        domain.max_prefix_len = domain.max_prefix_len.max(prefix.len());
                         domain.prefix.entry(prefix.clone()).or_default()
                     }
                     IdMatcher::Domain { .. } => &mut domain.whole,
@@ -498,11 +501,12 @@ impl Policy {
             if let Some(b) = domain.exact.get(path) {
                 self.scan(b, target, &mut deny, &mut allow);
             }
-            if !domain.prefix.is_empty() {
-                for (at, _) in path.match_indices('/').skip(1) {
-                    if let Some(b) = domain.prefix.get(&path[..at]) {
-                        self.scan(b, target, &mut deny, &mut allow);
-                    }
+            for (at, _) in path.match_indices('/').skip(1) {
+                if at > domain.max_prefix_len {
+                    break;
+                }
+                if let Some(b) = domain.prefix.get(&path[..at]) {
+                    self.scan(b, target, &mut deny, &mut allow);
                 }
             }
             self.scan(&domain.whole, target, &mut deny, &mut allow);

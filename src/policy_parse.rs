@@ -69,6 +69,9 @@ pub enum PolicyError {
     /// A list that must name something is empty.
     #[error("{0} must not be empty")]
     EmptyList(&'static str),
+    /// A rule name is empty or holds whitespace or control characters.
+    #[error("rule name `{0}` must be non-empty, without spaces or control characters")]
+    BadRuleName(String),
     /// Two rules share a name; names identify rules in denials, metrics and `/policy`.
     #[error("duplicate rule name \"{name}\" (first used on line {first_line})")]
     DuplicateName { name: String, first_line: usize },
@@ -190,19 +193,19 @@ pub fn parse_policy(
     let mut first_line: HashMap<&str, usize> = HashMap::new();
     let mut count: HashMap<&str, usize> = HashMap::new();
     for rule in &raw.rules {
-        let nth = count.entry(&rule.name).or_default();
-        let at = locate_name(source, &rule.name, *nth);
+        let nth = count.entry(&rule.name.0).or_default();
+        let at = locate_name(source, &rule.name.0, *nth);
         *nth += 1;
-        match first_line.get(rule.name.as_str()) {
+        match first_line.get(rule.name.0.as_str()) {
             Some(&first_line) => {
                 let error = PolicyError::DuplicateName {
-                    name: rule.name.clone(),
+                    name: rule.name.0.clone(),
                     first_line,
                 };
                 problems.push(problem(path, at, Severity::Error, error));
             }
             None => {
-                first_line.insert(&rule.name, at.map_or(0, |p| p.0));
+                first_line.insert(&rule.name.0, at.map_or(0, |p| p.0));
             }
         }
     }
@@ -210,7 +213,7 @@ pub fn parse_policy(
         .rules
         .iter()
         .map(|r| Rule {
-            name: Arc::from(r.name.as_str()),
+            name: Arc::from(r.name.0.as_str()),
             action: r.action,
             from: r.from.0.clone(),
             to: r.to.as_ref().map(|t| To {
@@ -334,7 +337,7 @@ fn deny() -> Action {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    name: String,
+    name: RuleName,
     #[serde(default)]
     action: Action,
     from: NonEmpty<IdMatcher>,
@@ -424,6 +427,20 @@ deserialize_via_from_str!(
 deserialize_via_from_str!(GrpcTarget, "a gRPC target `package.Service/Method`");
 deserialize_via_from_str!(PathMatch, "an HTTP path");
 deserialize_via_from_str!(Method, "an HTTP method");
+deserialize_via_from_str!(RuleName, "a rule name");
+
+/// A rule name: it labels metrics and denials, so it must be a visible token.
+struct RuleName(String);
+
+impl FromStr for RuleName {
+    type Err = PolicyError;
+    fn from_str(text: &str) -> Result<Self, PolicyError> {
+        if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(PolicyError::BadRuleName(text.to_string()));
+        }
+        Ok(RuleName(text.to_string()))
+    }
+}
 
 impl FromStr for IdMatcher {
     type Err = PolicyError;
@@ -583,6 +600,7 @@ pub fn explain_cli(
     };
     let (policy, _warnings) = load_policy(policy_path, 0).map_err(join)?;
     parse_spiffe_id(from).map_err(|e| format!("--from `{from}` is not a valid SPIFFE ID: {e}"))?;
+    let upper_method: String;
     let request = match (grpc, http) {
         (Some(_), Some(_)) => return Err("give either --grpc or --http, not both".into()),
         (Some(g), None) => {
@@ -590,7 +608,13 @@ pub fn explain_cli(
                 .ok_or_else(|| format!("--grpc `{g}`: expected SERVICE/METHOD, e.g. payment.v1.PaymentService/GetPayment"))?;
             Request::Grpc { service, method }
         }
-        (None, Some((method, path))) => Request::Http { method, path },
+        (None, Some((method, path))) => {
+            upper_method = method.to_ascii_uppercase();
+            Request::Http {
+                method: &upper_method,
+                path,
+            }
+        }
         (None, None) => Request::Tcp,
     };
     let target = Target {

@@ -49,6 +49,8 @@ pub struct PolicyStore {
     next_version: AtomicU64,
     /// Serializes reloads (watcher and SIGHUP) so versions only increase.
     reloading: Mutex<()>,
+    /// Failed reloads since start, for tests and `/policy` (the metric is the public view).
+    failures: AtomicU64,
 }
 
 impl PolicyStore {
@@ -60,6 +62,7 @@ impl PolicyStore {
             fail_closed: Arc::new(Policy::fail_closed()),
             next_version: AtomicU64::new(1),
             reloading: Mutex::new(()),
+            failures: AtomicU64::new(0),
         }
     }
 
@@ -101,10 +104,16 @@ impl PolicyStore {
                     .filter(|p| p.severity == Severity::Error)
                     .count();
                 tracing::warn!(path = %self.path.display(), errors, "policy reload failed; {keeping}");
+                self.failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("meshd_policy_reload_failures_total").increment(1);
                 Err(problems)
             }
         }
+    }
+
+    /// How many reloads failed since the store was made.
+    pub fn reload_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// Whether a policy has been loaded (feeds `/ready`).
@@ -145,7 +154,11 @@ impl PolicyStore {
     /// rules with their hit counts; `{"loaded": false}` when none is loaded.
     pub fn to_json(&self) -> serde_json::Value {
         let Some(p) = self.snapshot() else {
-            return json!({ "loaded": false, "path": self.path.display().to_string() });
+            return json!({
+                "loaded": false,
+                "path": self.path.display().to_string(),
+                "reload_failures": self.reload_failures(),
+            });
         };
         let rules: Vec<_> = p
             .rules
@@ -180,6 +193,7 @@ impl PolicyStore {
             "version": p.version,
             "rules": rules,
             "default_hits": p.hits(p.rules.len()),
+            "reload_failures": self.reload_failures(),
         })
     }
 
