@@ -7,7 +7,7 @@
 # Installs only what is missing, so a second run goes straight to cargo:
 #   - SPIRE v1.13.3 (spire/install.sh, built with Go into the cache)
 #   - Debian packages for missing commands (apt-get update once, then apt-get install -y)
-#   - grpcurl and ghz (go install into $MESHD_CACHE/bin)
+#   - grpcurl and ghz (go install into $MESHD_CACHE/bin), upstream promtool (built there too)
 # Exports PATH (cache bin folders first) and MESHD_SPIRE_BIN for the tests.
 #   MESHD_CACHE   cache root (default: ~/.cache/meshd)
 set -euo pipefail
@@ -62,6 +62,22 @@ need_go() {
 }
 need_go grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
 need_go ghz github.com/bojand/ghz/cmd/ghz@v0.120.0
+
+# Upstream promtool (Prometheus v2.54.1), ahead of Debian's on PATH: Debian builds prometheus
+# without Kubernetes service discovery, so its promtool rejects deploy/prometheus/scrape.yaml.
+# Its go.mod has replace directives, so `go install pkg@version` refuses it; build it from a
+# scratch module instead (as spire/install.sh does). Once, several minutes.
+if [ ! -x "$gobin/promtool" ]; then
+  command -v go >/dev/null 2>&1 || { say "go is required to build promtool"; exit 1; }
+  say "building upstream promtool v2.54.1 (once, into $gobin)"
+  mkdir -p "$MESHD_CACHE/promtool-mod"
+  (
+    cd "$MESHD_CACHE/promtool-mod"
+    [ -f go.mod ] || go mod init meshd.local/promtool-build >/dev/null 2>&1
+    GOFLAGS=-mod=mod go get -tool github.com/prometheus/prometheus/cmd/promtool@v0.54.1 >&2
+    GOFLAGS=-mod=mod GOBIN=$gobin go install github.com/prometheus/prometheus/cmd/promtool >&2
+  )
+fi
 
 export PATH="$gobin:$MESHD_SPIRE_BIN:$PATH"
 
