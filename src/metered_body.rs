@@ -45,7 +45,13 @@ impl Body for MeteredBody {
                         .and_then(|v| v.parse().ok());
                 }
             }
-            Poll::Ready(None) => this.record.finish(),
+            Poll::Ready(None) => {
+                if this.record.grpc_method.is_some() && this.record.grpc_status.is_none() {
+                    // The stream ended without trailers: UNKNOWN per the gRPC spec.
+                    this.record.grpc_status = Some(2);
+                }
+                this.record.finish()
+            }
             Poll::Ready(Some(Err(_))) => {
                 if this.record.grpc_method.is_some() && this.record.grpc_status.is_none() {
                     this.record.grpc_status = Some(14);

@@ -228,7 +228,9 @@ impl RequestRecord {
     fn status(&self) -> String {
         match (self.grpc_method.is_some(), self.grpc_status) {
             (true, Some(s)) => s.to_string(),
-            (true, None) if self.http_status == 200 => "0".to_string(),
+            // A gRPC response that ended (or was dropped) without a grpc-status:
+            // CANCELLED, never OK.
+            (true, None) if self.http_status == 200 => "1".to_string(),
             _ => self.http_status.to_string(),
         }
     }
