@@ -218,9 +218,14 @@ fn identity_from_files_follows_rewrites_and_keeps_the_last_good() {
         ),
     );
     s.wait_ready();
-    assert_eq!(identity_field(&s, "spiffe_id"), "spiffe://jia.app/payment-service");
+    assert_eq!(
+        identity_field(&s, "spiffe_id"),
+        "spiffe://jia.app/payment-service"
+    );
     let first = identity_field(&s, "serial");
-    let rotated = wait_until(Duration::from_secs(8), || identity_field(&s, "serial") != first);
+    let rotated = wait_until(Duration::from_secs(8), || {
+        identity_field(&s, "serial") != first
+    });
     assert!(rotated, "a rewrite of the files is picked up");
 
     // The CA stops rewriting; a key that does not belong to the certificate is written.
@@ -228,7 +233,13 @@ fn identity_from_files_follows_rewrites_and_keeps_the_last_good() {
     ca.proc.wait_exit(Duration::from_secs(5));
     let current = identity_field(&s, "serial");
     let key = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
         .output()
         .expect("openssl is needed (Debian package openssl; tests/run.sh installs it)");
     std::fs::write(files.join("key.pem"), &key.stdout).unwrap();
@@ -237,10 +248,16 @@ fn identity_from_files_follows_rewrites_and_keeps_the_last_good() {
         "the log says why the new files were refused:\n{}",
         s.proc.dump()
     );
-    assert_eq!(identity_field(&s, "serial"), current, "the previous identity stays");
+    assert_eq!(
+        identity_field(&s, "serial"),
+        current,
+        "the previous identity stays"
+    );
     assert_eq!(s.get("/ready").0, 200);
 
     // No valid replacement before expiry: fail closed.
-    let expired = wait_until(Duration::from_secs(10), || s.get("/ready").1.contains("expired"));
+    let expired = wait_until(Duration::from_secs(10), || {
+        s.get("/ready").1.contains("expired")
+    });
     assert!(expired, "{:?}", s.get("/ready"));
 }

@@ -51,7 +51,12 @@ async fn load(port: u16, until: Instant, ok: Arc<AtomicU64>, failed: Arc<AtomicU
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = DevCa::start(dir.path(), &["payment-service", "contact-service"], "4s", &[]);
+    let ca = DevCa::start(
+        dir.path(),
+        &["payment-service", "contact-service"],
+        "4s",
+        &[],
+    );
     let app = DemoApp::start("contact", &[]);
     let inbound = free_port();
     let admin = free_port();
@@ -94,9 +99,15 @@ async fn rotation_under_load_loses_nothing() {
     let ok = ok.load(Ordering::Relaxed);
     let failed = failed.load(Ordering::Relaxed);
     let rotations = contact.metric("meshd_svid_rotations_total", &[]);
-    eprintln!("{ok} ok, {failed} failed in {secs:.1} s ({:.0}/s), {rotations} rotations", ok as f64 / secs);
+    eprintln!(
+        "{ok} ok, {failed} failed in {secs:.1} s ({:.0}/s), {rotations} rotations",
+        ok as f64 / secs
+    );
     assert_eq!(failed, 0, "requests failed during rotation");
-    assert!(ok as f64 / secs >= 1000.0, "load below 1,000 requests per second");
+    assert!(
+        ok as f64 / secs >= 1000.0,
+        "load below 1,000 requests per second"
+    );
     assert!(rotations >= 10.0, "SVIDs rotated only {rotations} times");
     assert!(p2.metric("meshd_requests_total", &["status=\"0\""]) > 0.0);
 }
