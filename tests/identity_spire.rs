@@ -164,3 +164,55 @@ fn spire_no_entry_mismatch_and_federation() {
     });
     assert!(tds, "{}", identity(&fed));
 }
+
+// Story: both sidecars take their identities from SPIRE (run as the uids registered for
+// payment-service and contact-service); the payment sidecar's call reaches the contact
+// app over mTLS and the app sees the payment-service SPIFFE ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_identities_carry_a_call_through_two_sidecars() {
+    use meshd::pb::contact::contact_service_client::ContactServiceClient;
+    use meshd::pb::contact::GetContactRequest;
+    let spire = Spire::up();
+    let dir = tempfile::tempdir().unwrap();
+    let app = common::meshd::DemoApp::start("contact", &[]);
+    let inbound = free_port();
+    let admin = free_port();
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/contact-service.yaml");
+    let contact = Sidecar::start_as(
+        "contact-sidecar",
+        dir.path(),
+        &format!(
+            "service: contact-service\nidentity:\n  workload_api: {}\n  expect: spiffe://jia.app/contact-service\ninbound:\n  listen: 127.0.0.1:{inbound}\n  forward: {}\n  policy: {}\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+            spire.agent_endpoint(),
+            app.addr,
+            policy.display()
+        ),
+        admin,
+        Some(20003),
+    );
+    let outbound = free_port();
+    let admin2 = free_port();
+    let payment = Sidecar::start_as(
+        "payment-sidecar",
+        dir.path(),
+        &format!(
+            "service: payment-service\nidentity:\n  workload_api: {}\noutbound:\n  - name: contact-service\n    listen: 127.0.0.1:{outbound}\n    endpoints: [\"127.0.0.1:{inbound}\"]\n    server_id: spiffe://jia.app/contact-service\nadmin:\n  listen: 127.0.0.1:{admin2}\n",
+            spire.agent_endpoint()
+        ),
+        admin2,
+        Some(20001),
+    );
+    contact.wait_ready();
+    payment.wait_ready();
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{outbound}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = ContactServiceClient::new(ch)
+        .get_contact(GetContactRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.seen_caller, "spiffe://jia.app/payment-service");
+}
