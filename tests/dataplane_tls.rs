@@ -156,7 +156,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_without_a_certificate_is_refused() {
     let m = Mesh::start();
-    let r = m.s_client(&["-alpn", "h2"]).await;
+    let r = m.s_client(&["-ign_eof", "-alpn", "h2"]).await;
     assert!(
         r.text.contains("alert certificate required"),
         "openssl should see the server demand a certificate:\n{}",
@@ -194,7 +194,7 @@ async fn a_stranger_svid_is_refused_and_a_federated_one_meets_the_policy() {
         m.file("stranger/stranger.example.key.pem"),
     );
     let r = m
-        .s_client(&["-alpn", "h2", "-cert", &cert, "-key", &key])
+        .s_client(&["-ign_eof", "-alpn", "h2", "-cert", &cert, "-key", &key])
         .await;
     assert!(r.text.contains("alert unknown ca"), "{}", r.text);
     let url = format!("https://{}/contact.v1.ContactService/GetContact", m.addr());
