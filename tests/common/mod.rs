@@ -1,3 +1,4 @@
 //! Helpers shared by the integration tests (`mod common;` in a tests/*.rs file).
+pub mod edge;
 pub mod meshd;
 pub mod spire;

@@ -1,0 +1,147 @@
+//! Helpers of the edge-case data plane tests: external tools (openssl, curl, grpcurl) run
+//! with a time limit, and sidecar configs for one inbound or one outbound listener.
+#![allow(dead_code)]
+
+use super::meshd::{free_port, Sidecar};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// The repository's own files (protos, policies).
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// An external tool from PATH or `~/.cache/meshd/bin`; a missing one fails the test with
+/// its name (tests never pass by skipping).
+pub fn tool(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cache/meshd/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` is missing: run the tests through tests/run.sh, which installs it")
+        })
+}
+
+/// What a finished (or timed-out) tool run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// `None` when the tool was still running at the time limit (it is killed).
+    pub status: Option<ExitStatus>,
+    /// stdout then stderr, lossily decoded.
+    pub text: String,
+    /// stdout alone, raw.
+    pub stdout: Vec<u8>,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+/// Runs `tool` with `args` and stdin from /dev/null, killed after `limit`.
+pub async fn run(tool_name: &str, args: &[&str], limit: Duration) -> Run {
+    let mut cmd = tokio::process::Command::new(tool(tool_name));
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {tool_name}: {e}"));
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(Ok(out)) => Run {
+            status: Some(out.status),
+            text: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            stdout: out.stdout,
+        },
+        Ok(Err(e)) => panic!("{tool_name} failed to run: {e}"),
+        Err(_) => Run {
+            status: None,
+            text: String::new(),
+            stdout: Vec::new(),
+        },
+    }
+}
+
+/// A sidecar with only an inbound listener on `inbound`, forwarding to `forward`.
+pub fn inbound_sidecar(
+    dir: &Path,
+    socket: &str,
+    service: &str,
+    inbound: u16,
+    forward: &str,
+    protocol: &str,
+    policy: &Path,
+) -> Sidecar {
+    let admin = free_port();
+    let yaml = format!(
+        r#"service: {service}
+identity:
+  workload_api: {socket}
+  expect: spiffe://jia.app/{service}
+inbound:
+  listen: 127.0.0.1:{inbound}
+  forward: {forward}
+  protocol: {protocol}
+  policy: {policy}
+admin:
+  listen: 127.0.0.1:{admin}
+log:
+  access: all
+"#,
+        policy = policy.display(),
+    );
+    Sidecar::start(&format!("{service}-sidecar"), dir, &yaml, admin)
+}
+
+/// A sidecar of `who` with one outbound listener on `outbound` to the contact sidecar
+/// at `inbound`.
+pub fn outbound_sidecar(
+    dir: &Path,
+    socket: &str,
+    who: &str,
+    outbound: u16,
+    inbound: u16,
+    protocol: &str,
+) -> Sidecar {
+    let admin = free_port();
+    let yaml = format!(
+        r#"service: {who}
+identity:
+  workload_api: {socket}
+outbound:
+  - name: contact-service
+    listen: 127.0.0.1:{outbound}
+    protocol: {protocol}
+    endpoints: ["127.0.0.1:{inbound}"]
+    server_id: spiffe://jia.app/contact-service
+    timeout: 5s
+admin:
+  listen: 127.0.0.1:{admin}
+"#,
+    );
+    Sidecar::start(&format!("{who}-sidecar"), dir, &yaml, admin)
+}
+
+/// Waits (up to 5 s) until a counter on `s` reaches `at_least`; returns its last value.
+pub fn wait_counter(s: &Sidecar, name: &str, parts: &[&str], at_least: f64) -> f64 {
+    let mut last = 0.0;
+    super::meshd::wait_until(Duration::from_secs(5), || {
+        last = s.metric(name, parts);
+        last >= at_least
+    });
+    last
+}
