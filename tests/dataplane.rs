@@ -375,11 +375,112 @@ async fn big_streams_respect_flow_control() {
     }
     // The reader stalls; the app keeps trying to send 200 MB.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (a, b) = (rss_mb(pair.contact.proc.pid()), rss_mb(pair.payment.proc.pid()));
-    assert!(a < 60.0 && b < 60.0, "sidecars buffered the stream: {a:.0} MB, {b:.0} MB");
+    let (a, b) = (
+        rss_mb(pair.contact.proc.pid()),
+        rss_mb(pair.payment.proc.pid()),
+    );
+    assert!(
+        a < 60.0 && b < 60.0,
+        "sidecars buffered the stream: {a:.0} MB, {b:.0} MB"
+    );
     while let Some(m) = stream.message().await.unwrap() {
         assert_eq!(m.payload.len(), 1 << 20);
         total += m.payload.len();
     }
     assert_eq!(total, 200 << 20, "every byte of the stream arrived");
+}
+
+// Story: the contact sidecar's trust bundle is rewritten to a CA that did not sign the
+// payment sidecars: the established connection keeps working, but a new handshake from
+// a second payment sidecar is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_without_the_peers_ca_refuses_new_handshakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("contact-files");
+    let other = dir.path().join("other-ca");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let ca = DevCa::start(
+        dir.path(),
+        &["payment-service"],
+        "1h",
+        &[
+            "--write-files",
+            &format!("spiffe://jia.app/contact-service={}", files.display()),
+        ],
+    );
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let _other_ca = DevCa::start(
+        &other_dir,
+        &["api-gateway"],
+        "1h",
+        &["--write-ca-dir", &other.display().to_string()],
+    );
+    let app = DemoApp::start("contact", &[]);
+    let inbound = free_port();
+    let admin = free_port();
+    let yaml = format!(
+        "service: contact-service\nidentity:\n  files:\n    cert: {f}/svid.pem\n    key: {f}/key.pem\n    bundle: {f}/bundle.pem\ninbound:\n  listen: 127.0.0.1:{inbound}\n  forward: {}\n  policy: {}\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        app.addr,
+        repo("deploy/policies/contact-service.yaml").display(),
+        f = files.display()
+    );
+    let contact = Sidecar::start("contact-sidecar", dir.path(), &yaml, admin);
+    contact.wait_ready();
+    let out1 = free_port();
+    let p1 = client_sidecar(
+        dir.path(),
+        &ca,
+        "payment-service",
+        out1,
+        inbound,
+        "spiffe://jia.app/contact-service",
+        "grpc",
+    );
+    p1.wait_ready();
+    let mut c1 = client(out1).await;
+    c1.get_contact(get("a", vec![])).await.unwrap();
+
+    // The bundle changes (the CA rewrites the files only at half of its 1 h TTL).
+    let generation = |s: &Sidecar| {
+        let v: serde_json::Value = serde_json::from_str(&s.get("/identity").1).unwrap_or_default();
+        v["generation"].as_u64().unwrap_or(0)
+    };
+    let before = generation(&contact);
+    std::fs::copy(other.join("ca.pem"), files.join("bundle.pem")).unwrap();
+    assert!(common::meshd::wait_until(
+        Duration::from_secs(10),
+        || generation(&contact) > before
+    ));
+
+    c1.get_contact(get("b", vec![]))
+        .await
+        .expect("the established connection continues");
+    // A second payment sidecar with an SVID from the same CA as the first.
+    let out2 = free_port();
+    let p2_dir = dir.path().join("p2");
+    std::fs::create_dir_all(&p2_dir).unwrap();
+    let p2 = client_sidecar(
+        &p2_dir,
+        &ca,
+        "payment-service",
+        out2,
+        inbound,
+        "spiffe://jia.app/contact-service",
+        "grpc",
+    );
+    p2.wait_ready();
+    let err = client(out2)
+        .await
+        .get_contact(get("c", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        contact.metric(
+            "meshd_tls_handshake_failures_total",
+            &["direction=\"inbound\""]
+        ) >= 1.0
+    );
 }
