@@ -82,5 +82,10 @@ fi
 export PATH="$gobin:$MESHD_SPIRE_BIN:$PATH"
 
 # 4. The suite.
+# Optimised code for the load tests, but without link-time optimisation: LTO makes each of
+# the many test binaries link for a minute on a 2-core machine and adds nothing to what
+# the tests show (benches/e2e builds the shipped release profile for its figures).
+export CARGO_PROFILE_RELEASE_LTO=${CARGO_PROFILE_RELEASE_LTO:-false}
+export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-16}
 say "cargo test --release --all-targets $*"
 exec cargo test --release --all-targets "$@"
