@@ -1,0 +1,726 @@
+//! `meshd demo`: the whole reference topology of DESIGN.md §1 on loopback, in one command.
+//!
+//! Flow: [`main`] builds a runtime and listens for SIGINT/SIGTERM from the start. [`run`]
+//! makes a private temp dir (policies, protos, configs, logs, Workload API sockets), starts
+//! the development CA in-process on one socket per identity, starts the four demo apps
+//! in-process, picks ports (the DESIGN.md §2 defaults where free, else a free loopback
+//! port, and says so), writes one config per sidecar and starts each as a child process
+//! (`meshd run --config F --exit-with <our pid>`), then waits for every `/ready`. The tour
+//! (`demo_tour`) runs; without `--once` the demo then stays up until a signal. Whatever
+//! happened, [`Demo::shutdown`] stops the apps, asks each sidecar to drain (`POST
+//! /shutdown`, killed after 5 s), stops the CA (which removes its sockets) and removes
+//! the temp dir.
+
+use crate::config::parse_duration;
+use crate::demo_apps::{self, DemoOptions, DemoService};
+use crate::dev_ca::{DevCa, Serving};
+use crate::identity::SpiffeId;
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// The trust domain of the reference topology.
+pub const TRUST_DOMAIN: &str = "jia.app";
+/// The identity the payment policy does not allow (step 2 of the tour).
+pub const INTRUDER: &str = "intruder";
+/// How long every sidecar gets to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a sidecar may drain after `POST /shutdown` before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The reference policies, embedded so the demo works from any directory.
+const POLICIES: [(&str, &str); 4] = [
+    (
+        "payment-service",
+        include_str!("../deploy/policies/payment-service.yaml"),
+    ),
+    (
+        "contact-service",
+        include_str!("../deploy/policies/contact-service.yaml"),
+    ),
+    (
+        "family-service",
+        include_str!("../deploy/policies/family-service.yaml"),
+    ),
+    (
+        "document-service",
+        include_str!("../deploy/policies/document-service.yaml"),
+    ),
+];
+
+/// The reference protos, written out so the printed `grpcurl` commands work.
+const PROTOS: [(&str, &str); 4] = [
+    ("payment.proto", include_str!("../proto/payment.proto")),
+    ("contact.proto", include_str!("../proto/contact.proto")),
+    ("family.proto", include_str!("../proto/family.proto")),
+    ("document.proto", include_str!("../proto/document.proto")),
+];
+
+/// The services payment calls: app kind, service name, payment's outbound default port.
+const LEAVES: [(DemoService, &str, u16); 3] = [
+    (DemoService::Contact, "contact-service", 15101),
+    (DemoService::Family, "family-service", 15102),
+    (DemoService::Document, "document-service", 15103),
+];
+
+/// Environment variables that would override the generated sidecar configs.
+const OVERRIDES: [&str; 6] = [
+    "SPIFFE_ENDPOINT_SOCKET",
+    "SERVICE_MESH_SPIFFE_ID",
+    "MTLS_CERT_FILE",
+    "MTLS_KEY_FILE",
+    "MTLS_CA_FILE",
+    "GRPC_ADDRESS",
+];
+
+/// Arguments of `meshd demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Run the tour once and exit: 0 when every step behaved as expected, 1 otherwise.
+    #[arg(long)]
+    pub once: bool,
+    /// SVID lifetime; the dev CA also rotates every SVID at half of it (at least 2s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+/// Runs the demo; `Ok(true)` when every tour step passed. Setup failures are `Err`.
+pub fn main(args: DemoArgs) -> Result<bool, String> {
+    let _ = crate::identity::crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+    runtime.block_on(run(args))
+}
+
+/// The full SPIFFE ID of a reference name, e.g. `spiffe://jia.app/payment-service`.
+pub fn spiffe_id(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/{name}")
+}
+
+/// What the tour and the summary need to know about the running topology.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// The private temp dir (sockets, configs, logs, policies, protos).
+    pub dir: PathBuf,
+    pub ttl: Duration,
+    pub payment_app: SocketAddr,
+    pub payment_inbound: u16,
+    pub payment_admin: u16,
+    /// The api-gateway sidecar's outbound listener for payment-service.
+    pub gateway_out: u16,
+    /// The intruder sidecar's outbound listener for payment-service.
+    pub intruder_out: u16,
+    /// Every sidecar: name, admin address and a one-line description of its listeners.
+    pub sidecars: Vec<SidecarInfo>,
+    /// Defaults that were taken, and what was used instead.
+    pub notes: Vec<String>,
+}
+
+/// One sidecar as the summary shows it.
+#[derive(Debug, Clone)]
+pub struct SidecarInfo {
+    /// e.g. `payment` (the log is `logs/payment-sidecar.log`).
+    pub name: String,
+    pub admin: SocketAddr,
+    pub pid: u32,
+    /// e.g. `inbound  127.0.0.1:15006 -> app 127.0.0.1:8081`, one line per listener.
+    pub listeners: Vec<String>,
+}
+
+impl Topology {
+    /// The admin address of the named sidecar.
+    pub fn admin(&self, name: &str) -> Option<SocketAddr> {
+        self.sidecars
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.admin)
+    }
+
+    /// The log file of the named sidecar.
+    pub fn log(&self, name: &str) -> PathBuf {
+        log_path(&self.dir, name)
+    }
+}
+
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join("logs").join(format!("{name}-sidecar.log"))
+}
+
+fn socket_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.sock"))
+}
+
+/// Chooses loopback ports: a default when it is free, else any free port (noted).
+#[derive(Debug, Default)]
+pub struct PortPicker {
+    /// Ports handed out already, so one demo never uses a port twice.
+    used: HashSet<u16>,
+    /// "127.0.0.1:15000 is taken: payment admin uses 127.0.0.1:40123", one per fallback.
+    pub notes: Vec<String>,
+}
+
+impl PortPicker {
+    /// A port for `what`: `preferred` when it can be bound on 127.0.0.1, else a free one.
+    pub fn pick(&mut self, what: &str, preferred: Option<u16>) -> Result<u16, String> {
+        if let Some(p) = preferred {
+            if !self.used.contains(&p) && StdListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok() {
+                self.used.insert(p);
+                return Ok(p);
+            }
+        }
+        for _ in 0..64 {
+            let port = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("cannot find a free loopback port for {what}: {e}"))?
+                .port();
+            if self.used.insert(port) {
+                if let Some(p) = preferred {
+                    self.notes.push(format!(
+                        "127.0.0.1:{p} is taken: {what} uses 127.0.0.1:{port}"
+                    ));
+                }
+                return Ok(port);
+            }
+        }
+        Err(format!("cannot find a free loopback port for {what}"))
+    }
+}
+
+/// One sidecar's shape, from which its config file is written.
+#[derive(Debug, Clone)]
+pub struct SidecarSpec {
+    /// Short name, e.g. `payment`, `api-gateway`.
+    pub name: String,
+    /// The identity path and service name, e.g. `payment-service`.
+    pub id: String,
+    pub admin: u16,
+    /// Inbound listen port and the app it forwards to; the policy is `policies/<id>.yaml`.
+    pub inbound: Option<(u16, SocketAddr)>,
+    /// Upstream service name, local listen port, the upstream sidecar's inbound port.
+    pub outbound: Vec<(String, u16, u16)>,
+}
+
+impl SidecarSpec {
+    /// The `meshd.yaml` of this sidecar, everything on loopback.
+    pub fn yaml(&self, dir: &Path) -> String {
+        let q = |t: String| serde_json::to_string(&t).unwrap_or(t);
+        let mut y = format!(
+            "service: {id}\nidentity:\n  workload_api: {sock}\n  expect: {sid}\n",
+            id = self.id,
+            sock = q(format!("unix://{}", socket_path(dir, &self.id).display())),
+            sid = spiffe_id(&self.id),
+        );
+        if let Some((listen, forward)) = self.inbound {
+            let policy = dir.join("policies").join(format!("{}.yaml", self.id));
+            y += &format!(
+                "inbound:\n  listen: 127.0.0.1:{listen}\n  forward: {forward}\n  \
+                 protocol: grpc\n  policy: {}\n",
+                q(policy.display().to_string())
+            );
+        }
+        if !self.outbound.is_empty() {
+            y += "outbound:\n";
+            for (name, listen, upstream) in &self.outbound {
+                y += &format!(
+                    "  - name: {name}\n    listen: 127.0.0.1:{listen}\n    protocol: grpc\n    \
+                     endpoints: [\"127.0.0.1:{upstream}\"]\n    server_id: {sid}\n    \
+                     timeout: 5s\n",
+                    sid = spiffe_id(name)
+                );
+            }
+        }
+        y += &format!(
+            "admin:\n  listen: 127.0.0.1:{}\nruntime:\n  worker_threads: 1\n\
+             log:\n  access: deny\n  level: warn\nlifecycle:\n  drain_timeout: 2s\n",
+            self.admin
+        );
+        y
+    }
+
+    /// The summary lines of its listeners.
+    fn listeners(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some((listen, forward)) = self.inbound {
+            lines.push(format!("inbound  127.0.0.1:{listen} -> app {forward}"));
+        }
+        for (name, listen, upstream) in &self.outbound {
+            let short = name.trim_end_matches("-service");
+            lines.push(format!(
+                "outbound 127.0.0.1:{listen} -> {short} sidecar 127.0.0.1:{upstream} (mTLS)"
+            ));
+        }
+        lines
+    }
+}
+
+/// A sidecar child process.
+struct Child {
+    spec: SidecarSpec,
+    process: tokio::process::Child,
+    pid: u32,
+}
+
+/// Everything the demo started, so that [`Demo::shutdown`] can stop it all.
+struct Demo {
+    dir: PathBuf,
+    /// Stops the in-process CA and demo apps.
+    stop: CancellationToken,
+    /// The CA's sockets; finished after `stop`, which removes them.
+    serving: Option<Serving>,
+    ca: Option<Arc<DevCa>>,
+    children: Vec<Child>,
+    topology: Option<Topology>,
+}
+
+async fn run(args: DemoArgs) -> Result<bool, String> {
+    let interrupted = CancellationToken::new();
+    listen_for_signals(interrupted.clone())?;
+    let dir = make_dir()?;
+    let mut demo = Demo {
+        dir,
+        stop: CancellationToken::new(),
+        serving: None,
+        ca: None,
+        children: Vec::new(),
+        topology: None,
+    };
+    let once = args.once;
+    let outcome = tokio::select! {
+        r = async {
+            demo.start(&args).await?;
+            let (topology, ca) = match (&demo.topology, &demo.ca) {
+                (Some(t), Some(ca)) => (t.clone(), ca.clone()),
+                _ => return Err("the demo did not start".to_string()),
+            };
+            crate::demo_tour::print_summary(&topology);
+            let passed = crate::demo_tour::run(&topology, &ca, once).await;
+            if !once {
+                println!(
+                    "demo running: press Ctrl-C to stop it and remove {}",
+                    topology.dir.display()
+                );
+                interrupted.cancelled().await;
+            }
+            Ok(passed)
+        } => r,
+        _ = interrupted.cancelled() => {
+            println!("interrupted before the tour finished");
+            Ok(false)
+        }
+    };
+    if !once {
+        println!("stopping the demo");
+    }
+    let problems = demo.shutdown().await;
+    for p in &problems {
+        eprintln!("meshd demo: {p}");
+    }
+    if !once {
+        println!("demo stopped");
+    }
+    outcome
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn listen_for_signals(token: CancellationToken) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            token.cancel();
+        }
+    });
+    Ok(())
+}
+
+/// A new private dir `$TMPDIR/meshd-demo-<pid>-<random>` with the policies and protos.
+fn make_dir() -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!(
+        "meshd-demo-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let fail = |what: &Path, e: std::io::Error| format!("cannot create {}: {e}", what.display());
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| fail(&dir, e))?;
+    let write = |path: PathBuf, text: &str| -> Result<(), String> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
+        }
+        std::fs::write(&path, text).map_err(|e| fail(&path, e))
+    };
+    let files = POLICIES
+        .iter()
+        .map(|(id, text)| (dir.join("policies").join(format!("{id}.yaml")), *text))
+        .chain(
+            PROTOS
+                .iter()
+                .map(|(name, text)| (dir.join("proto").join(name), *text)),
+        );
+    let mut result = Ok(());
+    for (path, text) in files {
+        result = result.and_then(|_| write(path, text));
+    }
+    result = result.and_then(|_| {
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| fail(&dir.join("logs"), e))
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    Ok(dir)
+}
+
+impl Demo {
+    /// Starts the CA, the apps and the sidecars, and waits until every sidecar is ready.
+    async fn start(&mut self, args: &DemoArgs) -> Result<(), String> {
+        let dir = self.dir.clone();
+        let ca = Arc::new(DevCa::new(TRUST_DOMAIN).map_err(|e| e.to_string())?);
+        let mut identities = Vec::new();
+        let names = ["payment-service", "api-gateway", INTRUDER]
+            .into_iter()
+            .chain(LEAVES.iter().map(|l| l.1));
+        for name in names {
+            let id = SpiffeId::new(spiffe_id(name)).map_err(|e| format!("{name}: {e}"))?;
+            identities.push((id, socket_path(&dir, name)));
+        }
+        self.ca = Some(ca.clone());
+        self.serving = Some(
+            ca.serve(identities, args.ttl, self.stop.clone())
+                .await
+                .map_err(|e| format!("development CA: {e}"))?,
+        );
+
+        let mut ports = PortPicker::default();
+        let payment_inbound = ports.pick("the payment sidecar's inbound", Some(15006))?;
+        let payment_admin = ports.pick("the payment sidecar's admin", Some(15000))?;
+        let payment_app_port = ports.pick("the payment app", Some(8081))?;
+        let gateway_out = ports.pick("the api-gateway sidecar's outbound", Some(15100))?;
+        let mut specs = Vec::new();
+        let mut payment_out = Vec::new();
+        let mut opts = DemoOptions::default();
+        for (kind, name, default_out) in LEAVES {
+            let app = start_app(kind, 0, DemoOptions::default(), &self.stop).await?;
+            let inbound = ports.pick(&format!("the {name} sidecar's inbound"), None)?;
+            let out = ports.pick(
+                &format!("the payment sidecar's outbound for {name}"),
+                Some(default_out),
+            )?;
+            let url = Some(format!("http://127.0.0.1:{out}"));
+            match kind {
+                DemoService::Contact => opts.contact = url,
+                DemoService::Family => opts.family = url,
+                _ => opts.document = url,
+            }
+            payment_out.push((name.to_string(), out, inbound));
+            let short = name.trim_end_matches("-service");
+            specs.push(SidecarSpec {
+                name: short.to_string(),
+                id: name.to_string(),
+                admin: ports.pick(&format!("the {short} sidecar's admin"), None)?,
+                inbound: Some((inbound, app)),
+                outbound: vec![],
+            });
+        }
+        let payment_app =
+            start_app(DemoService::Payment, payment_app_port, opts, &self.stop).await?;
+        specs.push(SidecarSpec {
+            name: "payment".into(),
+            id: "payment-service".into(),
+            admin: payment_admin,
+            inbound: Some((payment_inbound, payment_app)),
+            outbound: payment_out,
+        });
+        let intruder_out = ports.pick("the intruder sidecar's outbound", None)?;
+        for (name, out) in [("api-gateway", gateway_out), (INTRUDER, intruder_out)] {
+            specs.push(SidecarSpec {
+                name: name.into(),
+                id: name.into(),
+                admin: ports.pick(&format!("the {name} sidecar's admin"), None)?,
+                inbound: None,
+                outbound: vec![("payment-service".into(), out, payment_inbound)],
+            });
+        }
+        for spec in specs {
+            let child = spawn_sidecar(&dir, spec)?;
+            self.children.push(child);
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for child in &mut self.children {
+            wait_ready(&dir, child, deadline).await?;
+        }
+        self.topology = Some(Topology {
+            dir,
+            ttl: args.ttl,
+            payment_app,
+            payment_inbound,
+            payment_admin,
+            gateway_out,
+            intruder_out,
+            sidecars: self
+                .children
+                .iter()
+                .map(|c| SidecarInfo {
+                    name: c.spec.name.clone(),
+                    admin: SocketAddr::from((Ipv4Addr::LOCALHOST, c.spec.admin)),
+                    pid: c.pid,
+                    listeners: c.spec.listeners(),
+                })
+                .collect(),
+            notes: ports.notes,
+        });
+        Ok(())
+    }
+
+    /// Stops everything this demo started and removes its dir; returns what went wrong.
+    async fn shutdown(mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.stop.cancel();
+        let stops = self.children.iter_mut().map(stop_sidecar);
+        for p in futures::future::join_all(stops).await.into_iter().flatten() {
+            problems.push(p);
+        }
+        if let Some(serving) = self.serving.take() {
+            if tokio::time::timeout(STOP_GRACE, serving.finished())
+                .await
+                .is_err()
+            {
+                problems.push("the development CA did not stop in 5 s".into());
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            problems.push(format!("cannot remove {}: {e}", self.dir.display()));
+        }
+        problems
+    }
+}
+
+/// Starts an in-process demo app on 127.0.0.1:`port` (0: any free port).
+async fn start_app(
+    kind: DemoService,
+    port: u16,
+    opts: DemoOptions,
+    stop: &CancellationToken,
+) -> Result<SocketAddr, String> {
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    demo_apps::serve(kind, listen, opts, stop.clone())
+        .await
+        .map_err(|e| format!("the {} app: {e}", kind.grpc_name()))
+}
+
+/// Writes the sidecar's config and starts `meshd run` with its output in a log file.
+fn spawn_sidecar(dir: &Path, spec: SidecarSpec) -> Result<Child, String> {
+    let config = dir
+        .join("config")
+        .join(format!("{}-sidecar.yaml", spec.name));
+    let log = log_path(dir, &spec.name);
+    let fail = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
+    std::fs::create_dir_all(dir.join("config")).map_err(|e| fail(dir, e))?;
+    std::fs::write(&config, spec.yaml(dir)).map_err(|e| fail(&config, e))?;
+    let out = std::fs::File::create(&log).map_err(|e| fail(&log, e))?;
+    let err = out.try_clone().map_err(|e| fail(&log, e))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the meshd executable to start sidecars: {e}"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--exit-with")
+        .arg(std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("MESHD_") || OVERRIDES.contains(&k.as_ref()) {
+            cmd.env_remove(&key);
+        }
+    }
+    let process = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the {} sidecar: {e}", spec.name))?;
+    let pid = process.id().unwrap_or(0);
+    Ok(Child { spec, process, pid })
+}
+
+/// Waits until the sidecar's `/ready` answers 200; on failure says why, with its log.
+async fn wait_ready(dir: &Path, child: &mut Child, deadline: Instant) -> Result<(), String> {
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, child.spec.admin));
+    let mut last = String::from("no answer from its admin server");
+    loop {
+        if let Ok(Some(status)) = child.process.try_wait() {
+            return Err(format!(
+                "the {} sidecar exited ({status}) before it was ready; the end of {}:\n{}",
+                child.spec.name,
+                log_path(dir, &child.spec.name).display(),
+                log_tail(&log_path(dir, &child.spec.name), 15)
+            ));
+        }
+        match http(admin, "GET", "/ready").await {
+            Some((200, _)) => return Ok(()),
+            Some((code, body)) => last = format!("/ready said {code} {}", body.trim()),
+            None => {}
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the {} sidecar was not ready in {}s ({last}); the end of {}:\n{}",
+                child.spec.name,
+                READY_TIMEOUT.as_secs(),
+                log_path(dir, &child.spec.name).display(),
+                log_tail(&log_path(dir, &child.spec.name), 15)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks a sidecar to drain (`POST /shutdown`); kills it after [`STOP_GRACE`].
+async fn stop_sidecar(child: &mut Child) -> Option<String> {
+    if let Ok(Some(_)) = child.process.try_wait() {
+        return None;
+    }
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, child.spec.admin));
+    let _ = http(admin, "POST", "/shutdown").await;
+    match tokio::time::timeout(STOP_GRACE, child.process.wait()).await {
+        Ok(_) => None,
+        Err(_) => {
+            let _ = child.process.kill().await;
+            Some(format!(
+                "the {} sidecar (pid {}) did not drain in 5 s and was killed",
+                child.spec.name, child.pid
+            ))
+        }
+    }
+}
+
+/// The last `n` lines of a file (or why it cannot be read).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(n)..];
+            if tail.is_empty() {
+                "  (empty)".into()
+            } else {
+                tail.iter().map(|l| format!("  {l}\n")).collect()
+            }
+        }
+        Err(e) => format!("  (cannot read it: {e})"),
+    }
+}
+
+/// A plain HTTP/1.1 request to an admin server; `(status, body)`, or `None` when it does
+/// not answer within 5 s.
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        Some((status, body.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Env};
+
+    #[test]
+    fn taken_defaults_are_replaced_and_noted() {
+        // Another program holds a default port: the demo takes a free one and says so.
+        let held = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let taken = held.local_addr().unwrap().port();
+        let mut picker = PortPicker::default();
+        let got = picker.pick("the payment admin", Some(taken)).unwrap();
+        assert_ne!(got, taken);
+        assert_eq!(picker.notes.len(), 1);
+        assert!(picker.notes[0].contains(&format!("127.0.0.1:{taken} is taken")));
+        assert!(picker.notes[0].contains(&format!("uses 127.0.0.1:{got}")));
+        // A port already handed out is never handed out again, and is not a "taken" note
+        // for the caller that asked without a default.
+        let again = picker.pick("x", Some(got)).unwrap();
+        assert_ne!(again, got);
+        let free = picker.pick("y", None).unwrap();
+        assert!(![taken, got, again].contains(&free));
+        assert_eq!(picker.notes.len(), 2);
+    }
+
+    #[test]
+    fn generated_configs_pass_meshd_check() {
+        // Every generated sidecar config is one `meshd run` accepts, loopback only.
+        let dir = tempfile::tempdir().unwrap();
+        let specs = [
+            SidecarSpec {
+                name: "payment".into(),
+                id: "payment-service".into(),
+                admin: 15000,
+                inbound: Some((15006, "127.0.0.1:8081".parse().unwrap())),
+                outbound: vec![("contact-service".into(), 15101, 40001)],
+            },
+            SidecarSpec {
+                name: "api-gateway".into(),
+                id: "api-gateway".into(),
+                admin: 40002,
+                inbound: None,
+                outbound: vec![("payment-service".into(), 15100, 15006)],
+            },
+        ];
+        for spec in specs {
+            let path = dir.path().join(format!("{}.yaml", spec.name));
+            std::fs::write(&path, spec.yaml(dir.path())).unwrap();
+            let cfg = Config::load(&path, &Env::default()).unwrap();
+            assert!(cfg.admin.listen.ip().is_loopback());
+            if let Some(ib) = cfg.inbound {
+                assert!(ib.listen.ip().is_loopback());
+            }
+            assert!(cfg.outbound.iter().all(|o| o.listen.ip().is_loopback()));
+            assert_eq!(
+                cfg.identity.expect.as_deref(),
+                Some(spiffe_id(&spec.id).as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn embedded_policies_parse() {
+        // The policies written into the temp dir are the reference ones and are valid.
+        let dir = tempfile::tempdir().unwrap();
+        for (id, text) in POLICIES {
+            let path = dir.path().join(format!("{id}.yaml"));
+            std::fs::write(&path, text).unwrap();
+            let (lines, good) = crate::policy_parse::check_file(&path);
+            assert!(good, "{id}: {lines:?}");
+        }
+    }
+}
