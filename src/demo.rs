@@ -24,6 +24,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+/// `println!` that ignores a closed stdout (`meshd demo | head` must not panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// The trust domain of the reference topology.
 pub const TRUST_DOMAIN: &str = "jia.app";
 /// The identity the payment policy does not allow (step 2 of the tour).
@@ -303,7 +312,7 @@ async fn run(args: DemoArgs) -> Result<bool, String> {
             crate::demo_tour::print_summary(&topology);
             let passed = crate::demo_tour::run(&topology, &ca, once).await;
             if !once {
-                println!(
+                say!(
                     "demo running: press Ctrl-C to stop it and remove {}",
                     topology.dir.display()
                 );
@@ -312,19 +321,20 @@ async fn run(args: DemoArgs) -> Result<bool, String> {
             Ok(passed)
         } => r,
         _ = interrupted.cancelled() => {
-            println!("interrupted before the tour finished");
+            say!("interrupted before the tour finished");
             Ok(false)
         }
     };
     if !once {
-        println!("stopping the demo");
+        say!("stopping the demo");
     }
     let problems = demo.shutdown().await;
     for p in &problems {
-        eprintln!("meshd demo: {p}");
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "meshd demo: {p}");
     }
     if !once {
-        println!("demo stopped");
+        say!("demo stopped");
     }
     outcome
 }
@@ -348,9 +358,30 @@ fn listen_for_signals(token: CancellationToken) -> Result<(), String> {
     Ok(())
 }
 
+/// Removes `$TMPDIR/meshd-demo-<pid>-*` dirs whose demo process is gone (it was killed
+/// with SIGKILL and could not clean up); a live demo's dir is never touched.
+fn remove_stale_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid = name
+            .strip_prefix("meshd-demo-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 /// A new private dir `$TMPDIR/meshd-demo-<pid>-<random>` with the policies and protos.
 fn make_dir() -> Result<PathBuf, String> {
     use std::os::unix::fs::DirBuilderExt;
+    remove_stale_dirs(&std::env::temp_dir());
     let dir = std::env::temp_dir().join(format!(
         "meshd-demo-{}-{:08x}",
         std::process::id(),
@@ -710,6 +741,23 @@ mod tests {
                 Some(spiffe_id(&spec.id).as_str())
             );
         }
+    }
+
+    #[test]
+    fn stale_dirs_of_killed_demos_are_removed() {
+        // A demo killed with SIGKILL left its dir; the next demo removes it, not live ones.
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join("meshd-demo-4294967294-0badf00d");
+        let live = tmp
+            .path()
+            .join(format!("meshd-demo-{}-00c0ffee", std::process::id()));
+        let other = tmp.path().join("meshd-demo-notapid");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir_all(d.join("logs")).unwrap();
+        }
+        remove_stale_dirs(tmp.path());
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 
     #[test]

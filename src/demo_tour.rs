@@ -5,7 +5,7 @@
 //! A step never panics and never stops the tour: a failure prints why and the next step
 //! runs. [`run`] returns true when every step passed.
 
-use crate::demo::{http, spiffe_id, Topology, INTRUDER};
+use crate::demo::{http, say, spiffe_id, Topology, INTRUDER};
 use crate::dev_ca::DevCa;
 use crate::pb::payment::payment_service_client::PaymentServiceClient;
 use crate::pb::payment::CreatePaymentRequest;
@@ -56,35 +56,36 @@ pub fn format_step(number: usize, step: &Step) -> String {
 
 /// Prints what is running where (before the tour).
 pub fn print_summary(t: &Topology) {
-    println!(
+    say!(
         "meshd demo: the reference topology on loopback (trust domain jia.app, SVID TTL {})",
         humantime::format_duration(t.ttl)
     );
-    println!(
+    say!(
         "  {:<20} SPIFFE Workload API on {}/<service>.sock",
         "dev CA",
         t.dir.display()
     );
-    println!(
+    say!(
         "  {:<20} {} (plaintext, loopback only; contact/family/document apps likewise)",
-        "payment app", t.payment_app
+        "payment app",
+        t.payment_app
     );
     for s in &t.sidecars {
         let label = format!("{} sidecar", s.name);
         let mut lines = s.listeners.iter();
-        println!(
+        say!(
             "  {label:<20} {}",
             lines.next().map(String::as_str).unwrap_or("")
         );
         for l in lines {
-            println!("  {:<20} {l}", "");
+            say!("  {:<20} {l}", "");
         }
-        println!("  {:<20} admin    http://{}", "", s.admin);
+        say!("  {:<20} admin    http://{}", "", s.admin);
     }
     for n in &t.notes {
-        println!("  note: {n}");
+        say!("  note: {n}");
     }
-    println!(
+    say!(
         "demo pids: {}",
         t.sidecars
             .iter()
@@ -92,16 +93,18 @@ pub fn print_summary(t: &Topology) {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("demo dir: {}", t.dir.display());
-    println!("sidecar logs: {}/logs/<name>-sidecar.log", t.dir.display());
-    println!();
+    say!("demo dir: {}", t.dir.display());
+    say!("sidecar logs: {}/logs/<name>-sidecar.log", t.dir.display());
+    say!();
 }
 
 /// Runs every step, printing each row as it ends; true when all passed.
 pub async fn run(t: &Topology, ca: &DevCa, once: bool) -> bool {
-    println!(
+    say!(
         "{:>2}  {:<STEP_WIDTH$} {:<6}  detail",
-        "#", "step", "result"
+        "#",
+        "step",
+        "result"
     );
     let mut failed = Vec::new();
     let steps = 5;
@@ -113,18 +116,18 @@ pub async fn run(t: &Topology, ca: &DevCa, once: bool) -> bool {
             4 => rotation(t, ca).await,
             _ => admin(t).await,
         };
-        print!("{}", format_step(number, &step));
+        say!("{}", format_step(number, &step).trim_end());
         if !step.passed {
             failed.push(format!("{number} ({})", step.name));
         }
     }
-    println!();
+    say!();
     print_next(t, once);
     if failed.is_empty() {
-        println!("tour: all {steps} steps passed");
+        say!("tour: all {steps} steps passed");
         true
     } else {
-        println!("tour: failed step {}", failed.join(", "));
+        say!("tour: failed step {}", failed.join(", "));
         false
     }
 }
@@ -425,15 +428,15 @@ fn shell_word(text: &str) -> String {
 /// Admin URLs and ready-to-paste commands for the running demo.
 fn print_next(t: &Topology, once: bool) {
     if once {
-        println!("Where to look next (these work while `meshd demo` runs without --once):");
+        say!("Where to look next (these work while `meshd demo` runs without --once):");
     } else {
-        println!("Where to look next:");
+        say!("Where to look next:");
     }
     let admin = format!("http://127.0.0.1:{}", t.payment_admin);
-    println!("  payment sidecar admin: {admin}/metrics  {admin}/identity  {admin}/policy");
+    say!("  payment sidecar admin: {admin}/metrics  {admin}/identity  {admin}/policy");
     for s in &t.sidecars {
         if s.name != "payment" {
-            println!("  {} sidecar admin: http://{}", s.name, s.admin);
+            say!("  {} sidecar admin: http://{}", s.name, s.admin);
         }
     }
     let proto = shell_word(&t.dir.join("proto").display().to_string());
@@ -443,23 +446,23 @@ fn print_next(t: &Topology, once: bool) {
              127.0.0.1:{port} payment.v1.PaymentService/CreatePayment"
         )
     };
-    println!("  # a payment as the api-gateway (through its sidecar):");
-    println!("    {}", grpcurl(t.gateway_out));
-    println!("  # the same as the intruder: PermissionDenied");
-    println!("    {}", grpcurl(t.intruder_out));
-    println!("  # identity, policy, an authorization question, metrics:");
-    println!("    curl -s {admin}/identity");
-    println!("    curl -s {admin}/policy");
-    println!(
+    say!("  # a payment as the api-gateway (through its sidecar):");
+    say!("    {}", grpcurl(t.gateway_out));
+    say!("  # the same as the intruder: PermissionDenied");
+    say!("    {}", grpcurl(t.intruder_out));
+    say!("  # identity, policy, an authorization question, metrics:");
+    say!("    curl -s {admin}/identity");
+    say!("    curl -s {admin}/policy");
+    say!(
         "    curl -s '{admin}/authz?from={}&grpc=payment.v1.PaymentService/CreatePayment'",
         spiffe_id(INTRUDER)
     );
-    println!("    curl -s {admin}/metrics | grep -E '^meshd_(authz|svid)'");
-    println!(
+    say!("    curl -s {admin}/metrics | grep -E '^meshd_(authz|svid)'");
+    say!(
         "  logs: {} (denials in the access log of payment-sidecar.log)",
         shell_word(&t.dir.join("logs").display().to_string())
     );
-    println!();
+    say!();
 }
 
 #[cfg(test)]
