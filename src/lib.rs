@@ -14,6 +14,7 @@ mod config_error;
 pub mod demo;
 pub mod demo_apps;
 mod demo_payment;
+mod demo_sidecars;
 mod demo_tour;
 pub mod dev_ca;
 mod dev_ca_cli;
