@@ -38,6 +38,9 @@ enum Command {
     Policy(PolicyCommand),
     /// The development CA: serves the SPIFFE Workload API on unix sockets, one per identity.
     DevCa(meshd::dev_ca::DevCaArgs),
+    /// The whole reference topology on loopback with a scripted tour; runs until Ctrl-C,
+    /// or with --once exits 0 when every step passed and 1 otherwise.
+    Demo(meshd::demo::DemoArgs),
     /// A demo gRPC app of the reference topology (plaintext, loopback).
     DemoApp(meshd::demo_apps::DemoAppArgs),
 }
@@ -144,6 +147,14 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshd dev-ca: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo(args) => match meshd::demo::main(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("meshd demo: {e}");
                 ExitCode::FAILURE
             }
         },
