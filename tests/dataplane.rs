@@ -484,3 +484,70 @@ async fn a_bundle_without_the_peers_ca_refuses_new_handshakes() {
         ) >= 1.0
     );
 }
+
+// Story: the contact app takes 1 s per call. With the upstream timeout at 500 ms the app
+// gets DEADLINE_EXCEEDED naming the upstream; with a shorter grpc-timeout from the app
+// (200 ms) meshd gives up at that deadline instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_become_deadline_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::start(
+        dir.path(),
+        &["payment-service", "contact-service"],
+        "1h",
+        &[],
+    );
+    let app = DemoApp::start("contact", &["--delay", "1s"]);
+    let inbound = free_port();
+    let contact = contact_sidecar(dir.path(), &ca, &app, inbound, "grpc");
+    let outbound = free_port();
+    let admin = free_port();
+    let yaml = format!(
+        "service: payment-service\nidentity:\n  workload_api: {}\noutbound:\n  - name: contact-service\n    listen: 127.0.0.1:{outbound}\n    endpoints: [\"127.0.0.1:{inbound}\"]\n    server_id: spiffe://jia.app/contact-service\n    timeout: 500ms\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        ca.socket("payment-service")
+    );
+    let payment = Sidecar::start("payment-sidecar", dir.path(), &yaml, admin);
+    contact.wait_ready();
+    payment.wait_ready();
+    let mut c = client(outbound).await;
+
+    let start = std::time::Instant::now();
+    let err = c.get_contact(get("slow", vec![])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("contact-service"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("500 ms"), "{}", err.message());
+    assert!(start.elapsed() < Duration::from_millis(900));
+
+    // A raw HTTP/2 gRPC call carrying grpc-timeout: 200m (tonic would also time out
+    // locally on that header, hiding what meshd answers).
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", outbound))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!(
+        "http://127.0.0.1:{outbound}/contact.v1.ContactService/GetContact"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "200m")
+    .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+        0, 0, 0, 0, 0,
+    ])))
+    .unwrap();
+    let start = std::time::Instant::now();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "4", "{resp:?}");
+    let msg = resp.headers()["grpc-message"].to_str().unwrap();
+    assert!(msg.contains("200 ms"), "{msg}");
+    assert!(start.elapsed() < Duration::from_millis(450));
+}
