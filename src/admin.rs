@@ -40,6 +40,8 @@ pub struct AdminState {
     /// Cancelled by `POST /shutdown` to start the drain.
     pub shutdown: CancellationToken,
     pub log_reload: Option<LogReload>,
+    /// Every outbound upstream: readiness (each must have resolved once) and `/upstreams`.
+    pub upstreams: Option<Arc<crate::balancer::Upstreams>>,
 }
 
 impl AdminState {
@@ -55,6 +57,9 @@ impl AdminState {
                     p.path().display()
                 ));
             }
+        }
+        if let Some(r) = self.upstreams.as_ref().and_then(|u| u.not_ready_reason()) {
+            return Some(r);
         }
         if !self.listeners_bound.load(Ordering::Acquire) {
             return Some("listeners not bound yet".into());
@@ -149,9 +154,8 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     };
     let method = req.method().clone();
     let allowed: &[Method] = match path.as_str() {
-        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" | "/authz" => {
-            &[Method::GET, Method::HEAD]
-        }
+        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" | "/authz"
+        | "/upstreams" => &[Method::GET, Method::HEAD],
         "/shutdown" => &[Method::POST],
         "/logging" => &[Method::PUT, Method::POST],
         _ => return text(StatusCode::NOT_FOUND, format!("no admin endpoint {path}\n")),
@@ -196,6 +200,10 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             None => json(&serde_json::json!({"loaded": false, "reason": "no policy configured"})),
         },
         "/authz" => authz(&query, state),
+        "/upstreams" => match &state.upstreams {
+            Some(u) => json(&u.to_json()),
+            None => json(&serde_json::json!({ "upstreams": [] })),
+        },
         "/shutdown" => {
             state.shutdown.cancel();
             text(StatusCode::OK, "draining\n")

@@ -3,7 +3,10 @@
 //! for a stop signal (SIGTERM/SIGINT, `POST /shutdown`, or the app's exit).
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, Endpoints};
+use crate::balancer::{UpstreamView, Upstreams};
+use crate::config::Config;
+use crate::discovery::{self, RefreshBounds};
+use crate::discovery_dns::Dns;
 use crate::identity::{parse_spiffe_id, IdentityStatus};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
@@ -46,22 +49,6 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind the {what} listener on {addr}"))
-}
-
-async fn resolve_static(name: &str, endpoints: &Endpoints) -> anyhow::Result<Vec<SocketAddr>> {
-    let Endpoints::Static(list) = endpoints else {
-        return Err(anyhow!(
-            "outbound {name}: only a static endpoint list is supported in this build"
-        ));
-    };
-    let mut out = Vec::new();
-    for e in list {
-        let addrs = tokio::net::lookup_host(e.as_str())
-            .await
-            .with_context(|| format!("outbound {name}: cannot resolve endpoint `{e}`"))?;
-        out.extend(addrs.take(1));
-    }
-    Ok(out)
 }
 
 /// Builds and runs everything; returns after a complete drain.
@@ -171,9 +158,27 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         );
         tokio::spawn(inbound.serve(listener, drain.clone()));
     }
+    let dns = Arc::new(Dns::new(&config.discovery.nameservers));
+    let mut upstreams = Upstreams::default();
     for o in &config.outbound {
         let listener = bind(o.listen, &format!("outbound {}", o.name)).await?;
-        let addrs = resolve_static(&o.name, &o.endpoints).await?;
+        let spec = crate::config::parse_endpoints(&o.endpoints)
+            .map_err(|e| anyhow!("outbound {}: {e}", o.name))?;
+        let source = match &o.endpoints {
+            crate::config::Endpoints::Uri(u) => u.clone(),
+            crate::config::Endpoints::Static(list) => list.join(","),
+        };
+        let found = discovery::start(
+            &o.name,
+            source,
+            spec,
+            dns.clone(),
+            RefreshBounds {
+                min: o.min_refresh,
+                max: o.max_refresh,
+            },
+            background.clone(),
+        );
         let slot = tls
             .upstream(&o.name)
             .ok_or_else(|| anyhow!("outbound {}: no TLS slot", o.name))?;
@@ -182,10 +187,13 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             o.protocol,
             o.timeout,
             slot,
-            addrs,
+            o.balancer,
+            found,
+            id_rx.clone(),
             labels.clone(),
             access.clone(),
         ));
+        upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
         tracing::info!(
             "outbound {} listening on {}",
             o.name,
@@ -206,6 +214,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         listeners_bound: Default::default(),
         shutdown: shutdown.clone(),
         log_reload,
+        upstreams: Some(Arc::new(upstreams)),
     });
     state.listeners_bound.store(true, Ordering::Release);
     tracing::info!("admin listening on {}", admin_listener.local_addr()?);

@@ -130,6 +130,29 @@ pub struct OutboundConfig {
     pub timeout: Duration,
     #[serde(default)]
     pub retries: RetryConfig,
+    /// How requests (or TCP connections) are spread over the endpoints.
+    #[serde(default)]
+    pub balancer: BalancerPolicy,
+    /// Shortest wait between two DNS lookups (a record's TTL below it is raised to it).
+    #[serde(default = "default_min_refresh", with = "duration_str")]
+    pub min_refresh: Duration,
+    /// Longest wait between two lookups (a longer TTL is cut to it; static and file
+    /// endpoints with host names are re-resolved at this period).
+    #[serde(default = "default_max_refresh", with = "duration_str")]
+    pub max_refresh: Duration,
+}
+
+/// Load-balancing policy of an upstream.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerPolicy {
+    /// Power of two choices over peak-EWMA latency times in-flight requests (linkerd2).
+    #[default]
+    P2cEwma,
+    /// Weighted round robin.
+    RoundRobin,
+    /// Power of two choices over in-flight requests per weight (Envoy's least_request).
+    LeastRequest,
 }
 
 /// `endpoints:` is either a static list of `host:port` or one resolver URI; see
@@ -258,6 +281,12 @@ fn default_admin_listen() -> SocketAddr {
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_refresh() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_drain() -> Duration {
     Duration::from_secs(10)

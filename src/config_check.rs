@@ -141,6 +141,14 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
                 },
             ));
         }
+        if ob.min_refresh.is_zero() || ob.min_refresh > ob.max_refresh {
+            let error = ConfigError::BadRefreshBounds {
+                field: at("min_refresh"),
+                min: humantime::format_duration(ob.min_refresh).to_string(),
+                max: humantime::format_duration(ob.max_refresh).to_string(),
+            };
+            out.push(src.problem(&at("min_refresh"), error));
+        }
         if ob.retries.budget_percent > 100 {
             let field = at("retries.budget_percent");
             let error = ConfigError::BudgetOverHundred {

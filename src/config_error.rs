@@ -71,6 +71,13 @@ pub enum ConfigError {
     /// An outbound `timeout` of zero.
     #[error("{field} must be greater than 0")]
     ZeroTimeout { field: String },
+    /// `min_refresh` of zero, or above `max_refresh`.
+    #[error("{field}: min_refresh ({min}) must be greater than 0 and at most max_refresh ({max})")]
+    BadRefreshBounds {
+        field: String,
+        min: String,
+        max: String,
+    },
     /// A retry budget over 100 percent.
     #[error("{field} is {value}; it is a percentage, at most 100")]
     BudgetOverHundred { field: String, value: u32 },

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balancer;
 pub mod config;
 pub mod config_check;
 mod config_env;
@@ -19,6 +20,9 @@ mod demo_tour;
 pub mod dev_ca;
 mod dev_ca_cli;
 mod dev_ca_server;
+pub mod discovery;
+pub mod discovery_dns;
+pub mod discovery_file;
 pub mod identity;
 pub mod identity_files;
 pub mod inbound;
