@@ -411,3 +411,37 @@ fn unreadable_file_is_one_problem_without_position() {
     assert!(!ok);
     assert_eq!(report, "/nonexistent/meshd.yaml: cannot read the config file: No such file or directory (os error 2)");
 }
+
+#[test]
+fn balancer_and_refresh_bounds() {
+    // The per-upstream discovery keys: defaults, values, and bounds that cannot work.
+    let base = "service: s\noutbound:\n  - name: a\n    listen: 127.0.0.1:15101\n    endpoints: dns:///a.svc:1\n    server_id: spiffe://td/a\n";
+    let (c, _) = load(base, &[]).unwrap();
+    let o = &c.outbound[0];
+    assert_eq!(o.balancer, BalancerPolicy::P2cEwma);
+    assert_eq!(
+        (o.min_refresh, o.max_refresh),
+        (Duration::from_secs(1), Duration::from_secs(60))
+    );
+    let text = format!(
+        "{base}    balancer: least_request\n    min_refresh: 250ms\n    max_refresh: 10s\n"
+    );
+    let (c, _) = load(&text, &[]).unwrap();
+    let o = &c.outbound[0];
+    assert_eq!(o.balancer, BalancerPolicy::LeastRequest);
+    assert_eq!(
+        (o.min_refresh, o.max_refresh),
+        (Duration::from_millis(250), Duration::from_secs(10))
+    );
+    let table: &[(String, &str)] = &[
+        (format!("{base}    min_refresh: 2m\n"),
+         "m.yaml:7:18: outbound[0].min_refresh: min_refresh (2m) must be greater than 0 and at most max_refresh (1m)"),
+        (format!("{base}    min_refresh: 0s\n"),
+         "m.yaml:7:18: outbound[0].min_refresh: min_refresh (0s) must be greater than 0 and at most max_refresh (1m)"),
+        (format!("{base}    balancer: random\n"),
+         "m.yaml:7:15: outbound[0].balancer: unknown variant `random`, expected one of `p2c_ewma`, `round_robin`, `least_request`"),
+    ];
+    for (text, want) in table {
+        assert_eq!(problems(text, &[]), vec![want.to_string()], "{text}");
+    }
+}
