@@ -30,7 +30,7 @@ repo=$(cd "$here/../.." && pwd)
 say() { printf 'e2e: %s\n' "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 
-smoke=0 reps=3 out= keep=0
+smoke=0 reps=3 out='' keep=0
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) smoke=1 ;;
@@ -345,9 +345,11 @@ sidecars() { # scenario -> "out in" pid variable names
 }
 h2load_ok() { # file requests: every request a 2xx, none failed
   local f=$1 n=$2
-  grep -q "requests: $n total, $n started, $n done, $n succeeded, 0 failed, 0 errored, 0 timeout" "$f" &&
-    grep -q "status codes: $n 2xx" "$f" ||
-    { cat "$f" >&2; die "h2load: not every request succeeded with a 2xx ($f)"; }
+  if ! grep -q "requests: $n total, $n started, $n done, $n succeeded, 0 failed, 0 errored, 0 timeout" "$f" ||
+    ! grep -q "status codes: $n 2xx" "$f"; then
+    cat "$f" >&2
+    die "h2load: not every request succeeded with a 2xx ($f)"
+  fi
 }
 
 for s in meshd envoy; do
