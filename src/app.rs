@@ -62,6 +62,21 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(handle) = metrics.clone() {
+        // Without upkeep the exporter keeps every histogram sample until the next scrape.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+    for o in &config.outbound {
+        // No breakers or retries in this build yet: the families exist and read 0.
+        metrics::gauge!("meshd_circuit_open", "service" => o.name.clone()).set(0.0);
+        metrics::counter!("meshd_retries_total", "service" => o.name.clone()).absolute(0);
+    }
     let labels = Arc::new(Labels::default());
     let access = Arc::new(AccessLogger {
         mode: config.log.access,

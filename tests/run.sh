@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 export MESHD_CACHE=${MESHD_CACHE:-$HOME/.cache/meshd}
 say() { echo "tests/run.sh: $*" >&2; }
 
-# 1. Debian packages: command -> package. Later: dnsmasq, iptables, iproute2 (ip), iperf3.
+# 1. Debian packages: command -> package.
 apt_updated=
 need_deb() {
   local cmd=$1 pkg=$2
@@ -45,6 +45,7 @@ need_deb openssl openssl
 need_deb setpriv util-linux
 need_deb promtool prometheus
 need_deb h2load nghttp2-client
+need_deb dnsmasq dnsmasq-base
 
 # 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
 MESHD_SPIRE_BIN=$(spire/install.sh)
