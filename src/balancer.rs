@@ -50,7 +50,7 @@ fn request_load(c: &Candidate) -> f64 {
     (c.in_flight as f64 + 1.0) / f64::from(c.weight.max(1))
 }
 
-/// The index whose cumulative weight range holds `x` (taken modulo the total), skipping
+/// The index whose cumulative weight range holds `x` (taken modulo the total), passing over
 /// `skip`.
 fn weighted_index(cands: &[Candidate], x: u64, skip: Option<usize>) -> usize {
     let total: u64 = cands

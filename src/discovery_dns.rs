@@ -96,7 +96,7 @@ impl Dns {
 
     /// SRV records of `name` (lowest priority only, as RFC 2782 says), each target
     /// resolved to its addresses with the record's port and weight. Targets that do not
-    /// resolve, and records with port 0, are skipped with a warning; when none is left
+    /// resolve, and records with port 0, are left out with a warning; when none is left
     /// the lookup fails.
     pub async fn lookup_srv(
         &self,
@@ -145,7 +145,7 @@ impl Dns {
             }
         }
         if !problems.is_empty() {
-            tracing::warn!("SRV {name}: skipped: {}", problems.join("; "));
+            tracing::warn!("SRV {name}: left out: {}", problems.join("; "));
         }
         if out.is_empty() {
             return Err(DiscoveryError::SrvTargets {

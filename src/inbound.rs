@@ -9,14 +9,12 @@
 
 use crate::config::Protocol;
 use crate::identity::SpiffeId;
-use crate::metered_body::MeteredBody;
 use crate::policy::{Request as AuthzRequest, Target};
 use crate::policy_store::PolicyStore;
 use crate::proxy::{self, Drain, H2Pool, ProxyBody, ProxyError, XFCC};
 use crate::telemetry::{AccessLogger, Labels, RequestRecord};
 use crate::tls::{self, TlsStore};
 use http::{HeaderValue, Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -214,7 +212,7 @@ impl Inbound {
         if !decision.allowed {
             record.denied = true;
             record.rule = Some(decision.rule_name(&policy).to_string());
-            return fail(
+            return proxy::respond_locally(
                 record,
                 protocol,
                 ProxyError::Denied(decision.message(&policy)),
@@ -226,16 +224,8 @@ impl Inbound {
             headers.insert(XFCC, v.clone());
         }
         match self.app.send(req).await {
-            Ok(resp) => {
-                record.http_status = resp.status().as_u16();
-                record.grpc_status = resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok());
-                resp.map(|b| Either::Left(MeteredBody::new(b, record)))
-            }
-            Err(e) => fail(
+            Ok(resp) => proxy::respond_upstream(record, resp),
+            Err(e) => proxy::respond_locally(
                 record,
                 protocol,
                 ProxyError::Unavailable(format!("app at {} unavailable: {e}", self.forward)),
@@ -259,16 +249,4 @@ fn log_denial(
         "message": decision.message(policy),
     });
     tracing::info!(target: "meshd::authz", "{line}");
-}
-
-fn fail(mut record: RequestRecord, protocol: Protocol, err: ProxyError) -> Response<ProxyBody> {
-    let (grpc, http) = err.codes();
-    record.http_status = if protocol == Protocol::Grpc {
-        200
-    } else {
-        http.as_u16()
-    };
-    record.grpc_status = (protocol == Protocol::Grpc).then_some(grpc);
-    record.finish();
-    err.response(protocol)
 }

@@ -10,13 +10,11 @@ use crate::balancer::{self, EndpointStats, HasStats, InFlight, UpstreamView};
 use crate::config::{BalancerPolicy, Protocol};
 use crate::discovery::{DiscoveredEndpoint, EndpointSet, UpstreamDiscovery};
 use crate::identity::{IdentityStatus, SpiffeId};
-use crate::metered_body::MeteredBody;
 use crate::proxy::{self, Connector, Drain, H2Pool, ProxyBody, ProxyError, XFCC};
 use crate::telemetry::{AccessLogger, Labels, RequestRecord};
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -327,15 +325,7 @@ impl Outbound {
         let sent = tokio::time::timeout(deadline, ep.endpoint.pool.send(req)).await;
         ep.finish(matches!(sent, Ok(Ok(_))));
         match sent {
-            Ok(Ok(resp)) => {
-                record.http_status = resp.status().as_u16();
-                record.grpc_status = resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok());
-                resp.map(|b| Either::Left(MeteredBody::new(b, record)))
-            }
+            Ok(Ok(resp)) => proxy::respond_upstream(record, resp),
             Ok(Err(e)) => self.fail(
                 record,
                 protocol,
@@ -358,20 +348,12 @@ impl Outbound {
 
     fn fail(
         &self,
-        mut record: RequestRecord,
+        record: RequestRecord,
         protocol: Protocol,
         err: ProxyError,
     ) -> Response<ProxyBody> {
-        let (grpc, http) = err.codes();
-        record.http_status = if protocol == Protocol::Grpc {
-            200
-        } else {
-            http.as_u16()
-        };
-        record.grpc_status = (protocol == Protocol::Grpc).then_some(grpc);
         tracing::debug!("outbound {}: {err}", self.name);
-        record.finish();
-        err.response(protocol)
+        proxy::respond_locally(record, protocol, err)
     }
 }
 

@@ -83,6 +83,35 @@ impl ProxyError {
     }
 }
 
+/// Answers locally with `err`, completing the request's record with what was sent.
+pub fn respond_locally(
+    mut record: crate::telemetry::RequestRecord,
+    protocol: Protocol,
+    err: ProxyError,
+) -> Response<ProxyBody> {
+    let (grpc, http) = err.codes();
+    let is_grpc = protocol == Protocol::Grpc;
+    record.http_status = if is_grpc { 200 } else { http.as_u16() };
+    record.grpc_status = is_grpc.then_some(grpc);
+    record.finish();
+    err.response(protocol)
+}
+
+/// Hands a peer's response back: status from its headers (a trailers-only gRPC answer
+/// carries grpc-status there), body streamed through and measured to its end.
+pub fn respond_upstream(
+    mut record: crate::telemetry::RequestRecord,
+    resp: Response<Incoming>,
+) -> Response<ProxyBody> {
+    record.http_status = resp.status().as_u16();
+    record.grpc_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    resp.map(|b| Either::Left(crate::metered_body::MeteredBody::new(b, record)))
+}
+
 /// Percent-encodes a grpc-message value as the gRPC spec asks.
 pub fn grpc_message_encode(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());

@@ -13,7 +13,7 @@ pub fn repo(path: &str) -> PathBuf {
 }
 
 /// An external tool from PATH or `~/.cache/meshd/bin`; a missing one fails the test with
-/// its name (tests never pass by skipping).
+/// its name (a test never passes without its tools).
 pub fn tool(name: &str) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
