@@ -90,6 +90,14 @@ fn ca_trust_domain(der: &[u8]) -> Option<String> {
     })
 }
 
+/// What ends a wait of the reload loop.
+enum Wake {
+    Stop,
+    Expired,
+    Changed,
+    Reload,
+}
+
 async fn sleep_until_expiry(at: Option<std::time::SystemTime>) {
     match at {
         Some(t) => {
@@ -119,10 +127,13 @@ pub async fn run(
             .collect();
         let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
-                if ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)))
+                // Our own reads raise access events: only writes, creations, renames
+                // and removals mean the identity may have changed.
+                if !matches!(ev.kind, notify::EventKind::Access(_))
+                    && ev
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)))
                 {
                     changed.notify_one();
                 }
@@ -163,8 +174,14 @@ pub async fn run(
                 status.send_replace(IdentityStatus::Mismatch { reason });
             }
             Err(reason) => {
-                if status.borrow().snapshot().is_some() {
-                    tracing::warn!("keeping the previous identity: {reason}");
+                // A live SVID stays in use; an expired one stays reported as expired
+                // (fail closed) rather than as merely waiting.
+                let keep = matches!(
+                    *status.borrow(),
+                    IdentityStatus::Ready(_) | IdentityStatus::Expired { .. }
+                );
+                if keep {
+                    tracing::warn!("keeping the previous identity state: {reason}");
                 } else {
                     tracing::warn!("no identity yet: {reason}");
                     status.send_replace(IdentityStatus::Waiting { reason });
@@ -172,9 +189,25 @@ pub async fn run(
             }
         }
         let expiry = status.borrow().snapshot().map(|s| s.svid.not_after);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = sleep_until_expiry(expiry) => {
+        // Checked before waiting, not only by the timer: a change notification that is
+        // already pending must never postpone failing closed.
+        let wake = if expiry.is_some_and(|t| t <= std::time::SystemTime::now()) {
+            Wake::Expired
+        } else {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => Wake::Stop,
+                _ = sleep_until_expiry(expiry) => Wake::Expired,
+                _ = changed.notified() => Wake::Changed,
+                _ = reload.notified() => Wake::Reload,
+            }
+        };
+        match wake {
+            Wake::Stop => return,
+            Wake::Reload => {}
+            // Let a writer finish the other files of the set.
+            Wake::Changed => tokio::time::sleep(Duration::from_millis(150)).await,
+            Wake::Expired => {
                 let reason = format!(
                     "SVID from {} expired and no valid replacement was written; refusing new handshakes",
                     files.cert.display()
@@ -188,11 +221,6 @@ pub async fn run(
                     _ = reload.notified() => {}
                 }
             }
-            _ = changed.notified() => {
-                // Let a writer finish the other files of the set.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-            }
-            _ = reload.notified() => {}
         }
     }
 }

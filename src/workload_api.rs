@@ -257,7 +257,7 @@ async fn stream_once(
                     }
                     Err(reason) => {
                         tracing::warn!("keeping the previous identity: {reason}");
-                        if status.borrow().snapshot().is_none() {
+                        if matches!(*status.borrow(), IdentityStatus::Waiting { .. }) {
                             status.send_replace(IdentityStatus::Waiting { reason });
                         }
                     }

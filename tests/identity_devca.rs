@@ -259,5 +259,11 @@ fn identity_from_files_follows_rewrites_and_keeps_the_last_good() {
     let expired = wait_until(Duration::from_secs(10), || {
         s.get("/ready").1.contains("expired")
     });
-    assert!(expired, "{:?}", s.get("/ready"));
+    assert!(
+        expired,
+        "{:?} {:?}\n{}",
+        s.get("/ready"),
+        s.get("/identity"),
+        s.proc.dump()
+    );
 }
