@@ -16,8 +16,8 @@
 //! point it at `agent_socket()`. Dropping the value runs `spire/down.sh`; after a failed test the
 //! run folder and the tails of both logs are kept and printed.
 //!
-//! Missing SPIRE binaries fail the test with a message naming `spire/install.sh`; nothing is
-//! skipped. Only std is used, so any test file can include this module.
+//! Missing SPIRE binaries fail the test with a message naming `spire/install.sh`; a test never
+//! passes without SPIRE. Only std is used, so any test file can include this module.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
