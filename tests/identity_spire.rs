@@ -177,7 +177,13 @@ async fn spire_identities_carry_a_call_through_two_sidecars() {
     let app = common::meshd::DemoApp::start("contact", &[]);
     let inbound = free_port();
     let admin = free_port();
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/contact-service.yaml");
+    // A copy the sidecar's uid can read wherever the checkout is.
+    let policy = dir.path().join("contact-policy.yaml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/contact-service.yaml"),
+        &policy,
+    )
+    .unwrap();
     let contact = Sidecar::start_as(
         "contact-sidecar",
         dir.path(),

@@ -249,13 +249,20 @@ impl Sidecar {
             Some(uid) => {
                 use std::os::unix::fs::PermissionsExt;
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+                // The checkout may sit where that uid cannot reach (e.g. under /root):
+                // run a copy of the binary from the test's own world-readable folder.
+                let bin = dir.join("meshd-for-uid");
+                if !bin.exists() {
+                    std::fs::copy(meshd_bin(), &bin).expect("copy the meshd binary");
+                    let _ = std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755));
+                }
                 let mut c = Command::new("setpriv");
                 c.args([
                     format!("--reuid={uid}"),
                     format!("--regid={uid}"),
                     "--clear-groups".to_string(),
                 ]);
-                c.arg(meshd_bin());
+                c.arg(&bin);
                 c
             }
             None => Command::new(meshd_bin()),
