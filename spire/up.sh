@@ -48,6 +48,11 @@ if ! [[ $run_dir =~ ^[A-Za-z0-9._/-]+$ ]]; then
   echo "spire/up.sh: run folder '$run_dir' has characters outside [A-Za-z0-9._/-]" >&2
   exit 1
 fi
+# Unix socket paths hold at most 107 bytes; SPIRE hangs instead of failing on a longer one.
+if [ "${#run_dir}" -gt 83 ]; then  # + "/server/private/api.sock" (24)
+  echo "spire/up.sh: run folder '$run_dir' is too long for unix socket paths (at most 83 characters)" >&2
+  exit 1
+fi
 if [ -f "$run_dir/env" ]; then
   (
     spire_env_load "$run_dir"
