@@ -26,6 +26,7 @@
 # stopped, exit 1. Stop everything with spire/down.sh RUN_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=spire/lib.sh
 . "$here/lib.sh"
 
 identities=(payment-service:20001 api-gateway:20002 contact-service:20003 family-service:20004
@@ -93,8 +94,8 @@ render() {
 # free_port: a loopback port in 20000..31999 (below Linux's ephemeral range) that nobody
 # listens on right now. A rare race with another starter is handled by the retry below.
 free_port() {
-  local p i
-  for i in $(seq 1 200); do
+  local p
+  for _ in $(seq 1 200); do
     p=$((20000 + RANDOM % 12000))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       echo "$p"
