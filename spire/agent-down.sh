@@ -6,6 +6,7 @@
 #   spire/agent-down.sh RUN_DIR
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=spire/lib.sh
 . "$here/lib.sh"
 [ $# -eq 1 ] || { echo "usage: spire/agent-down.sh RUN_DIR" >&2; exit 2; }
 spire_env_load "$1"

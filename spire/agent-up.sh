@@ -8,6 +8,7 @@
 #   SPIRE_UP_TIMEOUT   seconds to wait for the healthcheck (default 60)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=spire/lib.sh
 . "$here/lib.sh"
 [ $# -eq 1 ] || { echo "usage: spire/agent-up.sh RUN_DIR" >&2; exit 2; }
 spire_env_load "$1"

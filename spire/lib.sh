@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared helpers for spire/up.sh, down.sh, agent-up.sh and agent-down.sh. Sourced, not run.
 # Every wait here is a poll with a deadline; every stop targets one recorded PID whose
 # command line is checked first, so a recycled PID is never signalled.

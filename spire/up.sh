@@ -26,6 +26,7 @@
 # stopped, exit 1. Stop everything with spire/down.sh RUN_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=spire/lib.sh
 . "$here/lib.sh"
 
 identities=(payment-service:20001 api-gateway:20002 contact-service:20003 family-service:20004
@@ -46,6 +47,11 @@ else
 fi
 if ! [[ $run_dir =~ ^[A-Za-z0-9._/-]+$ ]]; then
   echo "spire/up.sh: run folder '$run_dir' has characters outside [A-Za-z0-9._/-]" >&2
+  exit 1
+fi
+# Unix socket paths hold at most 107 bytes; SPIRE hangs instead of failing on a longer one.
+if [ "${#run_dir}" -gt 83 ]; then  # + "/server/private/api.sock" (24)
+  echo "spire/up.sh: run folder '$run_dir' is too long for unix socket paths (at most 83 characters)" >&2
   exit 1
 fi
 if [ -f "$run_dir/env" ]; then
@@ -88,8 +94,8 @@ render() {
 # free_port: a loopback port in 20000..31999 (below Linux's ephemeral range) that nobody
 # listens on right now. A rare race with another starter is handled by the retry below.
 free_port() {
-  local p i
-  for i in $(seq 1 200); do
+  local p
+  for _ in $(seq 1 200); do
     p=$((20000 + RANDOM % 12000))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       echo "$p"
