@@ -116,30 +116,29 @@ fn webpki_error(e: webpki::Error) -> Error {
 /// (authorization by ID is the policy's job).
 #[derive(Debug)]
 struct SpiffeClientVerifier {
+    chain: ChainCheck,
+}
+
+/// What both verifiers share: the trust anchors and the algorithms that check chains and
+/// handshake signatures.
+#[derive(Debug)]
+struct ChainCheck {
     anchors: Anchors,
     provider: Arc<CryptoProvider>,
 }
 
-impl ClientCertVerifier for SpiffeClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
+impl ChainCheck {
+    fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        self.anchors.verify(
-            &self.provider,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::client_auth(),
-        )?;
-        Ok(ClientCertVerified::assertion())
+        usage: KeyUsage,
+    ) -> Result<SpiffeId, Error> {
+        self.anchors
+            .verify(&self.provider, end_entity, intermediates, now, usage)
     }
-    fn verify_tls12_signature(
+    fn tls12(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -152,7 +151,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             &self.provider.signature_verification_algorithms,
         )
     }
-    fn verify_tls13_signature(
+    fn tls13(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -165,10 +164,45 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             &self.provider.signature_verification_algorithms,
         )
     }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    fn schemes(&self) -> Vec<SignatureScheme> {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.chain
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.tls12(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.tls13(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.schemes()
     }
 }
 
@@ -176,8 +210,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// a valid chain with another ID is refused.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    anchors: Arc<Anchors>,
-    provider: Arc<CryptoProvider>,
+    chain: ChainCheck,
     server_id: SpiffeId,
 }
 
@@ -190,13 +223,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let id = self.anchors.verify(
-            &self.provider,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::server_auth(),
-        )?;
+        let id = self
+            .chain
+            .verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
         if id != self.server_id {
             return Err(Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(WrongServerId {
@@ -213,12 +242,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.chain.tls12(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -226,17 +250,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.chain.tls13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.chain.schemes()
     }
 }
 
@@ -275,8 +292,10 @@ impl ResolvesClientCert for OwnSvid {
 pub fn server_config(snapshot: &IdentitySnapshot, alpn_h2: bool) -> Result<ServerConfig, Error> {
     let provider = provider();
     let verifier = SpiffeClientVerifier {
-        anchors: Anchors::new(&snapshot.bundles),
-        provider: provider.clone(),
+        chain: ChainCheck {
+            anchors: Anchors::new(&snapshot.bundles),
+            provider: provider.clone(),
+        },
     };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -296,8 +315,10 @@ pub fn client_config(
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
-        anchors: Arc::new(Anchors::new(&snapshot.bundles)),
-        provider: provider.clone(),
+        chain: ChainCheck {
+            anchors: Anchors::new(&snapshot.bundles),
+            provider: provider.clone(),
+        },
         server_id: server_id.clone(),
     };
     let mut cfg = ClientConfig::builder_with_provider(provider)
