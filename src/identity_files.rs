@@ -98,18 +98,6 @@ enum Wake {
     Reload,
 }
 
-async fn sleep_until_expiry(at: Option<std::time::SystemTime>) {
-    match at {
-        Some(t) => {
-            let wait = t
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::time::sleep(wait).await
-        }
-        None => std::future::pending().await,
-    }
-}
-
 /// Publishes the files' identity and follows changes until `stop`.
 pub async fn run(
     files: IdentityFiles,
@@ -197,7 +185,7 @@ pub async fn run(
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => Wake::Stop,
-                _ = sleep_until_expiry(expiry) => Wake::Expired,
+                _ = crate::workload_api::sleep_until_system(expiry) => Wake::Expired,
                 _ = changed.notified() => Wake::Changed,
                 _ = reload.notified() => Wake::Reload,
             }

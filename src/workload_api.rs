@@ -284,7 +284,8 @@ fn expire(status: &watch::Sender<IdentityStatus>) {
     status.send_replace(IdentityStatus::Expired { reason });
 }
 
-async fn sleep_until_system(at: Option<SystemTime>) {
+/// Sleeps until a wall-clock instant (an SVID's not-after); forever when there is none.
+pub(crate) async fn sleep_until_system(at: Option<SystemTime>) {
     match at {
         Some(t) => {
             let wait = t
