@@ -128,8 +128,18 @@ pub struct OutboundConfig {
     pub server_id: String,
     #[serde(default = "default_timeout", with = "duration_str")]
     pub timeout: Duration,
+    /// Which failed requests are sent again, and the budget that bounds them.
     #[serde(default)]
     pub retries: RetryConfig,
+    /// Active health checks of every endpoint; off when absent.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive ejection of endpoints whose requests keep failing.
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
+    /// Circuit-breaking limits on requests in progress and waiting for a connection.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// How requests (or TCP connections) are spread over the endpoints.
     #[serde(default)]
     pub balancer: BalancerPolicy,
@@ -162,24 +172,6 @@ pub enum BalancerPolicy {
 pub enum Endpoints {
     Static(Vec<String>),
     Uri(String),
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    #[serde(default)]
-    pub attempts: u32,
-    #[serde(default = "default_budget_percent")]
-    pub budget_percent: u32,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            attempts: 0,
-            budget_percent: default_budget_percent(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -291,9 +283,6 @@ fn default_max_refresh() -> Duration {
 fn default_drain() -> Duration {
     Duration::from_secs(10)
 }
-fn default_budget_percent() -> u32 {
-    20
-}
 fn default_workers() -> usize {
     2
 }
@@ -375,6 +364,7 @@ impl<'de> Deserialize<'de> for Endpoints {
 
 pub use crate::config_check::{check_report, parse_endpoints, EndpointsSpec, HostPort};
 pub use crate::config_error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
+pub use crate::config_resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
 
 /// The process environment, captured once by `main` (`std::env::vars().collect()`).
 /// Empty values count as unset, as Kubernetes manifests often template them empty.

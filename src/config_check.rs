@@ -60,7 +60,7 @@ impl<'a> Source<'a> {
     }
 
     /// `error` positioned at `key_path`, or at the variable that set it.
-    fn problem(&self, key_path: &str, error: ConfigError) -> ConfigProblem {
+    pub(crate) fn problem(&self, key_path: &str, error: ConfigError) -> ConfigProblem {
         let severity = error.severity();
         if let Some(var) = self.overrides.origin(key_path) {
             let file = PathBuf::from(format!("env:{var}"));
@@ -149,14 +149,13 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
             };
             out.push(src.problem(&at("min_refresh"), error));
         }
-        if ob.retries.budget_percent > 100 {
-            let field = at("retries.budget_percent");
-            let error = ConfigError::BudgetOverHundred {
-                field: field.clone(),
-                value: ob.retries.budget_percent,
-            };
-            out.push(src.problem(&field, error));
-        }
+        let resilience = crate::config_resilience::Resilience {
+            retries: &ob.retries,
+            health_check: ob.health_check.as_ref(),
+            outlier: &ob.outlier_detection,
+            limits: &ob.limits,
+        };
+        crate::config_resilience::check(&resilience, &format!("outbound[{i}]"), src, &mut out);
     }
     listeners.push(("admin.listen".into(), config.admin.listen));
     for (j, (field, addr)) in listeners.iter().enumerate() {

@@ -68,7 +68,7 @@ pub enum ConfigError {
     /// An `endpoints` value is neither a valid static list nor a known resolver URI.
     #[error("{field}: {reason}")]
     BadEndpoints { field: String, reason: String },
-    /// An outbound `timeout` of zero.
+    /// A timeout, interval, threshold or limit of zero.
     #[error("{field} must be greater than 0")]
     ZeroTimeout { field: String },
     /// `min_refresh` of zero, or above `max_refresh`.
@@ -78,9 +78,17 @@ pub enum ConfigError {
         min: String,
         max: String,
     },
-    /// A retry budget over 100 percent.
+    /// A percentage (retry budget, ejection share) over 100.
     #[error("{field} is {value}; it is a percentage, at most 100")]
-    BudgetOverHundred { field: String, value: u32 },
+    PercentOverHundred { field: String, value: u32 },
+    /// A lower bound above its upper bound (back-off, ejection time).
+    #[error("{field} ({low}) must be at most {high_field} ({high})")]
+    BadOrder {
+        field: String,
+        low: String,
+        high_field: String,
+        high: String,
+    },
     /// `runtime.worker_threads: 0`.
     #[error("runtime.worker_threads must be at least 1")]
     ZeroWorkers,
