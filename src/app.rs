@@ -72,11 +72,6 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
         });
     }
-    for o in &config.outbound {
-        // No breakers or retries in this build yet: the families exist and read 0.
-        metrics::gauge!("meshd_circuit_open", "service" => o.name.clone()).set(0.0);
-        metrics::counter!("meshd_retries_total", "service" => o.name.clone()).absolute(0);
-    }
     let labels = Arc::new(Labels::default());
     let access = Arc::new(AccessLogger {
         mode: config.log.access,
@@ -198,15 +193,13 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .upstream(&o.name)
             .ok_or_else(|| anyhow!("outbound {}: no TLS slot", o.name))?;
         let ob = Arc::new(Outbound::new(
-            o.name.clone(),
-            o.protocol,
-            o.timeout,
+            o,
             slot,
-            o.balancer,
             found,
             id_rx.clone(),
             labels.clone(),
             access.clone(),
+            background.clone(),
         ));
         upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
         tracing::info!(

@@ -16,11 +16,24 @@ pub struct MeteredBody {
     inner: Incoming,
     /// Completed at the end of the stream; `Drop` completes it on cancellation.
     record: RequestRecord,
+    /// The request's place under the upstream's `limits.max_requests`, freed with the
+    /// body (outbound only).
+    admission: Option<crate::resilience::Admission>,
 }
 
 impl MeteredBody {
     pub fn new(inner: Incoming, record: RequestRecord) -> MeteredBody {
-        MeteredBody { inner, record }
+        MeteredBody {
+            inner,
+            record,
+            admission: None,
+        }
+    }
+
+    /// Keeps the request counted as in progress until this body ends or is dropped.
+    pub fn holding(mut self, admission: crate::resilience::Admission) -> MeteredBody {
+        self.admission = Some(admission);
+        self
     }
 }
 

@@ -2,22 +2,27 @@
 //! TCP connections from the app leave as mutual TLS with the current SVID, to an endpoint
 //! whose SVID must carry the upstream's `server_id`.
 //!
-//! Flow: accept from the app -> pick an endpoint -> pooled mTLS HTTP/2 connection (or a
-//! new mTLS stream for tcp) -> response streamed back, metered. Failures become gRPC
-//! UNAVAILABLE / DEADLINE_EXCEEDED (HTTP 503 / 504) naming the upstream.
+//! Flow: accept from the app -> admit (circuit breaker) -> pick an eligible endpoint (not
+//! ejected by outlier detection, not failing active health checks) -> pooled mTLS HTTP/2
+//! connection (or a new mTLS stream for tcp) -> response streamed back, metered; a failed
+//! attempt that is safe to repeat is retried on another endpoint within the retry budget
+//! (`outbound_call`). Failures become gRPC UNAVAILABLE / DEADLINE_EXCEEDED (HTTP 503 / 504)
+//! naming the upstream. Each endpoint has its own health-check task (`health_check`).
 
 use crate::balancer::{self, EndpointStats, HasStats, InFlight, UpstreamView};
-use crate::config::{BalancerPolicy, Protocol};
+use crate::config::{OutboundConfig, Protocol};
 use crate::discovery::{DiscoveredEndpoint, EndpointSet, UpstreamDiscovery};
+use crate::health_check::{CheckKind, Checked};
 use crate::identity::{IdentityStatus, SpiffeId};
-use crate::proxy::{self, Connector, Drain, H2Pool, ProxyBody, ProxyError, XFCC};
-use crate::telemetry::{AccessLogger, Labels, RequestRecord};
+use crate::proxy::{self, Connector, Drain, H2Pool};
+use crate::replay_body::ReplayBody;
+use crate::resilience::{self, Breaker, EndpointHealth, HealthState, Outcome, RetryBudget};
+use crate::telemetry::{AccessLogger, Labels};
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,9 +40,23 @@ pub struct Endpoint {
     /// override's for an endpoint with its own `server_id`).
     pub tls: Arc<UpstreamTls>,
     /// HTTP/2 connection(s) to this endpoint, shared by all requests.
-    pub pool: H2Pool,
+    pub pool: H2Pool<ReplayBody>,
     /// In-flight count and latency estimate for the balancer.
     pub stats: EndpointStats,
+    /// Outlier ejection and the active health check's verdict.
+    pub health: EndpointHealth,
+}
+
+impl Checked for Endpoint {
+    fn addr(&self) -> SocketAddr {
+        self.meta.addr
+    }
+    fn pool(&self) -> &H2Pool<ReplayBody> {
+        &self.pool
+    }
+    fn health(&self) -> &EndpointHealth {
+        &self.health
+    }
 }
 
 impl HasStats for Endpoint {
@@ -106,21 +125,26 @@ impl OverrideTls {
 pub struct Outbound {
     /// The upstream's name, used in errors and metrics.
     pub name: String,
-    pub protocol: Protocol,
-    /// The per-request deadline (the app's `grpc-timeout` wins when shorter).
-    pub timeout: Duration,
+    /// Its settings as configured (protocol, timeout, retries, health, limits).
+    pub config: OutboundConfig,
     /// The client TLS config slot, swapped at rotation.
     pub tls: Arc<UpstreamTls>,
-    /// How the next endpoint is chosen.
-    pub balancer: BalancerPolicy,
     /// Where the upstream runs, as published by its resolver task.
     pub discovery: Arc<UpstreamDiscovery>,
     /// The endpoints requests are balanced over; replaced when discovery publishes.
-    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    pub(crate) endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// TLS slots for endpoints with their own `server_id`.
     overrides: Arc<OverrideTls>,
     /// Round-robin cursor.
     next: AtomicU64,
+    /// Limits on requests in progress and waiting for a connection.
+    pub(crate) breaker: Arc<Breaker>,
+    /// Bounds retries to a share of recent requests.
+    pub(crate) budget: RetryBudget,
+    /// `meshd_retries_total{service}`.
+    pub(crate) retries_total: metrics::Counter,
+    /// Ends the health-check tasks when meshd drains.
+    stop: tokio_util::sync::CancellationToken,
     pub labels: Arc<Labels>,
     pub log: Arc<AccessLogger>,
 }
@@ -128,31 +152,38 @@ pub struct Outbound {
 impl Outbound {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        name: String,
-        protocol: Protocol,
-        timeout: Duration,
+        config: &OutboundConfig,
         tls: Arc<UpstreamTls>,
-        balancer: BalancerPolicy,
         discovery: Arc<UpstreamDiscovery>,
         identity: watch::Receiver<IdentityStatus>,
         labels: Arc<Labels>,
         log: Arc<AccessLogger>,
+        stop: tokio_util::sync::CancellationToken,
     ) -> Outbound {
         let overrides = Arc::new(OverrideTls {
             alpn_h2: tls.alpn_h2,
             identity,
             slots: Mutex::new(HashMap::new()),
         });
+        let retries_total =
+            metrics::counter!("meshd_retries_total", "service" => config.name.clone());
+        retries_total.absolute(0);
         let ob = Outbound {
-            name,
-            protocol,
-            timeout,
+            name: config.name.clone(),
+            config: config.clone(),
             tls,
-            balancer,
             discovery,
             endpoints: ArcSwap::from_pointee(Vec::new()),
             overrides,
             next: AtomicU64::new(0),
+            breaker: Breaker::new(&config.name, config.limits.clone()),
+            budget: RetryBudget::new(
+                config.retries.budget_percent,
+                config.retries.min_per_second,
+                Instant::now(),
+            ),
+            retries_total,
+            stop,
             labels,
             log,
         };
@@ -175,7 +206,7 @@ impl Outbound {
                 Some(id) if *id != self.tls.server_id => self.overrides.slot(id),
                 _ => self.tls.clone(),
             };
-            next.push(Arc::new(Endpoint {
+            let ep = Arc::new(Endpoint {
                 meta: meta.clone(),
                 pool: H2Pool::new(Connector::Tls {
                     addr: meta.addr,
@@ -183,16 +214,45 @@ impl Outbound {
                 }),
                 tls,
                 stats: EndpointStats::default(),
-            }));
-        }
-        let service = self.name.clone();
-        metrics::gauge!("meshd_upstream_endpoints", "service" => service.clone(), "state" => "healthy")
-            .set(next.len() as f64);
-        for state in ["ejected", "unhealthy"] {
-            metrics::gauge!("meshd_upstream_endpoints", "service" => service.clone(), "state" => state)
-                .set(0.0);
+                health: EndpointHealth::default(),
+            });
+            if let Some(hc) = &self.config.health_check {
+                let kind = match self.config.protocol {
+                    Protocol::Grpc => CheckKind::Grpc {
+                        service: hc.service.clone(),
+                    },
+                    _ => CheckKind::Tcp,
+                };
+                tokio::spawn(crate::health_check::run(
+                    Arc::downgrade(&ep),
+                    self.name.clone(),
+                    kind,
+                    hc.clone(),
+                    self.stop.clone(),
+                ));
+            }
+            next.push(ep);
         }
         self.endpoints.store(Arc::new(next));
+        self.publish_states();
+    }
+
+    /// Sets `meshd_upstream_endpoints{service,state}` from the endpoints' states now.
+    pub fn publish_states(&self) {
+        let now = Instant::now();
+        let mut counts = [0usize; 3];
+        for e in self.endpoints.load().iter() {
+            counts[e.health.state(now) as usize] += 1;
+        }
+        let states = [
+            HealthState::Healthy,
+            HealthState::Ejected,
+            HealthState::Unhealthy,
+        ];
+        for (state, n) in states.into_iter().zip(counts) {
+            metrics::gauge!("meshd_upstream_endpoints", "service" => self.name.clone(), "state" => state.label())
+                .set(n as f64);
+        }
     }
 
     /// Follows the discovery channel until `stop`.
@@ -209,19 +269,57 @@ impl Outbound {
     }
 
     /// Chooses an endpoint for one request (or TCP connection) and counts it in flight.
-    fn pick(&self) -> Option<InFlight<Endpoint>> {
+    /// Ejected and unhealthy endpoints are passed over, and so are those in `tried`
+    /// while another one is left; when every endpoint is out, all are used (Envoy's
+    /// panic routing) rather than failing the request.
+    pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<InFlight<Endpoint>> {
         let eps = self.endpoints.load();
         let now = Instant::now();
-        let cands: Vec<_> = eps
+        let usable = |e: &Endpoint| e.health.eligible(now);
+        let fresh = |e: &Endpoint| usable(e) && !tried.contains(&e.meta.addr);
+        let filter: &dyn Fn(&Endpoint) -> bool = if eps.iter().any(|e| fresh(e)) {
+            &fresh
+        } else if eps.iter().any(|e| usable(e)) {
+            &usable
+        } else {
+            &|_| true
+        };
+        let (idx, cands): (Vec<usize>, Vec<_>) = eps
             .iter()
-            .map(|e| e.stats.candidate(e.meta.weight, now))
-            .collect();
+            .enumerate()
+            .filter(|(_, e)| filter(e))
+            .map(|(i, e)| (i, e.stats.candidate(e.meta.weight, now)))
+            .unzip();
         let cursor = self.next.fetch_add(1, Ordering::Relaxed);
-        let i = balancer::choose(self.balancer, &cands, cursor, rand::random())?;
-        Some(InFlight::start(eps.get(i)?.clone()))
+        let i = balancer::choose(self.config.balancer, &cands, cursor, rand::random())?;
+        Some(InFlight::start(eps.get(*idx.get(i)?)?.clone()))
     }
 
-    fn no_endpoints(&self) -> String {
+    /// Counts one attempt's outcome for the endpoint's balancer statistics and outlier
+    /// detection, ejecting it when it keeps failing (within `max_ejection_percent`).
+    pub(crate) fn observe(&self, ep: InFlight<Endpoint>, outcome: Outcome) {
+        let endpoint = ep.endpoint.clone();
+        ep.finish(!outcome.is_failure());
+        let cfg = &self.config.outlier_detection;
+        let now = Instant::now();
+        let may_eject = || {
+            let eps = self.endpoints.load();
+            let ejected = eps.iter().filter(|e| e.health.is_ejected(now)).count();
+            ejected < resilience::max_ejected(eps.len(), cfg.max_ejection_percent)
+        };
+        if let Some(len) = endpoint.health.observe(outcome, cfg, now, may_eject) {
+            tracing::warn!(
+                upstream = %self.name,
+                endpoint = %endpoint.meta.addr,
+                "endpoint ejected for {} ms after {} failures in a row",
+                len.as_millis(),
+                cfg.consecutive_failures
+            );
+            self.publish_states();
+        }
+    }
+
+    pub(crate) fn no_endpoints(&self) -> String {
         let why = self
             .discovery
             .status()
@@ -235,6 +333,18 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         tokio::spawn(self.clone().follow(drain.stop.clone()));
         tokio::spawn(self.overrides.clone().follow());
+        let states = self.clone();
+        let stop = drain.stop.clone();
+        tokio::spawn(async move {
+            // Ejections end and health verdicts change on their own: refresh the gauge.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => states.publish_states(),
+                }
+            }
+        });
         loop {
             let (tcp, _) = tokio::select! {
                 _ = drain.stop.cancelled() => return,
@@ -251,7 +361,7 @@ impl Outbound {
             let this = self.clone();
             let stop = drain.stop.clone();
             drain.tracker.spawn(async move {
-                if this.protocol.is_http() {
+                if this.config.protocol.is_http() {
                     let svc_this = this.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let this = svc_this.clone();
@@ -265,95 +375,37 @@ impl Outbound {
         }
     }
 
+    /// Connects the app's TCP connection to an endpoint; a failed connect is retried on
+    /// another endpoint (nothing was sent yet) when retries are on.
     async fn forward_tcp(&self, app: tokio::net::TcpStream) {
-        let Some(ep) = self.pick() else {
-            tracing::warn!("outbound {}", self.no_endpoints());
-            return;
-        };
-        match proxy::tls_connect(ep.endpoint.meta.addr, &ep.endpoint.tls).await {
-            Ok(up) => {
-                ep.record(true);
-                proxy::pipe(app, up, "outbound").await;
+        let mut tried = Vec::new();
+        let now = Instant::now();
+        self.budget.deposit(now);
+        loop {
+            let Some(ep) = self.pick(&tried) else {
+                tracing::warn!("outbound {}", self.no_endpoints());
+                return;
+            };
+            let addr = ep.endpoint.meta.addr;
+            match proxy::tls_connect(addr, &ep.endpoint.tls).await {
+                Ok(up) => {
+                    ep.record(true);
+                    proxy::pipe(app, up, "outbound").await;
+                    return;
+                }
+                Err(e) => {
+                    self.observe(ep, Outcome::NoResponse);
+                    tracing::warn!("outbound {}: {e}", self.name);
+                    tried.push(addr);
+                    if tried.len() > self.config.retries.attempts as usize
+                        || !self.budget.try_withdraw(Instant::now())
+                    {
+                        return;
+                    }
+                    self.retries_total.increment(1);
+                }
             }
-            Err(e) => {
-                ep.record(false);
-                tracing::warn!("outbound {}: {e}", self.name)
-            }
         }
-    }
-
-    /// Proxies one request to the upstream.
-    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let grpc = proxy::is_grpc(&req);
-        let (method_label, grpc_method) = match proxy::grpc_path(req.uri().path()) {
-            Some((svc, m)) if grpc => (self.labels.method(svc, m), Some(format!("{svc}/{m}"))),
-            _ => ("other".to_string(), None),
-        };
-        let server_id = self.tls.server_id.to_string();
-        let mut record = RequestRecord::new(
-            "outbound",
-            self.labels.peer(&server_id),
-            server_id,
-            method_label,
-            grpc_method,
-            req.method().to_string(),
-            String::new(),
-            Some(self.log.clone()),
-        );
-        let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
-        let deadline = proxy::request_deadline(self.timeout, req.headers());
-        req.headers_mut().remove(XFCC);
-        let Some(ep) = self.pick() else {
-            return self.fail(
-                record,
-                protocol,
-                ProxyError::Unavailable(self.no_endpoints()),
-            );
-        };
-        let addr = ep.endpoint.meta.addr;
-        record.upstream = addr.to_string();
-        if ep.endpoint.tls.config.load().is_none() {
-            return self.fail(
-                record,
-                protocol,
-                ProxyError::NoIdentity(format!(
-                    "meshd has no valid SVID; not calling upstream {}",
-                    self.name
-                )),
-            );
-        }
-        let sent = tokio::time::timeout(deadline, ep.endpoint.pool.send(req)).await;
-        ep.finish(matches!(sent, Ok(Ok(_))));
-        match sent {
-            Ok(Ok(resp)) => proxy::respond_upstream(record, resp),
-            Ok(Err(e)) => self.fail(
-                record,
-                protocol,
-                ProxyError::Unavailable(format!(
-                    "upstream {} unavailable ({addr}): {e}",
-                    self.name
-                )),
-            ),
-            Err(_) => self.fail(
-                record,
-                protocol,
-                ProxyError::DeadlineExceeded(format!(
-                    "upstream {} did not answer within {} ms",
-                    self.name,
-                    deadline.as_millis()
-                )),
-            ),
-        }
-    }
-
-    fn fail(
-        &self,
-        record: RequestRecord,
-        protocol: Protocol,
-        err: ProxyError,
-    ) -> Response<ProxyBody> {
-        tracing::debug!("outbound {}: {err}", self.name);
-        proxy::respond_locally(record, protocol, err)
     }
 }
 
@@ -375,7 +427,7 @@ impl UpstreamView for Outbound {
                     "weight": e.meta.weight,
                     "zone": e.meta.zone,
                     "server_id": e.tls.server_id.to_string(),
-                    "state": "healthy",
+                    "state": e.health.state(Instant::now()).label(),
                     "requests": requests,
                     "failures": failures,
                     "in_flight": in_flight,
@@ -386,7 +438,9 @@ impl UpstreamView for Outbound {
         serde_json::json!({
             "name": self.name,
             "endpoints_source": self.discovery.source,
-            "balancer": self.balancer,
+            "balancer": self.config.balancer,
+            "requests_in_progress": self.breaker.load().0,
+            "requests_pending": self.breaker.load().1,
             "resolved": status.resolved,
             "last_error": status.last_error,
             "resolve_failures": status.failures,

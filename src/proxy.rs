@@ -185,18 +185,25 @@ pub enum Connector {
 }
 
 /// One HTTP/2 connection, shared by all requests to one peer and re-made when it closes.
+/// `B` is the request body: the app's stream inbound, a [`ReplayBody`] outbound.
+///
+/// [`ReplayBody`]: crate::replay_body::ReplayBody
 #[derive(Debug)]
-pub struct H2Pool {
+pub struct H2Pool<B = Incoming> {
     /// How to (re)connect.
     connector: Connector,
     /// The live connection's handle; empty until first use or after it closed.
-    sender: ArcSwapOption<SendRequest<Incoming>>,
+    sender: ArcSwapOption<SendRequest<B>>,
     /// Single-flight for reconnects: one handshake at a time, requests wait for it.
     connecting: tokio::sync::Mutex<()>,
 }
 
-impl H2Pool {
-    pub fn new(connector: Connector) -> H2Pool {
+impl<B> H2Pool<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub fn new(connector: Connector) -> H2Pool<B> {
         H2Pool {
             connector,
             sender: ArcSwapOption::empty(),
@@ -204,7 +211,7 @@ impl H2Pool {
         }
     }
 
-    fn live(&self) -> Option<SendRequest<Incoming>> {
+    fn live(&self) -> Option<SendRequest<B>> {
         self.sender
             .load()
             .as_ref()
@@ -212,8 +219,13 @@ impl H2Pool {
             .map(|s| (**s).clone())
     }
 
+    /// Whether a request would go out at once, without waiting for a connection.
+    pub fn is_connected(&self) -> bool {
+        self.live().is_some()
+    }
+
     /// A handle to a ready connection, connecting if needed.
-    pub async fn sender(&self) -> Result<SendRequest<Incoming>, String> {
+    pub async fn sender(&self) -> Result<SendRequest<B>, String> {
         if let Some(s) = self.live() {
             return Ok(s);
         }
@@ -228,8 +240,17 @@ impl H2Pool {
 
     /// Sends a request; if the connection turned out closed before the request left
     /// (GOAWAY, reset), reconnects once and sends it again.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
-        let mut sender = self.sender().await?;
+    pub async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, String> {
+        let sender = self.sender().await?;
+        self.send_via(sender, req).await
+    }
+
+    /// [`H2Pool::send`] on a connection handle already taken from [`H2Pool::sender`].
+    pub async fn send_via(
+        &self,
+        mut sender: SendRequest<B>,
+        req: Request<B>,
+    ) -> Result<Response<Incoming>, String> {
         match sender.try_send_request(req).await {
             Ok(r) => Ok(r),
             Err(mut e) => match e.take_message() {
@@ -289,7 +310,11 @@ fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
     b
 }
 
-async fn connect_h2(connector: &Connector) -> Result<SendRequest<Incoming>, String> {
+async fn connect_h2<B>(connector: &Connector) -> Result<SendRequest<B>, String>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     match connector {
         Connector::Plain(addr) => {
             let tcp = tcp_connect(*addr)

@@ -6,18 +6,11 @@
 
 mod common;
 
-use common::meshd::{free_port, meshd_bin, wait_until, DemoApp, DevCa, Proc, Sidecar};
-use meshd::pb::contact::contact_service_client::ContactServiceClient;
-use meshd::pb::contact::GetContactRequest;
-use std::net::SocketAddr;
+use common::meshd::{free_port, meshd_bin, wait_until, Proc};
+use common::replicas::{addr, ca, counts, delta, payment, send, Replica};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tonic::transport::Channel;
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 /// A dnsmasq on a loopback port answering only from `hosts` and `--srv-host` records.
 struct Dnsmasq {
@@ -69,130 +62,6 @@ impl Dnsmasq {
         std::fs::rename(&tmp, &self.hosts).unwrap();
         self.proc.signal("HUP");
     }
-}
-
-/// One contact replica: a demo app behind its own sidecar listening on `addr`.
-struct Replica {
-    _app: DemoApp,
-    sidecar: Sidecar,
-}
-
-impl Replica {
-    fn start(dir: &Path, ca: &DevCa, addr: SocketAddr, app_args: &[&str]) -> Replica {
-        let app = DemoApp::start("contact", app_args);
-        let admin = free_port();
-        let yaml = format!(
-            r#"service: contact-service
-identity:
-  workload_api: {sock}
-inbound:
-  listen: {addr}
-  forward: {app}
-  protocol: grpc
-  policy: {policy}
-admin:
-  listen: 127.0.0.1:{admin}
-"#,
-            sock = ca.socket("contact-service"),
-            app = app.addr,
-            policy = repo("deploy/policies/contact-service.yaml").display(),
-        );
-        let name = format!("contact-{}", addr.ip()).replace('.', "-");
-        let sidecar = Sidecar::start(&name, dir, &yaml, admin);
-        sidecar.wait_ready();
-        Replica { _app: app, sidecar }
-    }
-
-    /// Requests this replica's sidecar let in so far.
-    fn served(&self) -> f64 {
-        self.sidecar
-            .metric("meshd_requests_total", &["direction=\"inbound\""])
-    }
-}
-
-/// The payment sidecar with one outbound upstream `contact-service`; `outbound_extra`
-/// holds more keys of that upstream (endpoints, balancer, ...), indented by four.
-fn payment(
-    dir: &Path,
-    ca: &DevCa,
-    name: &str,
-    outbound_extra: &str,
-    dns: Option<u16>,
-) -> (Sidecar, u16) {
-    let outbound = free_port();
-    let admin = free_port();
-    let discovery = dns
-        .map(|p| format!("discovery:\n  nameservers: [\"127.0.0.1:{p}\"]\n"))
-        .unwrap_or_default();
-    let yaml = format!(
-        r#"service: payment-service
-identity:
-  workload_api: {sock}
-outbound:
-  - name: contact-service
-    listen: 127.0.0.1:{outbound}
-    protocol: grpc
-    server_id: spiffe://jia.app/contact-service
-    timeout: 5s
-{outbound_extra}admin:
-  listen: 127.0.0.1:{admin}
-{discovery}"#,
-        sock = ca.socket("payment-service"),
-    );
-    (Sidecar::start(name, dir, &yaml, admin), outbound)
-}
-
-async fn client(port: u16) -> ContactServiceClient<Channel> {
-    let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to the outbound listener");
-    ContactServiceClient::new(ch)
-}
-
-/// Sends `n` GetContact calls over `workers` concurrent callers; returns how many failed.
-async fn send(port: u16, n: usize, workers: usize) -> usize {
-    let c = client(port).await;
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let mut c = c.clone();
-        let count = n / workers + usize::from(w < n % workers);
-        tasks.push(tokio::spawn(async move {
-            let mut failed = 0;
-            for i in 0..count {
-                let req = GetContactRequest {
-                    contact_id: format!("c-{w}-{i}"),
-                    payload: Vec::new(),
-                };
-                if c.get_contact(req).await.is_err() {
-                    failed += 1;
-                }
-            }
-            failed
-        }));
-    }
-    let mut failed = 0;
-    for t in tasks {
-        failed += t.await.unwrap();
-    }
-    failed
-}
-
-fn ca(dir: &Path) -> DevCa {
-    DevCa::start(dir, &["payment-service", "contact-service"], "1h", &[])
-}
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    format!("{ip}:{port}").parse().unwrap()
-}
-
-fn counts(replicas: &[Replica]) -> Vec<f64> {
-    replicas.iter().map(Replica::served).collect()
-}
-
-fn delta(after: &[f64], before: &[f64]) -> Vec<f64> {
-    after.iter().zip(before).map(|(a, b)| a - b).collect()
 }
 
 // Story: contact runs as a headless Service; a replica is added and another removed by

@@ -203,8 +203,12 @@ pub struct DemoApp {
 
 impl DemoApp {
     pub fn start(service: &str, extra: &[&str]) -> DemoApp {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        DemoApp::start_on(service, addr, extra)
+    }
+
+    /// Starts the app on a given address (e.g. again where a killed one was).
+    pub fn start_on(service: &str, addr: SocketAddr, extra: &[&str]) -> DemoApp {
         let mut cmd = Command::new(meshd_bin());
         cmd.args([
             "demo-app",

@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests (`mod common;` in a tests/*.rs file).
 pub mod edge;
 pub mod meshd;
+pub mod replicas;
 pub mod spire;
