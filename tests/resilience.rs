@@ -201,6 +201,50 @@ async fn health_checks_take_a_dead_replica_out_and_back() {
     assert!(d[1] > 0.0, "the healthy-again replica gets calls: {d:?}");
 }
 
+// Story: an upstream that is not gRPC gets TCP connect checks: of two endpoints, the one
+// where nothing listens turns unhealthy, the live one stays healthy, with no traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tcp_health_checks_find_a_dead_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let port = free_port();
+    let _live = Replica::start(dir.path(), &ca, addr("127.0.0.2", port), &[]);
+    let dead = free_port();
+    let extra = format!(
+        "    endpoints: [\"127.0.0.2:{port}\", \"127.0.0.1:{dead}\"]
+    protocol: http
+    health_check: {{interval: 100ms, timeout: 500ms, unhealthy_threshold: 2}}
+"
+    );
+    let (pay, _) = payment(dir.path(), &ca, "payment", &extra, None);
+    let pay = Arc::new(pay);
+    pay.wait_ready();
+    let p = pay.clone();
+    assert!(
+        eventually(10, move || endpoint_state(&p, "unhealthy") == 1.0
+            && endpoint_state(&p, "healthy") == 1.0),
+        "{}",
+        pay.get("/upstreams").1
+    );
+    let (_, view) = pay.get("/upstreams");
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let states: Vec<_> = view["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&(format!("127.0.0.1:{dead}"), "unhealthy".into())),
+        "{states:?}"
+    );
+}
+
 // Story: every replica is down; each call wants three retries, but the budget (20% of
 // calls, no per-second floor) lets only a fifth of that through, so a failing upstream
 // is not stormed.

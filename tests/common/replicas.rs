@@ -75,7 +75,8 @@ admin:
 }
 
 /// The payment sidecar with one outbound upstream `contact-service`; `outbound_extra`
-/// holds more keys of that upstream (endpoints, balancer, ...), indented by four.
+/// holds more keys of that upstream (endpoints, balancer, ...), indented by four;
+/// `protocol` is `grpc` unless `outbound_extra` sets it.
 pub fn payment(
     dir: &Path,
     ca: &DevCa,
@@ -95,13 +96,17 @@ identity:
 outbound:
   - name: contact-service
     listen: 127.0.0.1:{outbound}
-    protocol: grpc
     server_id: spiffe://jia.app/contact-service
     timeout: 5s
 {outbound_extra}admin:
   listen: 127.0.0.1:{admin}
 {discovery}"#,
         sock = ca.socket("payment-service"),
+        outbound_extra = if outbound_extra.contains("    protocol:") {
+            outbound_extra.to_string()
+        } else {
+            format!("    protocol: grpc\n{outbound_extra}")
+        },
     );
     (Sidecar::start(name, dir, &yaml, admin), outbound)
 }
