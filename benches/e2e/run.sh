@@ -9,6 +9,8 @@
 #                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
 #   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
 #           RBAC on the inbound, access logs off)
+# Then tcp.sh: TCP bulk (iperf3, 1 and 4 streams) through tcp-mode pairs, and the CPU cost of
+# new and resumed mTLS handshakes (openssl s_time) on a tcp-mode inbound of each proxy.
 # Per scenario, median of the repetitions: saturated throughput (h2load -n 200000 -c 16
 # -m 8), unloaded latency p50/p99 (h2load -n 20000 -c 1 -m 1 --log-file), CPU seconds per
 # 10k requests per sidecar (/proc/PID/stat utime+stime over the saturated run), RSS idle
@@ -400,6 +402,10 @@ for rep in $(seq "$reps"); do
   for i in 0 1 2; do run_scenario "${order[$(((i + rep - 1) % 3))]}" "$rep"; done
 done
 
+# ---------------------------------------------------------------- tcp mode and handshakes
+# shellcheck source=benches/e2e/tcp.sh
+. "$here/tcp.sh"
+
 # ---------------------------------------------------------------- table
 med() { # scenario metric -> median over repetitions, or "-"
   awk -F'\t' -v s="$1" -v m="$2" '$1 == s && $3 == m {print $4}' "$results" | sort -g |
@@ -437,6 +443,16 @@ machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuin
   row "RSS after load MB, inbound" rss_after_in "%.1f" "≤ 20 MB"
   row "RSS peak (VmHWM) MB, outbound" hwm_out "%.1f" "(info)"
   row "RSS peak (VmHWM) MB, inbound" hwm_in "%.1f" "(info)"
+  row "TCP bulk, 1 stream, Gbit/s" tcp1_gbps "%.2f" "meshd/envoy ≥ 2"
+  row "TCP bulk, 4 streams, Gbit/s" tcp4_gbps "%.2f" "meshd/envoy ≥ 2"
+  row "TCP CPU s / GB, outbound, 1 stream" tcp1_cpugb_out "%.3f" "meshd/envoy ≤ 0.5"
+  row "TCP CPU s / GB, inbound, 1 stream" tcp1_cpugb_in "%.3f" "meshd/envoy ≤ 0.5"
+  row "TCP CPU s / GB, outbound, 4 streams" tcp4_cpugb_out "%.3f" "meshd/envoy ≤ 0.5"
+  row "TCP CPU s / GB, inbound, 4 streams" tcp4_cpugb_in "%.3f" "meshd/envoy ≤ 0.5"
+  row "new mTLS handshakes / s (s_time)" hs_new_rate "%.0f" "(info)"
+  row "CPU ms per new handshake, inbound" hs_new_cpums "%.3f" "meshd/envoy ≤ 0.5"
+  row "resumed handshakes / s (s_time -reuse)" hs_reuse_rate "%.0f" "(info)"
+  row "CPU ms per resumed handshake, inbound" hs_reuse_cpums "%.3f" "(info)"
 } >"$table"
 
 verdict() { # label value op limit
@@ -459,6 +475,14 @@ verdict() { # label value op limit
     verdict "CPU/10k inbound meshd/envoy" "$(ratio "$(med meshd cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
     verdict "unloaded p50 meshd/envoy" "$(ratio "$(med meshd p50_us)" "$(med envoy p50_us)")" "<=" 0.33
     verdict "unloaded p99 meshd/envoy" "$(ratio "$(med meshd p99_us)" "$(med envoy p99_us)")" "<=" 0.2
+    for n in 1 4; do
+      verdict "TCP bulk -P $n meshd/envoy" "$(ratio "$(med meshd "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
+      for side in out in; do
+        verdict "TCP CPU/GB -P $n ${side}bound meshd/envoy" \
+          "$(ratio "$(med meshd "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
+      done
+    done
+    verdict "CPU per new handshake meshd/envoy" "$(ratio "$(med meshd hs_new_cpums)" "$(med envoy hs_new_cpums)")" "<=" 0.5
     for side in out in; do
       verdict "RSS idle, meshd ${side}bound (MB)" "$(med meshd "rss_idle_$side")" "<=" 15
       verdict "RSS after load, meshd ${side}bound (MB)" "$(med meshd "rss_after_$side")" "<=" 20

@@ -1,0 +1,148 @@
+# TCP bulk throughput and mTLS handshake cost: sourced by run.sh after the HTTP scenarios
+# (it uses run.sh's helpers: start, alive, wait_http, fill, record, ticks, die, say).
+#
+# Scenarios, alternated per repetition like the HTTP ones:
+#   direct  iperf3 -c -> iperf3 -s
+#   meshd   iperf3 -c -> meshd outbound (protocol: tcp) -> meshd inbound (tcp, policy) -> iperf3 -s
+#   envoy   the same with Envoy tcp_proxy (URI SAN checks both ways, network RBAC on the inbound)
+# Figures: Gbit/s received with one stream and with -P 4 (iperf3 -J, end.sum_received), and
+# CPU seconds per GB moved per sidecar (/proc/PID/stat over the run).
+# Handshakes: `openssl s_time -new` (full handshakes, client certificate sent) and `-reuse`
+# (resumed) against a tcp-mode inbound of each proxy that forwards to nginx; CPU ms per
+# handshake of that inbound, and handshakes per second.
+
+need_deb iperf3 iperf3
+read -r P_IPERF P_MTO P_MTO_ADMIN P_MTI P_MTI_ADMIN P_MHS P_MHS_ADMIN \
+  P_ETO P_ETO_ADMIN P_ETI P_ETI_ADMIN P_EHS P_EHS_ADMIN < <(
+  python3 -c '
+import socket
+ss = [socket.socket() for _ in range(13)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))')
+if [ "$smoke" = 1 ]; then tcp_secs=1 hs_secs=1; else tcp_secs=5 hs_secs=5; fi
+
+start iperf "$work/iperf.log" iperf3 -s -p "$P_IPERF" --bind 127.0.0.1 --forceflush
+for i in $(seq 100); do grep -q "Server listening" "$work/iperf.log" && break; alive iperf; sleep 0.1; done
+grep -q "Server listening" "$work/iperf.log" || die "iperf3 server did not start (log: $work/iperf.log)"
+
+meshd_tcp_inbound() { # name listen admin forward
+  cat >"$work/meshd-$1.yaml" <<EOF
+service: bench-server
+identity:
+  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
+  expect: $SERVER_ID
+inbound:
+  listen: 127.0.0.1:$2
+  forward: 127.0.0.1:$4
+  protocol: tcp
+  policy: $work/policy.yaml
+admin:
+  listen: 127.0.0.1:$3
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+  start "$1" "$work/$1.log" "$MESHD_BIN" run --config "$work/meshd-$1.yaml"
+}
+cat >"$work/meshd-tout.yaml" <<EOF
+service: bench-client
+identity:
+  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
+  expect: $CLIENT_ID
+outbound:
+  - name: bench-server
+    listen: 127.0.0.1:$P_MTO
+    protocol: tcp
+    endpoints: ["127.0.0.1:$P_MTI"]
+    server_id: $SERVER_ID
+admin:
+  listen: 127.0.0.1:$P_MTO_ADMIN
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+meshd_tcp_inbound meshd_tin "$P_MTI" "$P_MTI_ADMIN" "$P_IPERF"
+meshd_tcp_inbound meshd_hs "$P_MHS" "$P_MHS_ADMIN" "$P_BACKEND"
+start meshd_tout "$work/meshd_tout.log" "$MESHD_BIN" run --config "$work/meshd-tout.yaml"
+
+envoy_tcp_inbound() { # name listen admin backend
+  fill "$here/envoy-tcp-inbound.yaml" "$work/envoy-$1.yaml" ADMIN_PORT="$3" LISTEN_PORT="$2" \
+    BACKEND_PORT="$4" CLIENT_ID="$CLIENT_ID" \
+    CERT="$work/server/svid.pem" KEY="$work/server/key.pem" BUNDLE="$work/server/bundle.pem"
+  start "$1" "$work/$1.log" "$ENVOY_BIN" -c "$work/envoy-$1.yaml" "${envoy_args[@]}"
+}
+envoy_tcp_inbound envoy_tin "$P_ETI" "$P_ETI_ADMIN" "$P_IPERF"
+envoy_tcp_inbound envoy_hs "$P_EHS" "$P_EHS_ADMIN" "$P_BACKEND"
+fill "$here/envoy-tcp-outbound.yaml" "$work/envoy-tout.yaml" ADMIN_PORT="$P_ETO_ADMIN" \
+  LISTEN_PORT="$P_ETO" UPSTREAM_PORT="$P_ETI" SERVER_ID="$SERVER_ID" \
+  CERT="$work/client/svid.pem" KEY="$work/client/key.pem" BUNDLE="$work/client/bundle.pem"
+start envoy_tout "$work/envoy_tout.log" "$ENVOY_BIN" -c "$work/envoy-tout.yaml" "${envoy_args[@]}"
+
+for name in meshd_tin:$P_MTI_ADMIN meshd_hs:$P_MHS_ADMIN meshd_tout:$P_MTO_ADMIN \
+  envoy_tin:$P_ETI_ADMIN envoy_hs:$P_EHS_ADMIN envoy_tout:$P_ETO_ADMIN; do
+  wait_http "${name%%:*}" "http://127.0.0.1:${name#*:}/ready"
+done
+say "up (tcp): iperf3 :$P_IPERF; meshd :$P_MTO -> :$P_MTI; envoy :$P_ETO -> :$P_ETI; handshake inbounds meshd :$P_MHS, envoy :$P_EHS"
+
+declare -A tcp_port=([direct]=$P_IPERF [meshd]=$P_MTO [envoy]=$P_ETO)
+tcp_sidecars() { # scenario -> pid variable names (out, in)
+  case $1 in meshd) echo "meshd_tout meshd_tin" ;; envoy) echo "envoy_tout envoy_tin" ;; *) echo "" ;; esac
+}
+iperf_json() { # file field -> end.sum_received.<field>
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"][sys.argv[2]])' "$1" "$2"
+}
+
+tcp_run() { # scenario rep
+  local s=$1 rep=$2 streams f v i names t0=() bytes side
+  names=$(tcp_sidecars "$s")
+  for streams in 1 4; do
+    alive iperf
+    i=0
+    for v in $names; do alive "$v"; v="pid_$v"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
+    f=$work/tcp-$s-P$streams-$rep.json
+    iperf3 -c 127.0.0.1 -p "${tcp_port[$s]}" -t "$tcp_secs" -P "$streams" -J >"$f" 2>"$f.err" ||
+      { cat "$f" "$f.err" >&2; die "iperf3 through $s (-P $streams) failed"; }
+    bytes=$(iperf_json "$f" bytes)
+    awk -v b="$bytes" 'BEGIN {exit !(b > 0)}' || die "iperf3 through $s moved no bytes"
+    record "$s" "$rep" "tcp${streams}_gbps" "$(awk -v v="$(iperf_json "$f" bits_per_second)" 'BEGIN {printf "%.3f", v / 1e9}')"
+    i=0
+    for v in $names; do
+      side=${v##*_t}
+      v="pid_$v"
+      record "$s" "$rep" "tcp${streams}_cpugb_$side" "$(awk -v d=$(($(ticks "${!v}") - t0[i])) -v hz="$hz" -v b="$bytes" \
+        'BEGIN {printf "%.4f", d / hz / (b / 1e9)}')"
+      i=$((i + 1))
+    done
+    say "rep $rep $s tcp -P $streams: $(awk -v v="$(iperf_json "$f" bits_per_second)" 'BEGIN {printf "%.2f", v / 1e9}') Gbit/s"
+  done
+}
+
+hs_run() { # scenario rep   (meshd or envoy)
+  local s=$1 rep=$2 port pidv mode t0 f n
+  case $s in meshd) port=$P_MHS pidv=pid_meshd_hs ;; envoy) port=$P_EHS pidv=pid_envoy_hs ;; esac
+  for mode in new reuse; do
+    alive "${pidv#pid_}"
+    t0=$(ticks "${!pidv}")
+    f=$work/hs-$s-$mode-$rep.txt
+    openssl s_time -connect "127.0.0.1:$port" "-$mode" -time "$hs_secs" \
+      -cert "$work/client/svid.pem" -key "$work/client/key.pem" -CAfile "$work/client/bundle.pem" \
+      >"$f" 2>&1 || { cat "$f" >&2; die "openssl s_time -$mode against $s failed"; }
+    # "N connections in T real seconds, ..." (the last such line is the run's total)
+    n=$(awk '/connections in [0-9.]+ real seconds/ {n = $1} END {print n + 0}' "$f")
+    [ "$n" -gt 0 ] || { cat "$f" >&2; die "no handshake completed against $s (-$mode)"; }
+    record "$s" "$rep" "hs_${mode}_rate" "$(awk '/connections in [0-9.]+ real seconds/ {r = $1 / $4} END {printf "%.1f", r}' "$f")"
+    record "$s" "$rep" "hs_${mode}_cpums" "$(awk -v d=$(($(ticks "${!pidv}") - t0)) -v hz="$hz" -v n="$n" \
+      'BEGIN {printf "%.4f", d / hz / n * 1000}')"
+    say "rep $rep $s handshakes -$mode: $n in ${hs_secs}s"
+  done
+}
+
+for rep in $(seq "$reps"); do
+  for i in 0 1 2; do
+    s=${order[$(((i + rep - 1) % 3))]}
+    tcp_run "$s" "$rep"
+    [ "$s" = direct ] || hs_run "$s" "$rep"
+  done
+done
