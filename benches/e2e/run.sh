@@ -9,7 +9,8 @@
 #                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
 #   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
 #           RBAC on the inbound, access logs off)
-# Then tcp.sh: TCP bulk (iperf3, 1 and 4 streams) through tcp-mode pairs, and the CPU cost of
+# Then grpc.sh: gRPC unary p50/p99 with ghz at a fixed rate through grpc-mode pairs to the
+# demo contact service. Then tcp.sh: TCP bulk (iperf3, 1 and 4 streams) through tcp-mode pairs, and the CPU cost of
 # new and resumed mTLS handshakes (openssl s_time) on a tcp-mode inbound of each proxy.
 # Per scenario, median of the repetitions: saturated throughput (h2load -n 200000 -c 16
 # -m 8), unloaded latency p50/p99 (h2load -n 20000 -c 1 -m 1 --log-file), CPU seconds per
@@ -405,6 +406,8 @@ done
 # ---------------------------------------------------------------- tcp mode and handshakes
 # shellcheck source=benches/e2e/tcp.sh
 . "$here/tcp.sh"
+# shellcheck source=benches/e2e/grpc.sh
+. "$here/grpc.sh"
 
 # ---------------------------------------------------------------- table
 med() { # scenario metric -> median over repetitions, or "-"
@@ -443,6 +446,8 @@ machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuin
   row "RSS after load MB, inbound" rss_after_in "%.1f" "≤ 20 MB"
   row "RSS peak (VmHWM) MB, outbound" hwm_out "%.1f" "(info)"
   row "RSS peak (VmHWM) MB, inbound" hwm_in "%.1f" "(info)"
+  row "gRPC unary p50 at $ghz_rps/s (ghz), µs" grpc_p50_us "%.0f" "(info)"
+  row "gRPC unary p99 at $ghz_rps/s (ghz), µs" grpc_p99_us "%.0f" "(info)"
   row "TCP bulk, 1 stream, Gbit/s" tcp1_gbps "%.2f" "meshd/envoy ≥ 2"
   row "TCP bulk, 4 streams, Gbit/s" tcp4_gbps "%.2f" "meshd/envoy ≥ 2"
   row "TCP CPU s / GB, outbound, 1 stream" tcp1_cpugb_out "%.3f" "meshd/envoy ≤ 0.5"

@@ -1,0 +1,116 @@
+# gRPC unary latency at a fixed rate with ghz: sourced by run.sh after the HTTP scenarios
+# (it uses run.sh's helpers: start, alive, wait_http, fill, record, die, say).
+#
+# Backend: the demo contact service (`meshd demo-app --service contact`, tonic). Chains:
+#   direct  ghz -> contact
+#   meshd   ghz -> meshd outbound (protocol: grpc) -> meshd inbound (grpc, policy) -> contact
+#   envoy   ghz -> the same Envoy pair templates as the HTTP run, backend = contact
+# Figures: p50 and p99 of `ghz --rps R -n N --connections 1 -c 4` on GetContact, every
+# call OK (any error fails the run).
+
+gobin=${MESHD_CACHE:-$HOME/.cache/meshd}/bin
+if ! command -v ghz >/dev/null 2>&1 && [ ! -x "$gobin/ghz" ]; then
+  command -v go >/dev/null 2>&1 || die "ghz is missing and go is required to build it"
+  say "go install github.com/bojand/ghz/cmd/ghz@v0.120.0 (once, into $gobin)"
+  mkdir -p "$gobin"
+  GOBIN=$gobin go install github.com/bojand/ghz/cmd/ghz@v0.120.0 >&2 || die "go install ghz failed"
+fi
+ghz_bin=$(command -v ghz || echo "$gobin/ghz")
+
+read -r P_APP P_MGO P_MGO_ADMIN P_MGI P_MGI_ADMIN P_EGO P_EGO_WRONG P_EGO_ADMIN P_EGI P_EGI_ADMIN < <(
+  python3 -c '
+import socket
+ss = [socket.socket() for _ in range(10)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))')
+if [ "$smoke" = 1 ]; then ghz_rps=200 ghz_n=200; else ghz_rps=1000 ghz_n=20000; fi
+
+start contact "$work/contact.log" "$MESHD_BIN" demo-app --service contact --listen "127.0.0.1:$P_APP"
+for i in $(seq 100); do grep -q "demo-app ready" "$work/contact.log" && break; alive contact; sleep 0.1; done
+grep -q "demo-app ready" "$work/contact.log" || die "demo contact app did not start (log: $work/contact.log)"
+
+cat >"$work/meshd-gout.yaml" <<EOF
+service: bench-client
+identity:
+  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
+  expect: $CLIENT_ID
+outbound:
+  - name: bench-server
+    listen: 127.0.0.1:$P_MGO
+    protocol: grpc
+    endpoints: ["127.0.0.1:$P_MGI"]
+    server_id: $SERVER_ID
+    timeout: 5s
+admin:
+  listen: 127.0.0.1:$P_MGO_ADMIN
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+cat >"$work/meshd-gin.yaml" <<EOF
+service: bench-server
+identity:
+  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
+  expect: $SERVER_ID
+inbound:
+  listen: 127.0.0.1:$P_MGI
+  forward: 127.0.0.1:$P_APP
+  protocol: grpc
+  policy: $work/policy.yaml
+admin:
+  listen: 127.0.0.1:$P_MGI_ADMIN
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+for side in gin gout; do
+  "$MESHD_BIN" check --config "$work/meshd-$side.yaml" >"$work/check-$side.log" 2>&1 ||
+    { cat "$work/check-$side.log" >&2; die "meshd check rejected meshd-$side.yaml"; }
+done
+start meshd_gin "$work/meshd_gin.log" "$MESHD_BIN" run --config "$work/meshd-gin.yaml"
+start meshd_gout "$work/meshd_gout.log" "$MESHD_BIN" run --config "$work/meshd-gout.yaml"
+
+fill "$here/envoy-inbound.yaml" "$work/envoy-gin.yaml" ADMIN_PORT="$P_EGI_ADMIN" \
+  LISTEN_PORT="$P_EGI" BACKEND_PORT="$P_APP" CLIENT_ID="$CLIENT_ID" \
+  CERT="$work/server/svid.pem" KEY="$work/server/key.pem" BUNDLE="$work/server/bundle.pem"
+fill "$here/envoy-outbound.yaml" "$work/envoy-gout.yaml" ADMIN_PORT="$P_EGO_ADMIN" \
+  LISTEN_PORT="$P_EGO" WRONG_LISTEN_PORT="$P_EGO_WRONG" UPSTREAM_PORT="$P_EGI" \
+  SERVER_ID="$SERVER_ID" WRONG_SERVER_ID="$WRONG_SERVER_ID" \
+  CERT="$work/client/svid.pem" KEY="$work/client/key.pem" BUNDLE="$work/client/bundle.pem"
+start envoy_gin "$work/envoy_gin.log" "$ENVOY_BIN" -c "$work/envoy-gin.yaml" "${envoy_args[@]}"
+start envoy_gout "$work/envoy_gout.log" "$ENVOY_BIN" -c "$work/envoy-gout.yaml" "${envoy_args[@]}"
+for name in meshd_gin:$P_MGI_ADMIN meshd_gout:$P_MGO_ADMIN envoy_gin:$P_EGI_ADMIN envoy_gout:$P_EGO_ADMIN; do
+  wait_http "${name%%:*}" "http://127.0.0.1:${name#*:}/ready"
+done
+say "up (grpc): contact :$P_APP; meshd :$P_MGO -> :$P_MGI; envoy :$P_EGO -> :$P_EGI"
+
+declare -A grpc_port=([direct]=$P_APP [meshd]=$P_MGO [envoy]=$P_EGO)
+ghz_run() { # scenario rep
+  local s=$1 rep=$2 f
+  alive contact
+  f=$work/ghz-$s-$rep.json
+  "$ghz_bin" --insecure --proto "$repo/proto/contact.proto" \
+    --call contact.v1.ContactService/GetContact -d '{"contact_id": "c1"}' \
+    --rps "$ghz_rps" -n "$ghz_n" -c 4 --connections 1 --format json \
+    "127.0.0.1:${grpc_port[$s]}" >"$f" 2>"$f.err" || { cat "$f.err" >&2; die "ghz through $s failed"; }
+  python3 - "$f" "$ghz_n" <<'EOF' || die "ghz through $s: not every call was OK ($f)"
+import json, sys
+r = json.load(open(sys.argv[1]))
+ok = r.get("statusCodeDistribution", {}).get("OK", 0)
+sys.exit(0 if ok == int(sys.argv[2]) else 1)
+EOF
+  local p
+  for p in 50 99; do
+    record "$s" "$rep" "grpc_p${p}_us" "$(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(next(d["latency"] for d in r["latencyDistribution"] if d["percentage"] == int(sys.argv[2])) / 1000)' "$f" "$p")"
+  done
+  say "rep $rep $s grpc: p50 $(awk -F'\t' -v s="$s" -v r="$rep" '$1 == s && $2 == r && $3 == "grpc_p50_us" {print $4}' "$results") µs"
+}
+
+for rep in $(seq "$reps"); do
+  for i in 0 1 2; do ghz_run "${order[$(((i + rep - 1) % 3))]}" "$rep"; done
+done
