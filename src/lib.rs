@@ -40,4 +40,5 @@ pub mod replay_body;
 pub mod resilience;
 pub mod telemetry;
 pub mod tls;
+pub mod verified_chains;
 pub mod workload_api;

@@ -8,6 +8,7 @@
 //! new handshakes fail closed.
 
 use crate::identity::{parse_svid_leaf, BundleSet, IdentitySnapshot, IdentityStatus, SpiffeId};
+use crate::verified_chains::VerifiedChains;
 use arc_swap::ArcSwapOption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
@@ -125,18 +126,44 @@ struct SpiffeClientVerifier {
 struct ChainCheck {
     anchors: Anchors,
     provider: Arc<CryptoProvider>,
+    /// Chains that passed `anchors` already (rebuilt with them at each rotation).
+    verified: VerifiedChains,
 }
 
 impl ChainCheck {
+    fn new(bundles: &BundleSet, provider: Arc<CryptoProvider>) -> ChainCheck {
+        ChainCheck {
+            anchors: Anchors::new(bundles),
+            provider,
+            verified: VerifiedChains::default(),
+        }
+    }
+
+    /// Verifies a chain for `usage` (`b'c'` client auth, `b's'` server auth), or finds
+    /// the same bytes verified before and still valid.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-        usage: KeyUsage,
+        usage: u8,
     ) -> Result<SpiffeId, Error> {
-        self.anchors
-            .verify(&self.provider, end_entity, intermediates, now, usage)
+        let key = crate::verified_chains::chain_key(usage, end_entity, intermediates);
+        if let Some(id) = self.verified.get(&key, now) {
+            return Ok(id);
+        }
+        let key_usage = if usage == b'c' {
+            KeyUsage::client_auth()
+        } else {
+            KeyUsage::server_auth()
+        };
+        let id = self
+            .anchors
+            .verify(&self.provider, end_entity, intermediates, now, key_usage)?;
+        if let Some(window) = crate::verified_chains::validity(end_entity, intermediates) {
+            self.verified.insert(key, id.clone(), window);
+        }
+        Ok(id)
     }
     fn tls12(
         &self,
@@ -181,8 +208,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.chain
-            .verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+        self.chain.verify(end_entity, intermediates, now, b'c')?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -223,9 +249,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let id = self
-            .chain
-            .verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
+        let id = self.chain.verify(end_entity, intermediates, now, b's')?;
         if id != self.server_id {
             return Err(Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(WrongServerId {
@@ -292,10 +316,7 @@ impl ResolvesClientCert for OwnSvid {
 pub fn server_config(snapshot: &IdentitySnapshot, alpn_h2: bool) -> Result<ServerConfig, Error> {
     let provider = provider();
     let verifier = SpiffeClientVerifier {
-        chain: ChainCheck {
-            anchors: Anchors::new(&snapshot.bundles),
-            provider: provider.clone(),
-        },
+        chain: ChainCheck::new(&snapshot.bundles, provider.clone()),
     };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -315,10 +336,7 @@ pub fn client_config(
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
-        chain: ChainCheck {
-            anchors: Anchors::new(&snapshot.bundles),
-            provider: provider.clone(),
-        },
+        chain: ChainCheck::new(&snapshot.bundles, provider.clone()),
         server_id: server_id.clone(),
     };
     let mut cfg = ClientConfig::builder_with_provider(provider)
