@@ -9,7 +9,7 @@ use crate::config::Protocol;
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -153,6 +153,22 @@ pub fn request_deadline(configured: Duration, headers: &HeaderMap) -> Duration {
         .map_or(configured, |app| app.min(configured))
 }
 
+/// [`XFCC`] as a header name, made at compile time (a `&str` key is parsed per use).
+pub const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
+
+/// Replaces whatever `x-forwarded-client-cert` the caller sent with ours (`None`: removes
+/// it). One `insert` drops every earlier value of the header.
+pub fn set_xfcc(headers: &mut HeaderMap, value: Option<&HeaderValue>) {
+    match value {
+        Some(v) => {
+            headers.insert(XFCC_NAME, v.clone());
+        }
+        None => {
+            headers.remove(XFCC_NAME);
+        }
+    }
+}
+
 /// Builds the XFCC value the app receives: `By=<own id>;URI=<peer id>`.
 pub fn xfcc_value(own: &str, peer: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!("By={own};URI={peer}")).ok()
@@ -221,7 +237,8 @@ impl H2Pool {
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let s = connect_h2(&self.connector).await?;
+        // Boxed: the connect future is kilobytes and would otherwise sit in every request's.
+        let s = Box::pin(connect_h2(&self.connector)).await?;
         self.sender.store(Some(Arc::new(s.clone())));
         Ok(s)
     }
