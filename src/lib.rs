@@ -27,6 +27,7 @@ pub mod identity;
 pub mod identity_files;
 pub mod inbound;
 pub mod metered_body;
+pub mod metric_cache;
 pub mod outbound;
 pub mod pb;
 pub mod policy;

@@ -311,7 +311,7 @@ impl Outbound {
             );
         };
         let addr = ep.endpoint.meta.addr;
-        record.upstream = addr.to_string();
+        record.upstream = addr.to_string().into();
         if ep.endpoint.tls.config.load().is_none() {
             return self.fail(
                 record,
