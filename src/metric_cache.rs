@@ -15,7 +15,7 @@
 use metrics::{Counter, Histogram, Label};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Entries per thread and kind beyond which a cache starts over.
@@ -40,14 +40,14 @@ struct Entry<H> {
 /// Handles by the hash of name and label values (collisions kept side by side).
 #[derive(Debug)]
 struct Cache<H> {
-    map: HashMap<u64, Vec<Entry<H>>>,
+    map: HashMap<u64, Vec<Entry<H>>, BuildHasherDefault<FxHasher>>,
     len: usize,
 }
 
 impl<H: Clone> Cache<H> {
     fn new() -> Cache<H> {
         Cache {
-            map: HashMap::new(),
+            map: HashMap::default(),
             len: 0,
         }
     }
@@ -87,13 +87,55 @@ impl<H: Clone> Cache<H> {
 }
 
 fn key_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = FxHasher::default();
     name.hash(&mut h);
     for (k, v) in labels {
         k.hash(&mut h);
         v.hash(&mut h);
     }
     h.finish()
+}
+
+/// The Fx hash (rustc's): a multiply and rotate per word. Keys here are bounded label
+/// values, not attacker-chosen, so SipHash's flood resistance buys nothing.
+#[derive(Debug, Default)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 thread_local! {
