@@ -106,7 +106,7 @@ pub fn respond_upstream(
     record.http_status = resp.status().as_u16();
     record.grpc_status = resp
         .headers()
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     resp.map(|b| Either::Left(crate::metered_body::MeteredBody::new(b, record)))
@@ -152,6 +152,9 @@ pub fn request_deadline(configured: Duration, headers: &HeaderMap) -> Duration {
         .and_then(parse_grpc_timeout)
         .map_or(configured, |app| app.min(configured))
 }
+
+/// `grpc-status` as a header name, made at compile time.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// [`XFCC`] as a header name, made at compile time (a `&str` key is parsed per use).
 pub const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
