@@ -10,7 +10,8 @@
 # changes far less with outside load than req/s does) and, with --mallocs, the number of
 # glibc malloc/realloc calls per request (uprobes; needs `perf probe`, root, and a build
 # using the system allocator). --record S also samples both sidecars for S seconds under
-# load with `perf record -g` (perf.data files kept in the work folder).
+# load with `perf record -g` (perf.data files kept in the work folder; PERF_RECORD_ARGS
+# replaces `-g`, e.g. "--call-graph dwarf,16384" for binaries without frame pointers).
 #
 # Environment: MESHD_BIN (default $CARGO_TARGET_DIR/release/meshd). Needs nginx, h2load,
 # perf (apt-get install linux-perf), openssl, curl, python3.
@@ -162,6 +163,8 @@ start meshd_out "$MESHD_BIN" run --config "$work/out.yaml"
 wait_http "http://127.0.0.1:$P_MI_ADMIN/ready"
 wait_http "http://127.0.0.1:$P_MO_ADMIN/ready"
 url=http://127.0.0.1:$P_MO/
+rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+say "RSS idle MB: outbound $(rss_mb "$pid_meshd_out"), inbound $(rss_mb "$pid_meshd_in")"
 h2load -n 5000 -c 16 -m 8 "$url" >"$work/warm.txt" 2>&1 || die "warm-up failed"
 grep -q "status codes: 5000 2xx" "$work/warm.txt" || { cat "$work/warm.txt" >&2; die "warm-up not all 2xx"; }
 
@@ -174,7 +177,6 @@ if [ "$mallocs" = 1 ]; then
   events=$events,probe_libc:malloc,probe_libc:realloc
 fi
 
-rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 say "meshd $("$MESHD_BIN" --version 2>/dev/null || echo "$MESHD_BIN"), load $(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'rep\treq/s\tout_cpu_us/req\tin_cpu_us/req'
 [ "$mallocs" = 1 ] && printf '\tout_allocs/req\tin_allocs/req'
@@ -206,9 +208,9 @@ if [ "$record" != 0 ]; then
   h2load -n 100000000 -c 16 -m 8 "$url" >/dev/null 2>&1 &
   load=$!
   sleep 1
-  perf record -F 999 -g -p "$pid_meshd_out" -o "$work/perf-out.data" -- sleep "$record" 2>/dev/null &
+  perf record -F 999 ${PERF_RECORD_ARGS:--g} -p "$pid_meshd_out" -o "$work/perf-out.data" -- sleep "$record" 2>/dev/null &
   r1=$!
-  perf record -F 999 -g -p "$pid_meshd_in" -o "$work/perf-in.data" -- sleep "$record" 2>/dev/null &
+  perf record -F 999 ${PERF_RECORD_ARGS:--g} -p "$pid_meshd_in" -o "$work/perf-in.data" -- sleep "$record" 2>/dev/null &
   r2=$!
   wait "$r1" "$r2" || true
   kill "$load" 2>/dev/null || true
