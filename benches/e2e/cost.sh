@@ -10,8 +10,9 @@
 # changes far less with outside load than req/s does) and, with --mallocs, the number of
 # glibc malloc/realloc calls per request (uprobes; needs `perf probe`, root, and a build
 # using the system allocator). --record S also samples both sidecars for S seconds under
-# load with `perf record -g` (perf.data files kept in the work folder; PERF_RECORD_ARGS
-# replaces `-g`, e.g. "--call-graph dwarf,16384" for binaries without frame pointers).
+# load with `perf record -F 999 -g` (perf.data files kept in the work folder; PERF_RECORD_ARGS
+# replaces `-F 999 -g`, e.g. "-F 999 --call-graph dwarf,16384" (no frame pointers here) or
+# "-e probe_libc:malloc -c 7 --call-graph dwarf" with --mallocs for who allocates).
 #
 # Environment: MESHD_BIN (default $CARGO_TARGET_DIR/release/meshd). Needs nginx, h2load,
 # perf (apt-get install linux-perf), openssl, curl, python3.
@@ -87,6 +88,7 @@ for side in client server; do
     "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=URI:spiffe://jia.app/bench-$side" >"$d/ext.cnf"
   openssl x509 -req -in "$d/csr.pem" -CA "$work/bundle.pem" -CAkey "$work/ca.key" -CAcreateserial \
     -days 1 -sha256 -extfile "$d/ext.cnf" -out "$d/svid.pem" 2>/dev/null
+  cp "$work/bundle.pem" "$d/bundle.pem" # beside the SVID: meshd watches these folders
 done
 
 mkdir -p "$work/nginx"
@@ -115,7 +117,10 @@ EOF
 start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
-cat >"$work/policy.yaml" <<EOF
+# In a folder of its own: meshd watches the policy's folder, and the logs, h2load outputs
+# (and perf.data) written into $work would wake that watcher during the measurements.
+mkdir -p "$work/policy"
+cat >"$work/policy/policy.yaml" <<EOF
 service: bench-server
 default: deny
 rules:
@@ -125,7 +130,7 @@ EOF
 cat >"$work/out.yaml" <<EOF
 service: bench-client
 identity:
-  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/bundle.pem}
+  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
   expect: $CLIENT_ID
 outbound:
   - name: bench-server
@@ -144,13 +149,13 @@ EOF
 cat >"$work/in.yaml" <<EOF
 service: bench-server
 identity:
-  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/bundle.pem}
+  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
   expect: $SERVER_ID
 inbound:
   listen: 127.0.0.1:$P_MI
   forward: 127.0.0.1:$P_BACKEND
   protocol: http
-  policy: $work/policy.yaml
+  policy: $work/policy/policy.yaml
 admin:
   listen: 127.0.0.1:$P_MI_ADMIN
 runtime:
@@ -208,9 +213,9 @@ if [ "$record" != 0 ]; then
   h2load -n 100000000 -c 16 -m 8 "$url" >/dev/null 2>&1 &
   load=$!
   sleep 1
-  perf record -F 999 ${PERF_RECORD_ARGS:--g} -p "$pid_meshd_out" -o "$work/perf-out.data" -- sleep "$record" 2>/dev/null &
+  perf record ${PERF_RECORD_ARGS:--F 999 -g} -p "$pid_meshd_out" -o "$work/perf-out.data" -- sleep "$record" 2>/dev/null &
   r1=$!
-  perf record -F 999 ${PERF_RECORD_ARGS:--g} -p "$pid_meshd_in" -o "$work/perf-in.data" -- sleep "$record" 2>/dev/null &
+  perf record ${PERF_RECORD_ARGS:--F 999 -g} -p "$pid_meshd_in" -o "$work/perf-in.data" -- sleep "$record" 2>/dev/null &
   r2=$!
   wait "$r1" "$r2" || true
   kill "$load" 2>/dev/null || true
