@@ -15,7 +15,7 @@
 use metrics::{Counter, Histogram, Label};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Entries per thread and kind beyond which a cache starts over.
@@ -52,46 +52,68 @@ impl<H: Clone> Cache<H> {
         }
     }
 
-    fn get_or_register(
+    /// Calls `f` with the handle for `name{labels}`, registering it on first use.
+    fn with<R>(
         &mut self,
         name: &'static str,
         labels: &[(&'static str, &str)],
         register: impl FnOnce() -> H,
-    ) -> H {
+        f: impl FnOnce(&H) -> R,
+    ) -> R {
         let hash = key_hash(name, labels);
         if let Some(found) = self.map.get(&hash).and_then(|entries| {
             entries.iter().find(|e| {
-                e.name == name
+                same_static(e.name, name)
                     && e.labels.len() == labels.len()
                     && e.labels
                         .iter()
                         .zip(labels)
-                        .all(|(a, b)| a.0 == b.0 && *a.1 == *b.1)
+                        .all(|(a, b)| same_static(a.0, b.0) && *a.1 == *b.1)
             })
         }) {
-            return found.handle.clone();
+            return f(&found.handle);
         }
         if self.len >= MAX_ENTRIES {
             self.map.clear();
             self.len = 0;
         }
         let handle = register();
+        let out = f(&handle);
         self.map.entry(hash).or_default().push(Entry {
             name,
             labels: labels.iter().map(|(k, v)| (*k, Box::from(*v))).collect(),
-            handle: handle.clone(),
+            handle,
         });
         self.len += 1;
-        handle
+        out
+    }
+
+    #[cfg(test)]
+    fn get_or_register(
+        &mut self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+        register: impl FnOnce() -> H,
+    ) -> H {
+        self.with(name, labels, register, H::clone)
     }
 }
 
+/// Equal static strings: usually the same literal (one compare), else by content.
+fn same_static(a: &'static str, b: &'static str) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
+
+/// Hashes names and label keys by address (they are `'static` literals) and values by
+/// content. Two copies of one literal at different addresses only make a second entry for
+/// the same metric, which the recorder resolves to the same series.
 fn key_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
     let mut h = FxHasher::default();
-    name.hash(&mut h);
+    h.add(name.as_ptr() as u64);
     for (k, v) in labels {
-        k.hash(&mut h);
-        v.hash(&mut h);
+        h.add(k.as_ptr() as u64);
+        h.write(v.as_bytes());
+        h.add(v.len() as u64);
     }
     h.finish()
 }
@@ -152,24 +174,39 @@ fn owned_labels(labels: &[(&'static str, &str)]) -> Vec<Label> {
 
 /// The counter `name{labels}`; the same as `metrics::counter!(name, k => v, …)`.
 pub fn counter(name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-    let register = || metrics::counter!(name, owned_labels(labels));
-    if !ENABLED.load(Ordering::Acquire) {
-        return register();
-    }
-    COUNTERS
-        .try_with(|c| c.borrow_mut().get_or_register(name, labels, register))
-        .unwrap_or_else(|_| metrics::counter!(name, owned_labels(labels)))
+    with_counter(name, labels, Counter::clone)
 }
 
-/// The histogram `name{labels}`; the same as `metrics::histogram!(name, k => v, …)`.
-pub fn histogram(name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+/// Adds `by` to the counter `name{labels}` (no handle clone on the hot path).
+pub fn increment(name: &'static str, labels: &[(&'static str, &str)], by: u64) {
+    with_counter(name, labels, |c| c.increment(by))
+}
+
+/// Records `value` in the histogram `name{labels}`.
+pub fn record(name: &'static str, labels: &[(&'static str, &str)], value: f64) {
     let register = || metrics::histogram!(name, owned_labels(labels));
+    let f = |h: &Histogram| h.record(value);
     if !ENABLED.load(Ordering::Acquire) {
-        return register();
+        return f(&register());
     }
+    // `try_with` fails only while the thread is exiting (its cache is gone).
     HISTOGRAMS
-        .try_with(|c| c.borrow_mut().get_or_register(name, labels, register))
-        .unwrap_or_else(|_| metrics::histogram!(name, owned_labels(labels)))
+        .try_with(|c| c.borrow_mut().with(name, labels, register, f))
+        .unwrap_or_else(|_| f(&register()))
+}
+
+fn with_counter<R>(
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+    f: impl FnOnce(&Counter) -> R + Copy,
+) -> R {
+    let register = || metrics::counter!(name, owned_labels(labels));
+    if !ENABLED.load(Ordering::Acquire) {
+        return f(&register());
+    }
+    COUNTERS
+        .try_with(|c| c.borrow_mut().with(name, labels, register, f))
+        .unwrap_or_else(|_| f(&register()))
 }
 
 #[cfg(test)]

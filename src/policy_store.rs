@@ -137,15 +137,15 @@ impl PolicyStore {
         let decision = policy.authorize(peer, target);
         policy.record_hit(&decision);
         let rule = decision.rule_name(&policy);
-        crate::metric_cache::counter(
+        crate::metric_cache::increment(
             "meshd_authz_decisions_total",
             &[
                 ("decision", decision.label()),
                 ("rule", rule),
                 ("mode", decision.mode.as_str()),
             ],
-        )
-        .increment(1);
+            1,
+        );
         (decision, policy)
     }
 

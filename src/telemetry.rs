@@ -310,7 +310,7 @@ impl RequestRecord {
         let secs = self.start.elapsed().as_secs_f64();
         let mut digits = Digits::default();
         let status = digits.format(self.status());
-        metric_cache::counter(
+        metric_cache::increment(
             "meshd_requests_total",
             &[
                 ("direction", self.direction),
@@ -318,29 +318,32 @@ impl RequestRecord {
                 ("grpc_method", &self.method_label),
                 ("status", status),
             ],
-        )
-        .increment(1);
-        metric_cache::histogram(
+            1,
+        );
+        metric_cache::record(
             "meshd_request_duration_seconds",
             &[("direction", self.direction)],
-        )
-        .record(secs);
+            secs,
+        );
         if self.direction == "inbound" && self.grpc_method.is_some() {
             let m: &str = &self.method_label;
-            metric_cache::counter("grpc_server_requests_total", &[("method", m)]).increment(1);
-            metric_cache::histogram("grpc_server_request_duration_seconds", &[("method", m)])
-                .record(secs);
+            metric_cache::increment("grpc_server_requests_total", &[("method", m)], 1);
+            metric_cache::record(
+                "grpc_server_request_duration_seconds",
+                &[("method", m)],
+                secs,
+            );
             if status != "0" {
                 let reason = if self.denied {
                     "permission_denied"
                 } else {
                     "status"
                 };
-                metric_cache::counter(
+                metric_cache::increment(
                     "grpc_server_requests_failed_total",
                     &[("method", m), ("reason", reason)],
-                )
-                .increment(1);
+                    1,
+                );
             }
         }
         if let Some(log) = &self.log {
