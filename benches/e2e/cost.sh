@@ -48,6 +48,7 @@ cleanup() {
   local rc=$? pid
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  [ "$mallocs" = 0 ] || perf probe -q -d 'probe_libc:malloc' -d 'probe_libc:realloc' 2>/dev/null || true
   [ "$record" = 0 ] && [ "$rc" = 0 ] && rm -rf "$work" || say "work folder kept: $work"
   exit "$rc"
 }
