@@ -11,11 +11,12 @@ use crate::config::Protocol;
 use crate::identity::SpiffeId;
 use crate::policy::{Request as AuthzRequest, Target};
 use crate::policy_store::PolicyStore;
-use crate::proxy::{self, Drain, H2Pool, ProxyBody, ProxyError, XFCC};
-use crate::telemetry::{AccessLogger, Labels, RequestRecord};
+use crate::proxy::{self, Drain, H2Pool, ProxyBody, ProxyError};
+use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
 use crate::tls::{self, TlsStore};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use metrics::SharedString;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +47,10 @@ pub struct Inbound {
 #[derive(Debug)]
 struct Peer {
     id: SpiffeId,
-    id_text: String,
+    /// The peer's SPIFFE ID as text, shared by its requests' records.
+    id_text: SharedString,
+    /// Where requests go (`forward`), as text for the access log; made once.
+    upstream: SharedString,
     /// Built once per connection: `By=<own>;URI=<peer>`.
     xfcc: Option<HeaderValue>,
 }
@@ -111,7 +115,7 @@ impl Inbound {
             tracing::info!(%remote, peer = %id, "closed: client did not negotiate ALPN h2");
             return;
         }
-        let id_text = id.to_string();
+        let id_text = SharedString::from(Arc::<str>::from(id.to_string()));
         let own_id = self
             .identity
             .borrow()
@@ -122,6 +126,7 @@ impl Inbound {
             xfcc: proxy::xfcc_value(&own_id, &id_text),
             id,
             id_text,
+            upstream: SharedString::from(Arc::<str>::from(self.forward.to_string())),
         });
         if self.protocol == Protocol::Tcp {
             self.tcp(stream, peer).await;
@@ -146,10 +151,10 @@ impl Inbound {
             "inbound",
             self.labels.peer(&peer.id_text),
             peer.id_text.clone(),
-            "other".into(),
+            telemetry::OTHER,
             None,
-            "TCP".into(),
-            self.forward.to_string(),
+            SharedString::const_str("TCP"),
+            peer.upstream.clone(),
             Some(self.log.clone()),
         );
         if !decision.allowed || decision.would_deny {
@@ -176,28 +181,27 @@ impl Inbound {
 
     async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let grpc = self.protocol == Protocol::Grpc || proxy::is_grpc(&req);
-        let path = req.uri().path().to_string();
-        let grpc_parts = if grpc { proxy::grpc_path(&path) } else { None };
+        let path = req.uri().path();
+        let grpc_parts = if grpc { proxy::grpc_path(path) } else { None };
         let (method_label, grpc_method) = match grpc_parts {
-            Some((svc, m)) => (self.labels.method(svc, m), Some(format!("{svc}/{m}"))),
-            None => ("other".to_string(), None),
+            Some((svc, m)) => (self.labels.method_label(svc, m), Some(format!("{svc}/{m}"))),
+            None => (telemetry::OTHER, None),
         };
-        let http_method = req.method().as_str().to_string();
         let mut record = RequestRecord::new(
             "inbound",
             self.labels.peer(&peer.id_text),
             peer.id_text.clone(),
             method_label,
             grpc_method,
-            http_method.clone(),
-            self.forward.to_string(),
+            telemetry::method_name(req.method()),
+            peer.upstream.clone(),
             Some(self.log.clone()),
         );
         let request = match grpc_parts {
             Some((service, method)) => AuthzRequest::Grpc { service, method },
             None => AuthzRequest::Http {
-                method: &http_method,
-                path: &path,
+                method: req.method().as_str(),
+                path,
             },
         };
         let target = Target {
@@ -206,7 +210,7 @@ impl Inbound {
         };
         let (decision, policy) = self.policy.decide(&peer.id, &target);
         if !decision.allowed || decision.would_deny {
-            log_denial(&peer.id_text, &path, &decision, &policy);
+            log_denial(&peer.id_text, path, &decision, &policy);
         }
         let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
         if !decision.allowed {
@@ -218,11 +222,7 @@ impl Inbound {
                 ProxyError::Denied(decision.message(&policy)),
             );
         }
-        let headers = req.headers_mut();
-        headers.remove(XFCC);
-        if let Some(v) = &peer.xfcc {
-            headers.insert(XFCC, v.clone());
-        }
+        proxy::set_xfcc(req.headers_mut(), peer.xfcc.as_ref());
         match self.app.send(req).await {
             Ok(resp) => proxy::respond_upstream(record, resp),
             Err(e) => proxy::respond_locally(

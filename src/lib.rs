@@ -29,6 +29,7 @@ pub mod identity;
 pub mod identity_files;
 pub mod inbound;
 pub mod metered_body;
+pub mod metric_cache;
 pub mod outbound;
 mod outbound_call;
 pub mod pb;

@@ -53,7 +53,7 @@ impl Body for MeteredBody {
                     this.record.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref() {
                     this.record.grpc_status = trailers
-                        .get("grpc-status")
+                        .get(crate::proxy::GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
                 }

@@ -20,6 +20,7 @@ use crate::resilience::{self, Breaker, EndpointHealth, HealthState, Outcome, Ret
 use crate::telemetry::{AccessLogger, Labels};
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwap;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,6 +46,8 @@ pub struct Endpoint {
     pub stats: EndpointStats,
     /// Outlier ejection and the active health check's verdict.
     pub health: EndpointHealth,
+    /// The address as text, for access logs (made once, not per request).
+    pub addr_text: metrics::SharedString,
 }
 
 impl Checked for Endpoint {
@@ -129,6 +132,8 @@ pub struct Outbound {
     pub config: OutboundConfig,
     /// The client TLS config slot, swapped at rotation.
     pub tls: Arc<UpstreamTls>,
+    /// `server_id` as text, for metrics labels and access logs.
+    pub(crate) server_id_text: metrics::SharedString,
     /// Where the upstream runs, as published by its resolver task.
     pub discovery: Arc<UpstreamDiscovery>,
     /// The endpoints requests are balanced over; replaced when discovery publishes.
@@ -171,6 +176,9 @@ impl Outbound {
         let ob = Outbound {
             name: config.name.clone(),
             config: config.clone(),
+            server_id_text: metrics::SharedString::from(Arc::<str>::from(
+                tls.server_id.to_string(),
+            )),
             tls,
             discovery,
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -215,6 +223,7 @@ impl Outbound {
                 tls,
                 stats: EndpointStats::default(),
                 health: EndpointHealth::default(),
+                addr_text: metrics::SharedString::from(Arc::<str>::from(meta.addr.to_string())),
             });
             if let Some(hc) = &self.config.health_check {
                 let kind = match self.config.protocol {
@@ -284,7 +293,8 @@ impl Outbound {
         } else {
             &|_| true
         };
-        let (idx, cands): (Vec<usize>, Vec<_>) = eps
+        // On the stack for up to 16 endpoints: no allocation per request.
+        let (idx, cands): (SmallVec<[usize; 16]>, SmallVec<[_; 16]>) = eps
             .iter()
             .enumerate()
             .filter(|(_, e)| filter(e))

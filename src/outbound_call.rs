@@ -14,7 +14,7 @@ use crate::outbound::{Endpoint, Outbound};
 use crate::proxy::{self, ProxyBody, ProxyError, XFCC};
 use crate::replay_body::{ReplayBody, Replayable};
 use crate::resilience::{self, Admission, LimitHit, Outcome};
-use crate::telemetry::RequestRecord;
+use crate::telemetry::{self, RequestRecord};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -88,18 +88,19 @@ impl Outbound {
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let grpc = proxy::is_grpc(&req);
         let (method_label, grpc_method) = match proxy::grpc_path(req.uri().path()) {
-            Some((svc, m)) if grpc => (self.labels.method(svc, m), Some(format!("{svc}/{m}"))),
-            _ => ("other".to_string(), None),
+            Some((svc, m)) if grpc => {
+                (self.labels.method_label(svc, m), Some(format!("{svc}/{m}")))
+            }
+            _ => (telemetry::OTHER, None),
         };
-        let server_id = self.tls.server_id.to_string();
         let record = RequestRecord::new(
             "outbound",
-            self.labels.peer(&server_id),
-            server_id,
+            self.labels.peer(&self.server_id_text),
+            self.server_id_text.clone(),
             method_label,
             grpc_method,
-            req.method().to_string(),
-            String::new(),
+            telemetry::method_name(req.method()),
+            metrics::SharedString::const_str(""),
             Some(self.log.clone()),
         );
         let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
@@ -129,6 +130,22 @@ impl Outbound {
             };
             return self.answer(record, protocol, admission, ep, result, grpc, deadline);
         }
+        // Boxed: the retry loop's state stays out of the per-stream task of calls
+        // without retries.
+        Box::pin(self.with_retries(req, record, protocol, admission, started, deadline)).await
+    }
+
+    /// The attempts of one request with retries on (see the module docs).
+    async fn with_retries(
+        &self,
+        req: Request<Incoming>,
+        record: RequestRecord,
+        protocol: Protocol,
+        admission: Admission,
+        started: Instant,
+        deadline: Duration,
+    ) -> Response<ProxyBody> {
+        let grpc = protocol == Protocol::Grpc;
         self.budget.deposit(started);
         let (parts, body) = req.into_parts();
         let head = Head {
@@ -231,7 +248,7 @@ impl Outbound {
         deadline: Duration,
     ) -> Response<ProxyBody> {
         let addr = ep.endpoint.meta.addr;
-        record.upstream = addr.to_string();
+        record.upstream = ep.endpoint.addr_text.clone();
         let outcome = match &result {
             Ok(resp) => classify(resp, grpc),
             Err(AttemptError::Timeout) => Outcome::TimedOut,

@@ -136,17 +136,16 @@ impl PolicyStore {
             .unwrap_or_else(|| self.fail_closed.clone());
         let decision = policy.authorize(peer, target);
         policy.record_hit(&decision);
-        let rule: metrics::SharedString = match decision.rule {
-            crate::policy::RuleRef::Named(i) => policy.rules[i].name.clone().into(),
-            crate::policy::RuleRef::Default => "default".into(),
-        };
-        metrics::counter!(
+        let rule = decision.rule_name(&policy);
+        crate::metric_cache::increment(
             "meshd_authz_decisions_total",
-            "decision" => decision.label(),
-            "rule" => rule,
-            "mode" => decision.mode.as_str()
-        )
-        .increment(1);
+            &[
+                ("decision", decision.label()),
+                ("rule", rule),
+                ("mode", decision.mode.as_str()),
+            ],
+            1,
+        );
         (decision, policy)
     }
 

@@ -9,7 +9,7 @@ use crate::config::Protocol;
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -106,7 +106,7 @@ pub fn respond_upstream(
     record.http_status = resp.status().as_u16();
     record.grpc_status = resp
         .headers()
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     resp.map(|b| Either::Left(crate::metered_body::MeteredBody::new(b, record)))
@@ -151,6 +151,25 @@ pub fn request_deadline(configured: Duration, headers: &HeaderMap) -> Duration {
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map_or(configured, |app| app.min(configured))
+}
+
+/// `grpc-status` as a header name, made at compile time.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// [`XFCC`] as a header name, made at compile time (a `&str` key is parsed per use).
+pub const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
+
+/// Replaces whatever `x-forwarded-client-cert` the caller sent with ours (`None`: removes
+/// it). One `insert` drops every earlier value of the header.
+pub fn set_xfcc(headers: &mut HeaderMap, value: Option<&HeaderValue>) {
+    match value {
+        Some(v) => {
+            headers.insert(XFCC_NAME, v.clone());
+        }
+        None => {
+            headers.remove(XFCC_NAME);
+        }
+    }
 }
 
 /// Builds the XFCC value the app receives: `By=<own id>;URI=<peer id>`.
@@ -233,7 +252,8 @@ where
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let s = connect_h2(&self.connector).await?;
+        // Boxed: the connect future is kilobytes and would otherwise sit in every request's.
+        let s = Box::pin(connect_h2(&self.connector)).await?;
         self.sender.store(Some(Arc::new(s.clone())));
         Ok(s)
     }

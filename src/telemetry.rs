@@ -6,9 +6,11 @@
 //! connection) and it records itself when finished or dropped.
 
 use crate::config::AccessLog;
+use crate::metric_cache;
 use arc_swap::ArcSwap;
+use metrics::SharedString;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -34,6 +36,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?
         .install_recorder()
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
+    metric_cache::enable();
     describe();
     Ok(handle)
 }
@@ -121,32 +124,84 @@ pub struct LabelBounds {
     pub methods: HashSet<String>,
 }
 
+/// [`LabelBounds`] with every admitted value made once as a shared label (cloning one per
+/// request is a reference count, not a copy).
+#[derive(Debug, Default)]
+struct LabelSet {
+    peers: HashMap<String, SharedString>,
+    methods: HashMap<String, SharedString>,
+}
+
+/// The label value of everything not admitted.
+pub const OTHER: SharedString = SharedString::const_str("other");
+
 /// Shared, swappable label bounds (updated when the policy reloads).
 #[derive(Debug, Default)]
-pub struct Labels(ArcSwap<LabelBounds>);
+pub struct Labels(ArcSwap<LabelSet>);
+
+fn shared(s: &str) -> SharedString {
+    SharedString::from(Arc::<str>::from(s))
+}
 
 impl Labels {
     pub fn set(&self, bounds: LabelBounds) {
-        self.0.store(Arc::new(bounds));
+        let set = LabelSet {
+            peers: bounds
+                .peers
+                .into_iter()
+                .map(|p| (p.clone(), shared(&p)))
+                .collect(),
+            methods: bounds
+                .methods
+                .into_iter()
+                .map(|m| (m.clone(), shared(&m)))
+                .collect(),
+        };
+        self.0.store(Arc::new(set));
     }
     /// The `peer_id` label for a peer.
-    pub fn peer(&self, id: &str) -> String {
-        if self.0.load().peers.contains(id) {
-            id.to_string()
-        } else {
-            "other".to_string()
-        }
+    pub fn peer(&self, id: &str) -> SharedString {
+        self.0.load().peers.get(id).cloned().unwrap_or(OTHER)
+    }
+    /// [`Labels::method_label`] as a `String`.
+    pub fn method(&self, service: &str, method: &str) -> String {
+        self.method_label(service, method).to_string()
     }
     /// The `grpc_method` label for `service/method`; a wildcard service entry
     /// (`svc/*`) admits its methods.
-    pub fn method(&self, service: &str, method: &str) -> String {
+    pub fn method_label(&self, service: &str, method: &str) -> SharedString {
         let b = self.0.load();
         let full = format!("{service}/{method}");
-        if b.methods.contains(&full) || b.methods.contains(&format!("{service}/*")) {
-            full
+        if let Some(label) = b.methods.get(&full) {
+            label.clone()
+        } else if b.methods.contains_key(&format!("{service}/*")) {
+            SharedString::from(Arc::<str>::from(full))
         } else {
-            "other".to_string()
+            OTHER
         }
+    }
+}
+
+/// A label value for an HTTP method: static for the standard ones.
+pub fn method_name(m: &http::Method) -> SharedString {
+    use http::Method;
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    const NAMES: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match known.iter().position(|k| k == m) {
+        Some(i) => SharedString::const_str(NAMES[i]),
+        None => shared(m.as_str()),
     }
 }
 
@@ -157,13 +212,17 @@ pub struct AccessLogger {
 }
 
 impl AccessLogger {
-    pub fn write(&self, denied: bool, line: serde_json::Value) {
-        let wanted = match self.mode {
+    /// Whether a request with this outcome gets a line.
+    pub fn wants(&self, denied: bool) -> bool {
+        match self.mode {
             AccessLog::Off => false,
             AccessLog::Deny => denied,
             AccessLog::All => true,
-        };
-        if !wanted {
+        }
+    }
+
+    pub fn write(&self, denied: bool, line: serde_json::Value) {
+        if !self.wants(denied) {
             return;
         }
         let mut out = std::io::stdout().lock();
@@ -174,15 +233,22 @@ impl AccessLogger {
 
 /// One request (or TCP connection) in flight; records metrics and the access log
 /// exactly once, when finished or dropped.
+///
+/// Labels are [`SharedString`]s (static or reference-counted), so making a record per
+/// request copies no strings; the metric handles come from [`metric_cache`].
 #[derive(Debug)]
 pub struct RequestRecord {
     pub direction: &'static str,
-    pub peer_label: String,
-    pub peer_id: String,
-    pub method_label: String,
+    /// The bounded `peer_id` label ([`Labels::peer`]).
+    pub peer_label: SharedString,
+    /// The peer's full SPIFFE ID, for the access log.
+    pub peer_id: SharedString,
+    /// The bounded `grpc_method` label.
+    pub method_label: SharedString,
     pub grpc_method: Option<String>,
-    pub http_method: String,
-    pub upstream: String,
+    pub http_method: SharedString,
+    /// The address the request went to, for the access log.
+    pub upstream: SharedString,
     pub start: Instant,
     pub http_status: u16,
     pub grpc_status: Option<u32>,
@@ -197,22 +263,22 @@ impl RequestRecord {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         direction: &'static str,
-        peer_label: String,
-        peer_id: String,
-        method_label: String,
+        peer_label: impl Into<SharedString>,
+        peer_id: impl Into<SharedString>,
+        method_label: impl Into<SharedString>,
         grpc_method: Option<String>,
-        http_method: String,
-        upstream: String,
+        http_method: impl Into<SharedString>,
+        upstream: impl Into<SharedString>,
         log: Option<Arc<AccessLogger>>,
     ) -> RequestRecord {
         RequestRecord {
             direction,
-            peer_label,
-            peer_id,
-            method_label,
+            peer_label: peer_label.into(),
+            peer_id: peer_id.into(),
+            method_label: method_label.into(),
             grpc_method,
-            http_method,
-            upstream,
+            http_method: http_method.into(),
+            upstream: upstream.into(),
             start: Instant::now(),
             http_status: 0,
             grpc_status: None,
@@ -225,13 +291,13 @@ impl RequestRecord {
     }
 
     /// The status label: the gRPC status for gRPC, else the HTTP status.
-    fn status(&self) -> String {
+    fn status(&self) -> u32 {
         match (self.grpc_method.is_some(), self.grpc_status) {
-            (true, Some(s)) => s.to_string(),
+            (true, Some(s)) => s,
             // A gRPC response that ended (or was dropped) without a grpc-status:
             // CANCELLED, never OK.
-            (true, None) if self.http_status == 200 => "1".to_string(),
-            _ => self.http_status.to_string(),
+            (true, None) if self.http_status == 200 => 1,
+            _ => u32::from(self.http_status),
         }
     }
 
@@ -242,47 +308,82 @@ impl RequestRecord {
         }
         self.done = true;
         let secs = self.start.elapsed().as_secs_f64();
-        let status = self.status();
-        metrics::counter!("meshd_requests_total",
-            "direction" => self.direction,
-            "peer_id" => self.peer_label.clone(),
-            "grpc_method" => self.method_label.clone(),
-            "status" => status.clone())
-        .increment(1);
-        metrics::histogram!("meshd_request_duration_seconds", "direction" => self.direction)
-            .record(secs);
+        let mut digits = Digits::default();
+        let status = digits.format(self.status());
+        metric_cache::increment(
+            "meshd_requests_total",
+            &[
+                ("direction", self.direction),
+                ("peer_id", &self.peer_label),
+                ("grpc_method", &self.method_label),
+                ("status", status),
+            ],
+            1,
+        );
+        metric_cache::record(
+            "meshd_request_duration_seconds",
+            &[("direction", self.direction)],
+            secs,
+        );
         if self.direction == "inbound" && self.grpc_method.is_some() {
-            let m = self.method_label.clone();
-            metrics::counter!("grpc_server_requests_total", "method" => m.clone()).increment(1);
-            metrics::histogram!("grpc_server_request_duration_seconds", "method" => m.clone())
-                .record(secs);
+            let m: &str = &self.method_label;
+            metric_cache::increment("grpc_server_requests_total", &[("method", m)], 1);
+            metric_cache::record(
+                "grpc_server_request_duration_seconds",
+                &[("method", m)],
+                secs,
+            );
             if status != "0" {
                 let reason = if self.denied {
                     "permission_denied"
                 } else {
                     "status"
                 };
-                metrics::counter!("grpc_server_requests_failed_total", "method" => m, "reason" => reason)
-                    .increment(1);
+                metric_cache::increment(
+                    "grpc_server_requests_failed_total",
+                    &[("method", m), ("reason", reason)],
+                    1,
+                );
             }
         }
         if let Some(log) = &self.log {
-            log.write(
-                self.denied,
-                serde_json::json!({
-                    "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                    "direction": self.direction,
-                    "peer_id": self.peer_id,
-                    "method": self.http_method,
-                    "grpc_method": self.grpc_method,
-                    "status": status,
-                    "duration_ms": secs * 1000.0,
-                    "bytes": self.bytes,
-                    "upstream": self.upstream,
-                    "rule": self.rule,
-                }),
-            );
+            if log.wants(self.denied) {
+                log.write(
+                    self.denied,
+                    serde_json::json!({
+                        "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                        "direction": self.direction,
+                        "peer_id": &*self.peer_id,
+                        "method": &*self.http_method,
+                        "grpc_method": self.grpc_method,
+                        "status": status,
+                        "duration_ms": secs * 1000.0,
+                        "bytes": self.bytes,
+                        "upstream": &*self.upstream,
+                        "rule": self.rule,
+                    }),
+                );
+            }
         }
+    }
+}
+
+/// A number written in decimal on the stack, so a status label costs no allocation.
+#[derive(Debug, Default)]
+struct Digits([u8; 10]);
+
+impl Digits {
+    fn format(&mut self, mut n: u32) -> &str {
+        let mut at = self.0.len();
+        loop {
+            at -= 1;
+            self.0[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        std::str::from_utf8(&self.0[at..]).unwrap_or("0")
     }
 }
 

@@ -57,7 +57,7 @@ inbound:
   listen: 127.0.0.1:$P_MGI
   forward: 127.0.0.1:$P_APP
   protocol: grpc
-  policy: $work/policy.yaml
+  policy: $work/policy/policy.yaml
 admin:
   listen: 127.0.0.1:$P_MGI_ADMIN
 runtime:

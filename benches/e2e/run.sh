@@ -210,7 +210,10 @@ start nginx "$work/nginx.log" "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work
 wait_http nginx "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
 # ---------------------------------------------------------------- meshd pair
-cat >"$work/policy.yaml" <<EOF
+# In a folder of its own: meshd watches the policy's folder, and the logs, h2load outputs
+# (and perf.data) written into $work would wake that watcher during the measurements.
+mkdir -p "$work/policy"
+cat >"$work/policy/policy.yaml" <<EOF
 service: bench-server
 default: deny
 rules:
@@ -251,7 +254,7 @@ inbound:
   listen: 127.0.0.1:$P_MI
   forward: 127.0.0.1:$P_BACKEND
   protocol: http
-  policy: $work/policy.yaml
+  policy: $work/policy/policy.yaml
 admin:
   listen: 127.0.0.1:$P_MI_ADMIN
 runtime:

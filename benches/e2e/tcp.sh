@@ -35,7 +35,7 @@ inbound:
   listen: 127.0.0.1:$2
   forward: 127.0.0.1:$4
   protocol: tcp
-  policy: $work/policy.yaml
+  policy: $work/policy/policy.yaml
 admin:
   listen: 127.0.0.1:$3
 runtime:
