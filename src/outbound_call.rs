@@ -230,9 +230,18 @@ impl Outbound {
             };
             pool.send_via(sender, req).await.map_err(AttemptError::Send)
         };
-        tokio::time::timeout(remaining, send)
-            .await
-            .unwrap_or(Err(AttemptError::Timeout))
+        match tokio::time::timeout(remaining, send).await {
+            // A trailers-only gRPC answer that came after the deadline (the upstream's
+            // own timer, started later, fired first): the deadline was exceeded, and
+            // the app hears so from meshd, as its own client would report it.
+            Ok(Ok(resp))
+                if Instant::now() >= deadline_at && resp.headers().contains_key("grpc-status") =>
+            {
+                Err(AttemptError::Timeout)
+            }
+            Ok(r) => r,
+            Err(_) => Err(AttemptError::Timeout),
+        }
     }
 
     /// Answers the app with the last attempt's result.
