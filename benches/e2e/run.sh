@@ -459,7 +459,7 @@ machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuin
   row "TCP CPU s / GB, inbound, 4 streams" tcp4_cpugb_in "%.3f" "meshd/envoy ≤ 0.5"
   row "new mTLS handshakes / s (s_time)" hs_new_rate "%.0f" "(info)"
   row "CPU ms per new handshake, inbound" hs_new_cpums "%.3f" "meshd/envoy ≤ 0.5"
-  row "resumed handshakes / s (s_time -reuse)" hs_reuse_rate "%.0f" "(info)"
+  row "resumed TLS 1.2 handshakes / s (s_time -reuse)" hs_reuse_rate "%.0f" "(info)"
   row "CPU ms per resumed handshake, inbound" hs_reuse_cpums "%.3f" "(info)"
 } >"$table"
 
