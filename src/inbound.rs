@@ -96,7 +96,13 @@ impl Inbound {
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
                 metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
-                tracing::info!(%remote, reason, "inbound TLS handshake failed: {e}");
+                if reason == "io" {
+                    // The peer went away (reset, EOF): counted, but not worth a line
+                    // each (a port scan or a flood would fill the log).
+                    tracing::debug!(%remote, reason, "inbound TLS handshake failed: {e}");
+                } else {
+                    tracing::info!(%remote, reason, "inbound TLS handshake failed: {e}");
+                }
                 return;
             }
             Err(_) => {
