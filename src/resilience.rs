@@ -303,21 +303,25 @@ impl Breaker {
     }
 }
 
+impl Breaker {
+    /// Gives back one place counted in `counter`; closes the circuit below the limits.
+    fn release(&self, counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+        if !self.at_limit() {
+            self.set_open(false);
+        }
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        if !self.0.at_limit() {
-            self.0.set_open(false);
-        }
+        self.0.release(&self.0.active);
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::Relaxed);
-        if !self.0.at_limit() {
-            self.0.set_open(false);
-        }
+        self.0.release(&self.0.pending);
     }
 }
 

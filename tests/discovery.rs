@@ -7,7 +7,7 @@
 mod common;
 
 use common::meshd::{free_port, meshd_bin, wait_until, Proc};
-use common::replicas::{addr, ca, counts, delta, payment, send, Replica};
+use common::replicas::{addr, ca, counts, delta, payment, send, start_replicas, Replica};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -71,11 +71,8 @@ impl Dnsmasq {
 async fn dns_replicas_come_and_go_within_the_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca(dir.path());
-    let port = free_port();
-    let replicas: Vec<Replica> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|ip| Replica::start(dir.path(), &ca, addr(ip, port), &[]))
-        .collect();
+    let (port, replicas) =
+        start_replicas(dir.path(), &ca, &["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
     let dns = Dnsmasq::start(
         dir.path(),
         "127.0.0.2 contact.mesh.test\n127.0.0.3 contact.mesh.test\n",

@@ -7,7 +7,7 @@
 mod common;
 
 use common::meshd::{free_port, wait_until, Sidecar};
-use common::replicas::{addr, ca, client, counts, delta, payment, send, Replica};
+use common::replicas::{addr, ca, client, counts, delta, payment, send, start_replicas, Replica};
 use meshd::pb::contact::{Contact, GetContactRequest};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -78,11 +78,8 @@ fn eventually(secs: u64, cond: impl FnMut() -> bool) -> bool {
 async fn failing_replica_is_ejected_without_failed_calls_and_returns() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca(dir.path());
-    let port = free_port();
-    let mut replicas: Vec<Replica> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|ip| Replica::start(dir.path(), &ca, addr(ip, port), &[]))
-        .collect();
+    let (port, mut replicas) =
+        start_replicas(dir.path(), &ca, &["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
     let extra = format!(
         "    endpoints: [\"127.0.0.2:{port}\", \"127.0.0.3:{port}\", \"127.0.0.4:{port}\"]
     balancer: round_robin
@@ -152,11 +149,7 @@ async fn failing_replica_is_ejected_without_failed_calls_and_returns() {
 async fn health_checks_take_a_dead_replica_out_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca(dir.path());
-    let port = free_port();
-    let mut replicas: Vec<Replica> = ["127.0.0.2", "127.0.0.3"]
-        .iter()
-        .map(|ip| Replica::start(dir.path(), &ca, addr(ip, port), &[]))
-        .collect();
+    let (port, mut replicas) = start_replicas(dir.path(), &ca, &["127.0.0.2", "127.0.0.3"]);
     let extra = format!(
         "    endpoints: [\"127.0.0.2:{port}\", \"127.0.0.3:{port}\"]
     health_check: {{interval: 200ms, timeout: 500ms, unhealthy_threshold: 2, healthy_threshold: 2}}
@@ -348,11 +341,7 @@ async fn circuit_opens_at_the_limit_and_closes_again() {
 async fn replica_killed_mid_stream_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca(dir.path());
-    let port = free_port();
-    let mut replicas: Vec<Replica> = ["127.0.0.2", "127.0.0.3"]
-        .iter()
-        .map(|ip| Replica::start(dir.path(), &ca, addr(ip, port), &[]))
-        .collect();
+    let (port, mut replicas) = start_replicas(dir.path(), &ca, &["127.0.0.2", "127.0.0.3"]);
     let extra = format!(
         "    endpoints: [\"127.0.0.2:{port}\", \"127.0.0.3:{port}\"]
     retries: {{attempts: 2}}

@@ -73,97 +73,17 @@ ss = [socket.socket() for _ in range(5)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))')
 
-# Certificates as in run.sh: one EC P-256 CA, one SVID per side.
-gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-gen_key "$work/ca.key"
-openssl req -x509 -new -key "$work/ca.key" -sha256 -days 2 -subj "/O=meshd bench/CN=bench CA" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-  -addext "subjectAltName=URI:spiffe://jia.app" -out "$work/bundle.pem" 2>/dev/null
-CLIENT_ID=spiffe://jia.app/bench-client SERVER_ID=spiffe://jia.app/bench-server
-for side in client server; do
-  d=$work/$side
-  mkdir -p "$d"
-  gen_key "$d/key.pem"
-  openssl req -new -key "$d/key.pem" -subj "/O=meshd bench" -out "$d/csr.pem" 2>/dev/null
-  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
-    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=URI:spiffe://jia.app/bench-$side" >"$d/ext.cnf"
-  openssl x509 -req -in "$d/csr.pem" -CA "$work/bundle.pem" -CAkey "$work/ca.key" -CAcreateserial \
-    -days 1 -sha256 -extfile "$d/ext.cnf" -out "$d/svid.pem" 2>/dev/null
-  cp "$work/bundle.pem" "$d/bundle.pem" # beside the SVID: meshd watches these folders
-done
-
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 3600s;
-  http2_max_concurrent_streams 1024;
-  server {
-    listen 127.0.0.1:$P_BACKEND http2;
-    location / { return 200 "ok\n"; }
-  }
-}
-EOF
+# Certificates, backend and sidecars as in run.sh.
+# shellcheck source=benches/e2e/lib.sh
+. "$here/lib.sh"
+make_certs client="$CLIENT_ID" server="$SERVER_ID"
+write_nginx_conf "$P_BACKEND"
 start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
-# In a folder of its own: meshd watches the policy's folder, and the logs, h2load outputs
-# (and perf.data) written into $work would wake that watcher during the measurements.
-mkdir -p "$work/policy"
-cat >"$work/policy/policy.yaml" <<EOF
-service: bench-server
-default: deny
-rules:
-  - name: bench-client
-    from: ["$CLIENT_ID"]
-EOF
-cat >"$work/out.yaml" <<EOF
-service: bench-client
-identity:
-  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
-  expect: $CLIENT_ID
-outbound:
-  - name: bench-server
-    listen: 127.0.0.1:$P_MO
-    protocol: http
-    endpoints: ["127.0.0.1:$P_MI"]
-    server_id: $SERVER_ID
-    timeout: 5s
-admin:
-  listen: 127.0.0.1:$P_MO_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
-cat >"$work/in.yaml" <<EOF
-service: bench-server
-identity:
-  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
-  expect: $SERVER_ID
-inbound:
-  listen: 127.0.0.1:$P_MI
-  forward: 127.0.0.1:$P_BACKEND
-  protocol: http
-  policy: $work/policy/policy.yaml
-admin:
-  listen: 127.0.0.1:$P_MI_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
+write_policy
+meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN"
+meshd_inbound_yaml "$work/in.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
 start meshd_in "$MESHD_BIN" run --config "$work/in.yaml"
 start meshd_out "$MESHD_BIN" run --config "$work/out.yaml"
 wait_http "http://127.0.0.1:$P_MI_ADMIN/ready"

@@ -29,42 +29,8 @@ start contact "$work/contact.log" "$MESHD_BIN" demo-app --service contact --list
 for i in $(seq 100); do grep -q "demo-app ready" "$work/contact.log" && break; alive contact; sleep 0.1; done
 grep -q "demo-app ready" "$work/contact.log" || die "demo contact app did not start (log: $work/contact.log)"
 
-cat >"$work/meshd-gout.yaml" <<EOF
-service: bench-client
-identity:
-  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
-  expect: $CLIENT_ID
-outbound:
-  - name: bench-server
-    listen: 127.0.0.1:$P_MGO
-    protocol: grpc
-    endpoints: ["127.0.0.1:$P_MGI"]
-    server_id: $SERVER_ID
-    timeout: 5s
-admin:
-  listen: 127.0.0.1:$P_MGO_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
-cat >"$work/meshd-gin.yaml" <<EOF
-service: bench-server
-identity:
-  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
-  expect: $SERVER_ID
-inbound:
-  listen: 127.0.0.1:$P_MGI
-  forward: 127.0.0.1:$P_APP
-  protocol: grpc
-  policy: $work/policy/policy.yaml
-admin:
-  listen: 127.0.0.1:$P_MGI_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
+meshd_outbound_yaml "$work/meshd-gout.yaml" "$P_MGO" grpc "$P_MGI" "$P_MGO_ADMIN"
+meshd_inbound_yaml "$work/meshd-gin.yaml" "$P_MGI" grpc "$P_APP" "$P_MGI_ADMIN"
 for side in gin gout; do
   "$MESHD_BIN" check --config "$work/meshd-$side.yaml" >"$work/check-$side.log" 2>&1 ||
     { cat "$work/check-$side.log" >&2; die "meshd check rejected meshd-$side.yaml"; }

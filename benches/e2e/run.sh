@@ -152,116 +152,26 @@ wait_http() { # name url [curl args...]   until 200, up to 20 s
 }
 
 # ---------------------------------------------------------------- certificates
-ca=$work/ca
-mkdir -p "$ca"
-CLIENT_ID=spiffe://jia.app/bench-client
-SERVER_ID=spiffe://jia.app/bench-server
-IMPOSTOR_ID=spiffe://jia.app/bench-impostor
-WRONG_SERVER_ID=spiffe://jia.app/not-bench-server
-gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-gen_key "$ca/ca.key"
-openssl req -x509 -new -key "$ca/ca.key" -sha256 -days 2 -subj "/O=meshd bench/CN=bench CA" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-  -addext "subjectAltName=URI:spiffe://jia.app" -out "$ca/bundle.pem" 2>/dev/null
-svid() { # name spiffe-id
-  local d=$work/$1
-  mkdir -p "$d"
-  gen_key "$d/key.pem"
-  openssl req -new -key "$d/key.pem" -subj "/O=meshd bench" -out "$d/csr.pem" 2>/dev/null
-  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
-    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=URI:$2" >"$d/ext.cnf"
-  openssl x509 -req -in "$d/csr.pem" -CA "$ca/bundle.pem" -CAkey "$ca/ca.key" -CAcreateserial \
-    -days 1 -sha256 -extfile "$d/ext.cnf" -out "$d/svid.pem" 2>/dev/null
-  cp "$ca/bundle.pem" "$d/bundle.pem"
-}
-svid client "$CLIENT_ID"
-svid server "$SERVER_ID"
-svid impostor "$IMPOSTOR_ID"
+# shellcheck source=benches/e2e/lib.sh
+. "$here/lib.sh"
+make_certs client="$CLIENT_ID" server="$SERVER_ID" impostor="$IMPOSTOR_ID"
 say "certificates: one EC P-256 CA, SVIDs $CLIENT_ID, $SERVER_ID, $IMPOSTOR_ID"
 
 # ---------------------------------------------------------------- backend: nginx, h2c
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 3600s;
-  http2_max_concurrent_streams 1024;
-  server {
-    # plaintext + http2 on nginx 1.22 = h2c with prior knowledge (1.25.1+ spells it "http2 on;")
-    listen 127.0.0.1:$P_BACKEND http2;
-    location / { return 200 "ok\n"; }
-    # what the sidecar put into x-forwarded-client-cert (checked once, never under load)
-    location = /xfcc { return 200 "\$http_x_forwarded_client_cert"; }
-  }
-}
-EOF
+write_nginx_conf "$P_BACKEND"
 start nginx "$work/nginx.log" "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http nginx "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
 # ---------------------------------------------------------------- meshd pair
-# In a folder of its own: meshd watches the policy's folder, and the logs, h2load outputs
-# (and perf.data) written into $work would wake that watcher during the measurements.
-mkdir -p "$work/policy"
-cat >"$work/policy/policy.yaml" <<EOF
-service: bench-server
-default: deny
-rules:
-  - name: bench-client
-    from: ["$CLIENT_ID"]
-EOF
-cat >"$work/meshd-outbound.yaml" <<EOF
-service: bench-client
-identity:
-  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
-  expect: $CLIENT_ID
-outbound:
-  - name: bench-server
-    listen: 127.0.0.1:$P_MO
-    protocol: http
-    endpoints: ["127.0.0.1:$P_MI"]
-    server_id: $SERVER_ID
-    timeout: 5s
-  - name: wrong-id
+write_policy
+meshd_outbound_yaml "$work/meshd-outbound.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN" "  - name: wrong-id
     listen: 127.0.0.1:$P_MO_WRONG
     protocol: http
-    endpoints: ["127.0.0.1:$P_MI"]
+    endpoints: [\"127.0.0.1:$P_MI\"]
     server_id: $WRONG_SERVER_ID
     timeout: 5s
-admin:
-  listen: 127.0.0.1:$P_MO_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
-cat >"$work/meshd-inbound.yaml" <<EOF
-service: bench-server
-identity:
-  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
-  expect: $SERVER_ID
-inbound:
-  listen: 127.0.0.1:$P_MI
-  forward: 127.0.0.1:$P_BACKEND
-  protocol: http
-  policy: $work/policy/policy.yaml
-admin:
-  listen: 127.0.0.1:$P_MI_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
+"
+meshd_inbound_yaml "$work/meshd-inbound.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
 for side in inbound outbound; do
   "$MESHD_BIN" check --config "$work/meshd-$side.yaml" >"$work/check-$side.log" 2>&1 ||
     { cat "$work/check-$side.log" >&2; die "meshd check rejected meshd-$side.yaml"; }

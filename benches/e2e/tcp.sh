@@ -26,43 +26,10 @@ for i in $(seq 100); do grep -q "Server listening" "$work/iperf.log" && break; a
 grep -q "Server listening" "$work/iperf.log" || die "iperf3 server did not start (log: $work/iperf.log)"
 
 meshd_tcp_inbound() { # name listen admin forward
-  cat >"$work/meshd-$1.yaml" <<EOF
-service: bench-server
-identity:
-  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
-  expect: $SERVER_ID
-inbound:
-  listen: 127.0.0.1:$2
-  forward: 127.0.0.1:$4
-  protocol: tcp
-  policy: $work/policy/policy.yaml
-admin:
-  listen: 127.0.0.1:$3
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
+  meshd_inbound_yaml "$work/meshd-$1.yaml" "$2" tcp "$4" "$3"
   start "$1" "$work/$1.log" "$MESHD_BIN" run --config "$work/meshd-$1.yaml"
 }
-cat >"$work/meshd-tout.yaml" <<EOF
-service: bench-client
-identity:
-  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
-  expect: $CLIENT_ID
-outbound:
-  - name: bench-server
-    listen: 127.0.0.1:$P_MTO
-    protocol: tcp
-    endpoints: ["127.0.0.1:$P_MTI"]
-    server_id: $SERVER_ID
-admin:
-  listen: 127.0.0.1:$P_MTO_ADMIN
-runtime:
-  worker_threads: 1
-log:
-  access: off
-EOF
+meshd_outbound_yaml "$work/meshd-tout.yaml" "$P_MTO" tcp "$P_MTI" "$P_MTO_ADMIN"
 meshd_tcp_inbound meshd_tin "$P_MTI" "$P_MTI_ADMIN" "$P_IPERF"
 meshd_tcp_inbound meshd_hs "$P_MHS" "$P_MHS_ADMIN" "$P_BACKEND"
 start meshd_tout "$work/meshd_tout.log" "$MESHD_BIN" run --config "$work/meshd-tout.yaml"

@@ -148,6 +148,16 @@ pub async fn send(port: u16, n: usize, workers: usize) -> usize {
     failed
 }
 
+/// Contact replicas on `ips`, all on one free port, started in order.
+pub fn start_replicas(dir: &Path, ca: &DevCa, ips: &[&str]) -> (u16, Vec<Replica>) {
+    let port = free_port();
+    let replicas = ips
+        .iter()
+        .map(|ip| Replica::start(dir, ca, addr(ip, port), &[]))
+        .collect();
+    (port, replicas)
+}
+
 pub fn ca(dir: &Path) -> DevCa {
     DevCa::start(dir, &["payment-service", "contact-service"], "1h", &[])
 }

@@ -1,0 +1,120 @@
+# What run.sh (with tcp.sh, grpc.sh) and cost.sh share: the certificates, the nginx
+# backend and the meshd sidecar configs. Sourced; needs $work, and `say`.
+
+CLIENT_ID=spiffe://jia.app/bench-client
+SERVER_ID=spiffe://jia.app/bench-server
+IMPOSTOR_ID=spiffe://jia.app/bench-impostor
+WRONG_SERVER_ID=spiffe://jia.app/not-bench-server
+
+gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+
+# One EC P-256 CA in $work/ca, and one SVID (with the CA as its bundle) per "name=id"
+# argument in $work/<name>/{svid,key,bundle}.pem: each side's files in a folder of its own,
+# since meshd watches them.
+make_certs() { # name=spiffe-id...
+  local ca=$work/ca arg d
+  mkdir -p "$ca"
+  gen_key "$ca/ca.key"
+  openssl req -x509 -new -key "$ca/ca.key" -sha256 -days 2 -subj "/O=meshd bench/CN=bench CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectAltName=URI:spiffe://jia.app" -out "$ca/bundle.pem" 2>/dev/null
+  for arg in "$@"; do
+    d=$work/${arg%%=*}
+    mkdir -p "$d"
+    gen_key "$d/key.pem"
+    openssl req -new -key "$d/key.pem" -subj "/O=meshd bench" -out "$d/csr.pem" 2>/dev/null
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=URI:${arg#*=}" >"$d/ext.cnf"
+    openssl x509 -req -in "$d/csr.pem" -CA "$ca/bundle.pem" -CAkey "$ca/ca.key" -CAcreateserial \
+      -days 1 -sha256 -extfile "$d/ext.cnf" -out "$d/svid.pem" 2>/dev/null
+    cp "$ca/bundle.pem" "$d/bundle.pem"
+  done
+}
+
+# nginx answering h2c at once on $1; /xfcc echoes the x-forwarded-client-cert it got.
+write_nginx_conf() { # port
+  mkdir -p "$work/nginx"
+  cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 3600s;
+  http2_max_concurrent_streams 1024;
+  server {
+    # plaintext + http2 on nginx 1.22 = h2c with prior knowledge (1.25.1+ spells it "http2 on;")
+    listen 127.0.0.1:$1 http2;
+    location / { return 200 "ok\n"; }
+    # what the sidecar put into x-forwarded-client-cert (checked once, never under load)
+    location = /xfcc { return 200 "\$http_x_forwarded_client_cert"; }
+  }
+}
+EOF
+}
+
+# The server's policy, in a folder of its own: meshd watches the policy's folder, and the
+# logs and outputs written into $work would wake that watcher during the measurements.
+write_policy() {
+  mkdir -p "$work/policy"
+  cat >"$work/policy/policy.yaml" <<EOF
+service: bench-server
+default: deny
+rules:
+  - name: bench-client
+    from: ["$CLIENT_ID"]
+EOF
+}
+
+# The client-side sidecar: one outbound `bench-server`, one worker, access log off.
+# Extra outbound entries (YAML, indented by two) may follow as $6.
+meshd_outbound_yaml() { # file listen-port protocol upstream-port admin-port [extra]
+  cat >"$1" <<EOF
+service: bench-client
+identity:
+  files: {cert: $work/client/svid.pem, key: $work/client/key.pem, bundle: $work/client/bundle.pem}
+  expect: $CLIENT_ID
+outbound:
+  - name: bench-server
+    listen: 127.0.0.1:$2
+    protocol: $3
+    endpoints: ["127.0.0.1:$4"]
+    server_id: $SERVER_ID
+    timeout: 5s
+${6:-}admin:
+  listen: 127.0.0.1:$5
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+}
+
+# The server-side sidecar: inbound with the policy, one worker, access log off.
+meshd_inbound_yaml() { # file listen-port protocol forward-port admin-port
+  cat >"$1" <<EOF
+service: bench-server
+identity:
+  files: {cert: $work/server/svid.pem, key: $work/server/key.pem, bundle: $work/server/bundle.pem}
+  expect: $SERVER_ID
+inbound:
+  listen: 127.0.0.1:$2
+  forward: 127.0.0.1:$4
+  protocol: $3
+  policy: $work/policy/policy.yaml
+admin:
+  listen: 127.0.0.1:$5
+runtime:
+  worker_threads: 1
+log:
+  access: off
+EOF
+}
