@@ -6,7 +6,7 @@
 //! usage asked for); a hit whose validity window holds `now` returns the SPIFFE ID
 //! verified before. A miss runs the full verification and records the result with the
 //! chain's validity window (latest not-before, earliest not-after of the leaf and
-//! intermediates). What is skipped is only the re-verification of identical bytes: the
+//! intermediates). All the cache saves is the re-verification of identical bytes: the
 //! handshake signature (proof that the peer holds the leaf's key) is still checked on
 //! every handshake, and a new bundle set builds new verifiers with an empty cache.
 

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::replicas::client;
+
 use common::meshd::{free_port, DemoApp, DevCa, Sidecar};
 use meshd::pb::contact::contact_service_client::ContactServiceClient;
 use meshd::pb::contact::{Contact, GetContactRequest, ListContactsRequest};
@@ -116,17 +118,6 @@ impl Pair {
             inbound,
         }
     }
-}
-
-async fn client(port: u16) -> ContactServiceClient<Channel> {
-    let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to the outbound listener");
-    ContactServiceClient::new(ch)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20)
 }
 
 fn get(id: &str, payload: Vec<u8>) -> GetContactRequest {

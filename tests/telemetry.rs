@@ -4,14 +4,14 @@
 
 mod common;
 
+use common::replicas::client;
+
 use common::meshd::{free_port, http, wait_until, DemoApp, DevCa, Proc, Sidecar};
-use meshd::pb::contact::contact_service_client::ContactServiceClient;
 use meshd::pb::contact::GetContactRequest;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 fn repo(p: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -60,15 +60,6 @@ fn pair(caller: &str, app_args: &[&str], policy: &str, drain: &str) -> Pair {
         outbound,
         inbound,
     }
-}
-
-async fn client(port: u16) -> ContactServiceClient<Channel> {
-    let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    ContactServiceClient::new(ch)
 }
 
 fn req() -> GetContactRequest {

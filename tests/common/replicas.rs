@@ -111,6 +111,7 @@ outbound:
     (Sidecar::start(name, dir, &yaml, admin), outbound)
 }
 
+/// The app's contact client on a sidecar's outbound listener (messages up to 64 MB).
 pub async fn client(port: u16) -> ContactServiceClient<Channel> {
     let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
@@ -118,6 +119,8 @@ pub async fn client(port: u16) -> ContactServiceClient<Channel> {
         .await
         .expect("connect to the outbound listener");
     ContactServiceClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
 }
 
 /// Sends `n` GetContact calls over `workers` concurrent callers; returns how many failed.
