@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::edge::outbound_sidecar;
+
 use common::replicas::client;
 
 use common::meshd::{free_port, DemoApp, DevCa, Sidecar};
@@ -64,24 +66,8 @@ fn client_sidecar(
     server_id: &str,
     protocol: &str,
 ) -> Sidecar {
-    let admin = free_port();
-    let yaml = format!(
-        r#"service: {who}
-identity:
-  workload_api: {sock}
-outbound:
-  - name: contact-service
-    listen: 127.0.0.1:{outbound}
-    protocol: {protocol}
-    endpoints: ["127.0.0.1:{inbound}"]
-    server_id: {server_id}
-    timeout: 5s
-admin:
-  listen: 127.0.0.1:{admin}
-"#,
-        sock = ca.socket(who),
-    );
-    Sidecar::start(&format!("{who}-sidecar"), dir, &yaml, admin)
+    let socket = ca.socket(who);
+    outbound_sidecar(dir, &socket, who, outbound, inbound, server_id, protocol)
 }
 
 impl Pair {

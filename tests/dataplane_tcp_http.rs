@@ -68,6 +68,7 @@ impl Pair {
             "payment-service",
             outbound,
             inbound,
+            "spiffe://jia.app/contact-service",
             protocol,
         );
         contact.wait_ready();
@@ -91,6 +92,7 @@ impl Pair {
             who,
             port,
             self.inbound,
+            "spiffe://jia.app/contact-service",
             protocol,
         );
         s.wait_ready();

@@ -73,6 +73,7 @@ impl Mesh {
             "payment-service",
             outbound,
             inbound,
+            "spiffe://jia.app/contact-service",
             "grpc",
         );
         contact.wait_ready();

@@ -108,13 +108,14 @@ log:
 }
 
 /// A sidecar of `who` with one outbound listener on `outbound` to the contact sidecar
-/// at `inbound`.
+/// at `inbound`, which must present `server_id`.
 pub fn outbound_sidecar(
     dir: &Path,
     socket: &str,
     who: &str,
     outbound: u16,
     inbound: u16,
+    server_id: &str,
     protocol: &str,
 ) -> Sidecar {
     let admin = free_port();
@@ -127,7 +128,7 @@ outbound:
     listen: 127.0.0.1:{outbound}
     protocol: {protocol}
     endpoints: ["127.0.0.1:{inbound}"]
-    server_id: spiffe://jia.app/contact-service
+    server_id: {server_id}
     timeout: 5s
 admin:
   listen: 127.0.0.1:{admin}
