@@ -1,7 +1,8 @@
 //! The end-to-end benchmark harness in smoke mode, so it cannot rot between benchmark runs.
 //!
-//! `benches/e2e/run.sh --smoke` starts nginx, a meshd pair and an Envoy pair on loopback
-//! (installing nginx, h2load and Envoy when missing), checks a 200 through every chain and
+//! `benches/e2e/run.sh --smoke` starts nginx, a pair of plain socat relays (the floor), a
+//! meshd pair and an Envoy pair on loopback (installing nginx, h2load, socat and Envoy when
+//! missing), checks a 200 through every chain and
 //! that the SPIFFE checks refuse a wrong ID both ways, then runs tiny loads through the
 //! whole measurement and table code. No timing is judged here. A missing tool that cannot
 //! be installed fails the test with the script's message naming it; it never passes without running.
@@ -35,7 +36,8 @@ fn e2e_harness_smoke() {
         "check: meshd chain: 200 (ok)",
         "check: envoy chain: 200 (ok)",
         "check: direct -> nginx: 200 (ok)",
-        "chains returned 200: direct, meshd, envoy",
+        "check: relay chain: 200 (ok)",
+        "chains returned 200: direct, relay, meshd, envoy",
         "because meshd_tls_handshake_failures_total{direction=\"outbound\",reason=\"wrong_server_id\"}",
         "because cluster.wrong-id.ssl.fail_verify_san",
         "reason: denied by default deny (ok)",

@@ -47,6 +47,7 @@ need_deb promtool prometheus
 need_deb h2load nghttp2-client
 need_deb dnsmasq dnsmasq-base
 need_deb iperf3 iperf3
+need_deb socat socat
 
 # 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
 MESHD_SPIRE_BIN=$(spire/install.sh)

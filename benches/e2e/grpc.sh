@@ -53,6 +53,7 @@ done
 say "up (grpc): contact :$P_APP; meshd :$P_MGO -> :$P_MGI; envoy :$P_EGO -> :$P_EGI"
 
 declare -A grpc_port=([direct]=$P_APP [meshd]=$P_MGO [envoy]=$P_EGO)
+grpc_order=(direct meshd envoy)
 ghz_run() { # scenario rep
   local s=$1 rep=$2 f
   alive contact
@@ -78,5 +79,5 @@ print(next(d["latency"] for d in r["latencyDistribution"] if d["percentage"] == 
 }
 
 for rep in $(seq "$reps"); do
-  for i in 0 1 2; do ghz_run "${order[$(((i + rep - 1) % 3))]}" "$rep"; done
+  for i in 0 1 2; do ghz_run "${grpc_order[$(((i + rep - 1) % 3))]}" "$rep"; done
 done

@@ -3,8 +3,10 @@
 #
 #   benches/e2e/run.sh [--smoke] [--reps N] [--out FILE] [--keep]
 #
-# Scenarios (one run sets up all three and alternates them):
+# Scenarios (one run sets up all four and alternates them):
 #   direct  h2load -> nginx (h2c)
+#   relay   h2load -> socat -> socat -> nginx: two plain TCP relays that do nothing, the
+#           floor any pair of proxies pays on this machine (no TLS, no HTTP); no CPU rows
 #   meshd   h2load -> meshd outbound (h2c in, mTLS h2 out, server ID checked)
 #                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
 #   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
@@ -76,6 +78,7 @@ need_deb openssl openssl
 need_deb python3 python3
 need_deb h2load nghttp2-client
 need_deb nginx nginx
+need_deb socat socat
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$nginx_bin" ] || die "nginx is missing (apt-get install nginx)"
 command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)"
@@ -124,10 +127,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Free loopback ports: bound together by one process, then released.
-read -r P_BACKEND P_MO P_MO_WRONG P_MO_ADMIN P_MI P_MI_ADMIN P_EO P_EO_WRONG P_EO_ADMIN P_EI P_EI_ADMIN < <(
+read -r P_BACKEND P_MO P_MO_WRONG P_MO_ADMIN P_MI P_MI_ADMIN P_EO P_EO_WRONG P_EO_ADMIN P_EI P_EI_ADMIN \
+  P_RO P_RI < <(
   python3 -c '
 import socket
-ss = [socket.socket() for _ in range(11)]
+ss = [socket.socket() for _ in range(13)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))')
 
@@ -161,6 +165,13 @@ say "certificates: one EC P-256 CA, SVIDs $CLIENT_ID, $SERVER_ID, $IMPOSTOR_ID"
 write_nginx_conf "$P_BACKEND"
 start nginx "$work/nginx.log" "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http nginx "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
+
+# ---------------------------------------------------------------- relay pair: the floor
+relay() { # name listen-port target-port: a plain TCP relay (256 KiB copies), one child per connection
+  start "$1" "$work/$1.log" socat -b 262144 "TCP-LISTEN:$2,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:$3,nodelay"
+}
+relay relay_in "$P_RI" "$P_BACKEND"
+relay relay_out "$P_RO" "$P_RI"
 
 # ---------------------------------------------------------------- meshd pair
 write_policy
@@ -200,7 +211,9 @@ start envoy_in "$work/envoy_in.log" "$ENVOY_BIN" -c "$work/envoy-inbound.yaml" "
 start envoy_out "$work/envoy_out.log" "$ENVOY_BIN" -c "$work/envoy-outbound.yaml" "${envoy_args[@]}"
 wait_http envoy_in "http://127.0.0.1:$P_EI_ADMIN/ready"
 wait_http envoy_out "http://127.0.0.1:$P_EO_ADMIN/ready"
-say "up: nginx :$P_BACKEND; meshd out :$P_MO -> in :$P_MI; envoy out :$P_EO -> in :$P_EI"
+wait_http relay_in "http://127.0.0.1:$P_RI/" --http2-prior-knowledge
+wait_http relay_out "http://127.0.0.1:$P_RO/" --http2-prior-knowledge
+say "up: nginx :$P_BACKEND; relays :$P_RO -> :$P_RI; meshd out :$P_MO -> in :$P_MI; envoy out :$P_EO -> in :$P_EI"
 
 # ---------------------------------------------------------------- correctness
 code() { curl -s -o /dev/null -w '%{http_code}' -m 10 "$@" || true; }
@@ -223,6 +236,7 @@ why() {
   say "check: $1: because $line"
 }
 check "direct -> nginx" 200 "$(h2c "$P_BACKEND")"
+check "relay chain" 200 "$(h2c "$P_RO")"
 check "meshd chain" 200 "$(h2c "$P_MO")"
 check "envoy chain" 200 "$(h2c "$P_EO")"
 check "meshd chain XFCC at the backend" "By=$SERVER_ID;URI=$CLIENT_ID" \
@@ -244,7 +258,7 @@ check "meshd inbound, client $IMPOSTOR_ID, reason" "denied by default deny" \
 refused "envoy inbound, client $IMPOSTOR_ID" "$(mtls "$P_EI" impostor)"
 why "envoy inbound, client $IMPOSTOR_ID" "http://127.0.0.1:$P_EI_ADMIN/stats?filter=ssl" \
   '^listener\..*\.ssl\.fail_verify_san:'
-say "chains returned 200: direct, meshd, envoy"
+say "chains returned 200: direct, relay, meshd, envoy"
 say "wrong-ID checks refused: meshd and envoy, outbound (server ID) and inbound (client ID)"
 
 # ---------------------------------------------------------------- measurement helpers
@@ -255,7 +269,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock tick
 rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hwm_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
-declare -A port=([direct]=$P_BACKEND [meshd]=$P_MO [envoy]=$P_EO)
+declare -A port=([direct]=$P_BACKEND [relay]=$P_RO [meshd]=$P_MO [envoy]=$P_EO)
 sidecars() { # scenario -> "out in" pid variable names
   case $1 in meshd) echo "meshd_out meshd_in" ;; envoy) echo "envoy_out envoy_in" ;; *) echo "" ;; esac
 }
@@ -311,9 +325,9 @@ run_scenario() { # scenario rep
   say "rep $rep $s: $(awk '/^finished in/ {print $4, "req/s"}' "$work/sat-$s-$rep.txt"), latency p50 $(sed -n "$(((n + 1) / 2))p" "$f.sorted") µs"
 }
 
-order=(direct meshd envoy)
+order=(direct relay meshd envoy)
 for rep in $(seq "$reps"); do
-  for i in 0 1 2; do run_scenario "${order[$(((i + rep - 1) % 3))]}" "$rep"; done
+  for i in 0 1 2 3; do run_scenario "${order[$(((i + rep - 1) % 4))]}" "$rep"; done
 done
 
 # ---------------------------------------------------------------- tcp mode and handshakes
@@ -341,12 +355,12 @@ machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuin
   echo "- meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?') (worker_threads 1), envoy $envoy_version (--concurrency 1), nginx $("$nginx_bin" -v 2>&1 | cut -d/ -f2), $(h2load --version | head -1)"
   echo "- saturated: h2load -n $sat_n -c $sat_c -m $sat_m; unloaded: h2load -n $lat_n -c 1 -m 1"
   echo
-  echo "| metric | direct | meshd | envoy | meshd/envoy | meshd/direct | target |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| metric | direct | relay | meshd | envoy | meshd/envoy | meshd/direct | relay/envoy | target |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   row() { # label metric format target-text
-    local d m e
-    d=$(med direct "$2") m=$(med meshd "$2") e=$(med envoy "$2")
-    echo "| $1 | $(fmt "$d" "$3") | $(fmt "$m" "$3") | $(fmt "$e" "$3") | $(ratio "$m" "$e") | $(ratio "$m" "$d") | $4 |"
+    local d r m e
+    d=$(med direct "$2") r=$(med relay "$2") m=$(med meshd "$2") e=$(med envoy "$2")
+    echo "| $1 | $(fmt "$d" "$3") | $(fmt "$r" "$3") | $(fmt "$m" "$3") | $(fmt "$e" "$3") | $(ratio "$m" "$e") | $(ratio "$m" "$d") | $(ratio "$r" "$e") | $4 |"
   }
   row "throughput, req/s" rps "%.0f" "meshd/envoy ≥ 6"
   row "unloaded p50, µs" p50_us "%.0f" "meshd/envoy ≤ 0.33"
@@ -404,6 +418,14 @@ verdict() { # label value op limit
     for side in out in; do
       verdict "RSS idle, meshd ${side}bound (MB)" "$(med meshd "rss_idle_$side")" "<=" 15
       verdict "RSS after load, meshd ${side}bound (MB)" "$(med meshd "rss_after_$side")" "<=" 20
+    done
+    echo
+    echo "The floor: would two plain relays that do nothing (socat, no TLS, no HTTP) meet the target?"
+    verdict "throughput relay/envoy" "$(ratio "$(med relay rps)" "$(med envoy rps)")" ">=" 6
+    verdict "unloaded p50 relay/envoy" "$(ratio "$(med relay p50_us)" "$(med envoy p50_us)")" "<=" 0.33
+    verdict "unloaded p99 relay/envoy" "$(ratio "$(med relay p99_us)" "$(med envoy p99_us)")" "<=" 0.2
+    for n in 1 4; do
+      verdict "TCP bulk -P $n relay/envoy" "$(ratio "$(med relay "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
     done
   fi
 } >>"$table"

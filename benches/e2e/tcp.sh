@@ -3,6 +3,7 @@
 #
 # Scenarios, alternated per repetition like the HTTP ones:
 #   direct  iperf3 -c -> iperf3 -s
+#   relay   iperf3 -c -> socat -> socat -> iperf3 -s (plain relays: the floor, no CPU rows)
 #   meshd   iperf3 -c -> meshd outbound (protocol: tcp) -> meshd inbound (tcp, policy) -> iperf3 -s
 #   envoy   the same with Envoy tcp_proxy (URI SAN checks both ways, network RBAC on the inbound)
 # Figures: Gbit/s received with one stream and with -P 4 (iperf3 -J, end.sum_received), and
@@ -13,10 +14,10 @@
 
 need_deb iperf3 iperf3
 read -r P_IPERF P_MTO P_MTO_ADMIN P_MTI P_MTI_ADMIN P_MHS P_MHS_ADMIN \
-  P_ETO P_ETO_ADMIN P_ETI P_ETI_ADMIN P_EHS P_EHS_ADMIN < <(
+  P_ETO P_ETO_ADMIN P_ETI P_ETI_ADMIN P_EHS P_EHS_ADMIN P_RTO P_RTI < <(
   python3 -c '
 import socket
-ss = [socket.socket() for _ in range(13)]
+ss = [socket.socket() for _ in range(15)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))')
 if [ "$smoke" = 1 ]; then tcp_secs=1 hs_secs=1; else tcp_secs=5 hs_secs=5; fi
@@ -24,6 +25,9 @@ if [ "$smoke" = 1 ]; then tcp_secs=1 hs_secs=1; else tcp_secs=5 hs_secs=5; fi
 start iperf "$work/iperf.log" iperf3 -s -p "$P_IPERF" --bind 127.0.0.1 --forceflush
 for i in $(seq 100); do grep -q "Server listening" "$work/iperf.log" && break; alive iperf; sleep 0.1; done
 grep -q "Server listening" "$work/iperf.log" || die "iperf3 server did not start (log: $work/iperf.log)"
+
+relay relay_tin "$P_RTI" "$P_IPERF"
+relay relay_tout "$P_RTO" "$P_RTI"
 
 meshd_tcp_inbound() { # name listen admin forward
   meshd_inbound_yaml "$work/meshd-$1.yaml" "$2" tcp "$4" "$3"
@@ -53,7 +57,7 @@ for name in meshd_tin:$P_MTI_ADMIN meshd_hs:$P_MHS_ADMIN meshd_tout:$P_MTO_ADMIN
 done
 say "up (tcp): iperf3 :$P_IPERF; meshd :$P_MTO -> :$P_MTI; envoy :$P_ETO -> :$P_ETI; handshake inbounds meshd :$P_MHS, envoy :$P_EHS"
 
-declare -A tcp_port=([direct]=$P_IPERF [meshd]=$P_MTO [envoy]=$P_ETO)
+declare -A tcp_port=([direct]=$P_IPERF [relay]=$P_RTO [meshd]=$P_MTO [envoy]=$P_ETO)
 tcp_sidecars() { # scenario -> pid variable names (out, in)
   case $1 in meshd) echo "meshd_tout meshd_tin" ;; envoy) echo "envoy_tout envoy_tin" ;; *) echo "" ;; esac
 }
@@ -109,9 +113,9 @@ hs_run() { # scenario rep   (meshd or envoy)
 }
 
 for rep in $(seq "$reps"); do
-  for i in 0 1 2; do
-    s=${order[$(((i + rep - 1) % 3))]}
+  for i in 0 1 2 3; do
+    s=${order[$(((i + rep - 1) % 4))]}
     tcp_run "$s" "$rep"
-    [ "$s" = direct ] || hs_run "$s" "$rep"
+    case $s in meshd | envoy) hs_run "$s" "$rep" ;; esac
   done
 done
