@@ -1,19 +1,21 @@
-//! Costs on the connection path: SPIFFE ID parsing, X.509-SVID leaf checks, and a whole
-//! in-memory mutual-TLS handshake between `tls::server_config` and `tls::client_config`
+//! Costs on the connection path: SPIFFE ID parsing, X.509-SVID leaf checks, the inbound's
+//! check of a client's SVID chain (first sight, and found again in the verified-chain
+//! cache), and a whole in-memory mutual-TLS handshake between `tls::server_config` and `tls::client_config`
 //! (rustls `ServerConnection`/`ClientConnection` fed from each other's buffers, no sockets).
 //!
 //! Before the criterion runs, `main` checks that the setup measures what it claims: the
 //! handshake ends with the client's SPIFFE ID seen by the server, and a client that expects
-//! another server ID is refused (so the verifier is really on the measured path).
+//! another server ID is refused (so the verifier is really on the measured path), and the
+//! chain check accepts the client's SVID but refuses the same SVID against another CA.
 
 use criterion::{criterion_group, BatchSize, Criterion};
 use meshd::dev_ca::DevCa;
 use meshd::identity::{parse_spiffe_id, parse_svid_leaf, BundleSet, IdentitySnapshot, Svid};
 use meshd::proxy::spiffe_server_name;
-use meshd::tls::{client_config, peer_id, provider, server_config};
+use meshd::tls::{client_config, client_verifier, peer_id, provider, server_config};
 use rustls::client::Resumption;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +92,10 @@ struct Setup {
     /// The same without resumption: every handshake is a full one with both chains verified.
     client_full: Arc<ClientConfig>,
     leaf: Vec<u8>,
+    /// The client's SVID chain as it arrives at the inbound (leaf, then intermediates).
+    client_chain: Vec<CertificateDer<'static>>,
+    /// What the inbound trusts.
+    server_bundles: BundleSet,
 }
 
 fn setup() -> Setup {
@@ -107,6 +113,8 @@ fn setup() -> Setup {
         client: Arc::new(client_cfg),
         client_full: Arc::new(full),
         leaf,
+        client_chain: client_snap.svid.certified_key.cert.clone(),
+        server_bundles: server_snap.bundles.clone(),
     }
 }
 
@@ -125,6 +133,18 @@ fn prove_setup(s: &Setup) {
     let err = handshake(&wrong, &server).expect_err("a wrong server ID must be refused");
     assert!(err.starts_with("client:"), "refused by the client: {err}");
     println!("setup: handshake authenticates {CLIENT}; a wrong server ID is refused ({err})");
+
+    let (leaf, intermediates) = s.client_chain.split_first().expect("a chain");
+    client_verifier(&s.server_bundles)
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .expect("the inbound accepts the client's SVID chain");
+    let stranger = snapshot(&DevCa::new("jia.app").expect("dev CA"), SERVER);
+    let err = client_verifier(&stranger.bundles)
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .expect_err("a chain to another CA must be refused");
+    println!(
+        "setup: the chain check accepts {CLIENT}'s SVID and refuses it against another CA ({err})"
+    );
 }
 
 fn bench(c: &mut Criterion) {
@@ -149,6 +169,26 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("svid");
     g.bench_function("parse_svid_leaf", |b| {
         b.iter(|| parse_svid_leaf(black_box(&s.leaf)).expect("leaf"))
+    });
+    let (leaf, intermediates) = s.client_chain.split_first().expect("a chain");
+    // A new verifier per iteration (made outside the timing): the chain is seen first.
+    g.bench_function("verify_chain_first_sight", |b| {
+        b.iter_batched(
+            || client_verifier(&s.server_bundles),
+            |v| {
+                v.verify_client_cert(leaf, intermediates, UnixTime::now())
+                    .expect("chain")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // One verifier: after the first call the chain is found in the verified-chain cache.
+    g.bench_function("verify_chain_cached", |b| {
+        let v = client_verifier(&s.server_bundles);
+        b.iter(|| {
+            v.verify_client_cert(black_box(leaf), intermediates, UnixTime::now())
+                .expect("chain")
+        })
     });
     g.finish();
 

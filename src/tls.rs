@@ -312,15 +312,20 @@ impl ResolvesClientCert for OwnSvid {
     }
 }
 
+/// The inbound's client-certificate check for a bundle set: a chain to the bundle of the
+/// client's own trust domain and an X.509-SVID leaf. `server_config` installs it; it is
+/// public so the chain check can be measured alone (`benches/identity_tls.rs`).
+pub fn client_verifier(bundles: &BundleSet) -> Arc<dyn ClientCertVerifier> {
+    Arc::new(SpiffeClientVerifier {
+        chain: ChainCheck::new(bundles, provider()),
+    })
+}
+
 /// Builds the inbound server config for a snapshot.
 pub fn server_config(snapshot: &IdentitySnapshot, alpn_h2: bool) -> Result<ServerConfig, Error> {
-    let provider = provider();
-    let verifier = SpiffeClientVerifier {
-        chain: ChainCheck::new(&snapshot.bundles, provider.clone()),
-    };
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(client_verifier(&snapshot.bundles))
         .with_cert_resolver(Arc::new(OwnSvid(snapshot.svid.certified_key.clone())));
     // Our order, not the client's: AES-128-GCM with SHA-256 first, as BoringSSL does.
     // OpenSSL clients list AES-256/SHA-384 first, whose key schedule costs a full
