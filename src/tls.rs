@@ -328,8 +328,8 @@ pub fn server_config(snapshot: &IdentitySnapshot, alpn_h2: bool) -> Result<Serve
         .with_client_cert_verifier(client_verifier(&snapshot.bundles))
         .with_cert_resolver(Arc::new(OwnSvid(snapshot.svid.certified_key.clone())));
     // Our order, not the client's: AES-128-GCM with SHA-256 first, as BoringSSL does.
-    // OpenSSL clients list AES-256/SHA-384 first, whose key schedule costs a full
-    // handshake several times the SHA-256 one here (SHA-NI) and whose records cost more.
+    // OpenSSL clients list AES-256/SHA-384 first; its SHA-384 key schedule was 7.7 % of
+    // a full handshake here (SHA-256 has SHA-NI), and AES-256 records cost more.
     cfg.ignore_client_order = true;
     if alpn_h2 {
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
