@@ -6,7 +6,8 @@
 # Scenarios (one run sets up all four and alternates them):
 #   direct  h2load -> nginx (h2c)
 #   relay   h2load -> socat -> socat -> nginx: two plain TCP relays that do nothing, the
-#           floor any pair of proxies pays on this machine (no TLS, no HTTP); no CPU rows
+#           floor any pair of proxies pays on this machine (no TLS, no HTTP); their CPU is
+#           their per-connection children's, counted once they have exited
 #   meshd   h2load -> meshd outbound (h2c in, mTLS h2 out, server ID checked)
 #                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
 #   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
@@ -265,13 +266,22 @@ say "wrong-ID checks refused: meshd and envoy, outbound (server ID) and inbound 
 results=$work/results.tsv # scenario rep metric value
 : >"$results"
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
+# utime + stime, plus that of exited children (only the relays have any), clock ticks
+ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }
+settled() { # pid: until no child of it is left (a relay's children exit after their connection)
+  local i
+  for i in $(seq 100); do pgrep -P "$1" >/dev/null || return 0; sleep 0.1; done
+  die "process $1 still has children 10 s after its connections ended"
+}
 rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hwm_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
 declare -A port=([direct]=$P_BACKEND [relay]=$P_RO [meshd]=$P_MO [envoy]=$P_EO)
 sidecars() { # scenario -> "out in" pid variable names
-  case $1 in meshd) echo "meshd_out meshd_in" ;; envoy) echo "envoy_out envoy_in" ;; *) echo "" ;; esac
+  case $1 in
+    meshd) echo "meshd_out meshd_in" ;; envoy) echo "envoy_out envoy_in" ;; relay) echo "relay_out relay_in" ;;
+    *) echo "" ;;
+  esac
 }
 h2load_ok() { # file requests: every request a 2xx, none failed
   local f=$1 n=$2
@@ -297,7 +307,7 @@ run_scenario() { # scenario rep
     die "h2load warm-up on $s failed"
   h2load_ok "$work/warm-$s-$rep.txt" "$warm_n"
   i=0
-  for v in $names; do alive "$v"; v="pid_$v"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
+  for v in $names; do alive "$v"; v="pid_$v"; settled "${!v}"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
   f=$work/sat-$s-$rep.txt
   h2load -n "$sat_n" -c "$sat_c" -m "$sat_m" "http://127.0.0.1:$p/" >"$f" 2>&1 || die "h2load saturated on $s failed"
   h2load_ok "$f" "$sat_n"
@@ -306,10 +316,13 @@ run_scenario() { # scenario rep
   for v in $names; do
     side=${v##*_}
     v="pid_$v"
+    settled "${!v}"
     record "$s" "$rep" "cpu10k_$side" "$(awk -v d=$(($(ticks "${!v}") - t0[i])) -v hz="$hz" -v n="$sat_n" \
       'BEGIN {printf "%.4f", d / hz / n * 10000}')"
-    record "$s" "$rep" "rss_after_$side" "$(rss_mb "${!v}")"
-    record "$s" "$rep" "hwm_$side" "$(hwm_mb "${!v}")"
+    if [ "$s" != relay ]; then # a relay's memory is in its exited children
+      record "$s" "$rep" "rss_after_$side" "$(rss_mb "${!v}")"
+      record "$s" "$rep" "hwm_$side" "$(hwm_mb "${!v}")"
+    fi
     i=$((i + 1))
   done
   f=$work/lat-$s-$rep.log
@@ -422,10 +435,16 @@ verdict() { # label value op limit
     echo
     echo "The floor: would two plain relays that do nothing (socat, no TLS, no HTTP) meet the target?"
     verdict "throughput relay/envoy" "$(ratio "$(med relay rps)" "$(med envoy rps)")" ">=" 6
+    verdict "CPU/10k outbound relay/envoy" "$(ratio "$(med relay cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
+    verdict "CPU/10k inbound relay/envoy" "$(ratio "$(med relay cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
     verdict "unloaded p50 relay/envoy" "$(ratio "$(med relay p50_us)" "$(med envoy p50_us)")" "<=" 0.33
     verdict "unloaded p99 relay/envoy" "$(ratio "$(med relay p99_us)" "$(med envoy p99_us)")" "<=" 0.2
     for n in 1 4; do
       verdict "TCP bulk -P $n relay/envoy" "$(ratio "$(med relay "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
+      for side in out in; do
+        verdict "TCP CPU/GB -P $n ${side}bound relay/envoy" \
+          "$(ratio "$(med relay "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
+      done
     done
   fi
 } >>"$table"

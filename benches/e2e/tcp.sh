@@ -3,7 +3,7 @@
 #
 # Scenarios, alternated per repetition like the HTTP ones:
 #   direct  iperf3 -c -> iperf3 -s
-#   relay   iperf3 -c -> socat -> socat -> iperf3 -s (plain relays: the floor, no CPU rows)
+#   relay   iperf3 -c -> socat -> socat -> iperf3 -s (plain relays: the floor; CPU of their children)
 #   meshd   iperf3 -c -> meshd outbound (protocol: tcp) -> meshd inbound (tcp, policy) -> iperf3 -s
 #   envoy   the same with Envoy tcp_proxy (URI SAN checks both ways, network RBAC on the inbound)
 # Figures: Gbit/s received with one stream and with -P 4 (iperf3 -J, end.sum_received), and
@@ -59,7 +59,10 @@ say "up (tcp): iperf3 :$P_IPERF; meshd :$P_MTO -> :$P_MTI; envoy :$P_ETO -> :$P_
 
 declare -A tcp_port=([direct]=$P_IPERF [relay]=$P_RTO [meshd]=$P_MTO [envoy]=$P_ETO)
 tcp_sidecars() { # scenario -> pid variable names (out, in)
-  case $1 in meshd) echo "meshd_tout meshd_tin" ;; envoy) echo "envoy_tout envoy_tin" ;; *) echo "" ;; esac
+  case $1 in
+    meshd) echo "meshd_tout meshd_tin" ;; envoy) echo "envoy_tout envoy_tin" ;; relay) echo "relay_tout relay_tin" ;;
+    *) echo "" ;;
+  esac
 }
 iperf_json() { # file field -> end.sum_received.<field>
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"][sys.argv[2]])' "$1" "$2"
@@ -71,7 +74,7 @@ tcp_run() { # scenario rep
   for streams in 1 4; do
     alive iperf
     i=0
-    for v in $names; do alive "$v"; v="pid_$v"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
+    for v in $names; do alive "$v"; v="pid_$v"; settled "${!v}"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
     f=$work/tcp-$s-P$streams-$rep.json
     iperf3 -c 127.0.0.1 -p "${tcp_port[$s]}" -t "$tcp_secs" -P "$streams" -J >"$f" 2>"$f.err" ||
       { cat "$f" "$f.err" >&2; die "iperf3 through $s (-P $streams) failed"; }
@@ -82,6 +85,7 @@ tcp_run() { # scenario rep
     for v in $names; do
       side=${v##*_t}
       v="pid_$v"
+      settled "${!v}"
       record "$s" "$rep" "tcp${streams}_cpugb_$side" "$(awk -v d=$(($(ticks "${!v}") - t0[i])) -v hz="$hz" -v b="$bytes" \
         'BEGIN {printf "%.4f", d / hz / (b / 1e9)}')"
       i=$((i + 1))
