@@ -1,5 +1,5 @@
 # gRPC unary latency at a fixed rate with ghz: sourced by run.sh after the HTTP scenarios
-# (it uses run.sh's helpers: start, alive, wait_http, fill, record, die, say).
+# (it uses run.sh's helpers: start, meshd_start, alive, wait_http, fill, record, die, say).
 #
 # Backend: the demo contact service (`meshd demo-app --service contact`, tonic). Chains:
 #   direct  ghz -> contact
@@ -31,12 +31,8 @@ grep -q "demo-app ready" "$work/contact.log" || die "demo contact app did not st
 
 meshd_outbound_yaml "$work/meshd-gout.yaml" "$P_MGO" grpc "$P_MGI" "$P_MGO_ADMIN"
 meshd_inbound_yaml "$work/meshd-gin.yaml" "$P_MGI" grpc "$P_APP" "$P_MGI_ADMIN"
-for side in gin gout; do
-  "$MESHD_BIN" check --config "$work/meshd-$side.yaml" >"$work/check-$side.log" 2>&1 ||
-    { cat "$work/check-$side.log" >&2; die "meshd check rejected meshd-$side.yaml"; }
-done
-start meshd_gin "$work/meshd_gin.log" "$MESHD_BIN" run --config "$work/meshd-gin.yaml"
-start meshd_gout "$work/meshd_gout.log" "$MESHD_BIN" run --config "$work/meshd-gout.yaml"
+meshd_start meshd_gin "$work/meshd-gin.yaml"
+meshd_start meshd_gout "$work/meshd-gout.yaml"
 
 fill "$here/envoy-inbound.yaml" "$work/envoy-gin.yaml" ADMIN_PORT="$P_EGI_ADMIN" \
   LISTEN_PORT="$P_EGI" BACKEND_PORT="$P_APP" CLIENT_ID="$CLIENT_ID" \

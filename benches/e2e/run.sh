@@ -142,6 +142,11 @@ start() { # name logfile command...   (records the PID; the command must exec, n
   pids+=("$!")
   eval "pid_$name=$!"
 }
+meshd_start() { # name config: `meshd check` must accept the config, then `meshd run` it
+  "$MESHD_BIN" check --config "$2" >"$work/check-$1.log" 2>&1 ||
+    { cat "$work/check-$1.log" >&2; die "meshd check rejected $2"; }
+  start "$1" "$work/$1.log" "$MESHD_BIN" run --config "$2"
+}
 alive() { # name
   local v="pid_$1"
   kill -0 "${!v}" 2>/dev/null || { tail -20 "$work/$1.log" >&2 || true; die "$1 exited (log: $work/$1.log)"; }
@@ -184,12 +189,8 @@ meshd_outbound_yaml "$work/meshd-outbound.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMI
     timeout: 5s
 "
 meshd_inbound_yaml "$work/meshd-inbound.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
-for side in inbound outbound; do
-  "$MESHD_BIN" check --config "$work/meshd-$side.yaml" >"$work/check-$side.log" 2>&1 ||
-    { cat "$work/check-$side.log" >&2; die "meshd check rejected meshd-$side.yaml"; }
-done
-start meshd_in "$work/meshd_in.log" "$MESHD_BIN" run --config "$work/meshd-inbound.yaml"
-start meshd_out "$work/meshd_out.log" "$MESHD_BIN" run --config "$work/meshd-outbound.yaml"
+meshd_start meshd_in "$work/meshd-inbound.yaml"
+meshd_start meshd_out "$work/meshd-outbound.yaml"
 wait_http meshd_in "http://127.0.0.1:$P_MI_ADMIN/ready"
 wait_http meshd_out "http://127.0.0.1:$P_MO_ADMIN/ready"
 
@@ -409,24 +410,28 @@ verdict() { # label value op limit
     echo "- NOT MET: $1 ($v, want $3 $4)"
   fi
 }
+ratio_verdicts() { # scenario: the targets stated as ratios to Envoy, for meshd or the relay floor
+  local s=$1 n side
+  verdict "throughput $s/envoy" "$(ratio "$(med "$s" rps)" "$(med envoy rps)")" ">=" 6
+  verdict "CPU/10k outbound $s/envoy" "$(ratio "$(med "$s" cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
+  verdict "CPU/10k inbound $s/envoy" "$(ratio "$(med "$s" cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
+  verdict "unloaded p50 $s/envoy" "$(ratio "$(med "$s" p50_us)" "$(med envoy p50_us)")" "<=" 0.33
+  verdict "unloaded p99 $s/envoy" "$(ratio "$(med "$s" p99_us)" "$(med envoy p99_us)")" "<=" 0.2
+  for n in 1 4; do
+    verdict "TCP bulk -P $n $s/envoy" "$(ratio "$(med "$s" "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
+    for side in out in; do
+      verdict "TCP CPU/GB -P $n ${side}bound $s/envoy" \
+        "$(ratio "$(med "$s" "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
+    done
+  done
+}
 {
   echo
   if [ "$smoke" = 1 ]; then
     echo "Targets: not judged in smoke mode."
   else
     echo "Targets:"
-    verdict "throughput meshd/envoy" "$(ratio "$(med meshd rps)" "$(med envoy rps)")" ">=" 6
-    verdict "CPU/10k outbound meshd/envoy" "$(ratio "$(med meshd cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
-    verdict "CPU/10k inbound meshd/envoy" "$(ratio "$(med meshd cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
-    verdict "unloaded p50 meshd/envoy" "$(ratio "$(med meshd p50_us)" "$(med envoy p50_us)")" "<=" 0.33
-    verdict "unloaded p99 meshd/envoy" "$(ratio "$(med meshd p99_us)" "$(med envoy p99_us)")" "<=" 0.2
-    for n in 1 4; do
-      verdict "TCP bulk -P $n meshd/envoy" "$(ratio "$(med meshd "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
-      for side in out in; do
-        verdict "TCP CPU/GB -P $n ${side}bound meshd/envoy" \
-          "$(ratio "$(med meshd "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
-      done
-    done
+    ratio_verdicts meshd
     verdict "CPU per new handshake meshd/envoy" "$(ratio "$(med meshd hs_new_cpums)" "$(med envoy hs_new_cpums)")" "<=" 0.5
     for side in out in; do
       verdict "RSS idle, meshd ${side}bound (MB)" "$(med meshd "rss_idle_$side")" "<=" 15
@@ -434,18 +439,7 @@ verdict() { # label value op limit
     done
     echo
     echo "The floor: would two plain relays that do nothing (socat, no TLS, no HTTP) meet the target?"
-    verdict "throughput relay/envoy" "$(ratio "$(med relay rps)" "$(med envoy rps)")" ">=" 6
-    verdict "CPU/10k outbound relay/envoy" "$(ratio "$(med relay cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
-    verdict "CPU/10k inbound relay/envoy" "$(ratio "$(med relay cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
-    verdict "unloaded p50 relay/envoy" "$(ratio "$(med relay p50_us)" "$(med envoy p50_us)")" "<=" 0.33
-    verdict "unloaded p99 relay/envoy" "$(ratio "$(med relay p99_us)" "$(med envoy p99_us)")" "<=" 0.2
-    for n in 1 4; do
-      verdict "TCP bulk -P $n relay/envoy" "$(ratio "$(med relay "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
-      for side in out in; do
-        verdict "TCP CPU/GB -P $n ${side}bound relay/envoy" \
-          "$(ratio "$(med relay "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
-      done
-    done
+    ratio_verdicts relay
   fi
 } >>"$table"
 cat "$table"

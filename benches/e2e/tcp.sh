@@ -1,5 +1,5 @@
 # TCP bulk throughput and mTLS handshake cost: sourced by run.sh after the HTTP scenarios
-# (it uses run.sh's helpers: start, alive, wait_http, fill, record, ticks, die, say).
+# (it uses run.sh's helpers: start, meshd_start, alive, wait_http, fill, record, ticks, settled, die, say).
 #
 # Scenarios, alternated per repetition like the HTTP ones:
 #   direct  iperf3 -c -> iperf3 -s
@@ -31,12 +31,12 @@ relay relay_tout "$P_RTO" "$P_RTI"
 
 meshd_tcp_inbound() { # name listen admin forward
   meshd_inbound_yaml "$work/meshd-$1.yaml" "$2" tcp "$4" "$3"
-  start "$1" "$work/$1.log" "$MESHD_BIN" run --config "$work/meshd-$1.yaml"
+  meshd_start "$1" "$work/meshd-$1.yaml"
 }
 meshd_outbound_yaml "$work/meshd-tout.yaml" "$P_MTO" tcp "$P_MTI" "$P_MTO_ADMIN"
 meshd_tcp_inbound meshd_tin "$P_MTI" "$P_MTI_ADMIN" "$P_IPERF"
 meshd_tcp_inbound meshd_hs "$P_MHS" "$P_MHS_ADMIN" "$P_BACKEND"
-start meshd_tout "$work/meshd_tout.log" "$MESHD_BIN" run --config "$work/meshd-tout.yaml"
+meshd_start meshd_tout "$work/meshd-tout.yaml"
 
 envoy_tcp_inbound() { # name listen admin backend
   fill "$here/envoy-tcp-inbound.yaml" "$work/envoy-$1.yaml" ADMIN_PORT="$3" LISTEN_PORT="$2" \
