@@ -12,10 +12,11 @@
 //! the macros do. Label values are bounded by `telemetry::Labels`, so the caches stay
 //! small; a cache that grows past [`MAX_ENTRIES`] anyway is emptied and refilled.
 
+use foldhash::fast::FixedState;
 use metrics::{Counter, Histogram, Label};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Entries per thread and kind beyond which a cache starts over.
@@ -40,7 +41,7 @@ struct Entry<H> {
 /// Handles by the hash of name and label values (collisions kept side by side).
 #[derive(Debug)]
 struct Cache<H> {
-    map: HashMap<u64, Vec<Entry<H>>, BuildHasherDefault<FxHasher>>,
+    map: HashMap<u64, Vec<Entry<H>>, FixedState>,
     len: usize,
 }
 
@@ -108,56 +109,14 @@ fn same_static(a: &'static str, b: &'static str) -> bool {
 /// content. Two copies of one literal at different addresses only make a second entry for
 /// the same metric, which the recorder resolves to the same series.
 fn key_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
-    let mut h = FxHasher::default();
-    h.add(name.as_ptr() as u64);
+    let mut h = FixedState::default().build_hasher();
+    h.write_usize(name.as_ptr() as usize);
     for (k, v) in labels {
-        h.add(k.as_ptr() as u64);
+        h.write_usize(k.as_ptr() as usize);
         h.write(v.as_bytes());
-        h.add(v.len() as u64);
+        h.write_usize(v.len());
     }
     h.finish()
-}
-
-/// The Fx hash (rustc's): a multiply and rotate per word. Keys here are bounded label
-/// values, not attacker-chosen, so SipHash's flood resistance buys nothing.
-#[derive(Debug, Default)]
-struct FxHasher(u64);
-
-impl FxHasher {
-    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 thread_local! {
