@@ -268,30 +268,35 @@ impl Breaker {
 
     /// Lets one more request in, or says which limit is reached.
     pub fn admit(self: &Arc<Self>) -> Result<Admission, LimitHit> {
-        let n = self.active.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > self.limits.max_requests {
-            self.active.fetch_sub(1, Ordering::Relaxed);
-            self.set_open(true);
-            return Err(LimitHit::Requests(self.limits.max_requests));
-        }
-        if n == self.limits.max_requests {
-            self.set_open(true);
+        let limit = self.limits.max_requests;
+        if !self.take(&self.active, limit) {
+            return Err(LimitHit::Requests(limit));
         }
         Ok(Admission(self.clone()))
     }
 
     /// Counts a request waiting for a connection, or refuses it.
     pub fn wait_for_connection(self: &Arc<Self>) -> Result<Waiting, LimitHit> {
-        let n = self.pending.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > self.limits.max_pending {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            self.set_open(true);
-            return Err(LimitHit::Pending(self.limits.max_pending));
-        }
-        if n == self.limits.max_pending {
-            self.set_open(true);
+        let limit = self.limits.max_pending;
+        if !self.take(&self.pending, limit) {
+            return Err(LimitHit::Pending(limit));
         }
         Ok(Waiting(self.clone()))
+    }
+
+    /// Takes one of `limit` slots counted by `counter`, or none when all are taken; the
+    /// circuit is open while the last slot is in use (the counterpart of `release`).
+    fn take(&self, counter: &AtomicU64, limit: u64) -> bool {
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > limit {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            self.set_open(true);
+            return false;
+        }
+        if n == limit {
+            self.set_open(true);
+        }
+        true
     }
 
     /// (requests in progress, waiting for a connection), for `/upstreams`.
