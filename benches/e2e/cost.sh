@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Per-request cost of the meshd pair, for comparing builds on a busy machine.
 #
-#   benches/e2e/cost.sh [--n N] [--reps R] [--mallocs] [--record SECONDS]
+#   benches/e2e/cost.sh [--n N] [--reps R] [--unloaded] [--mallocs] [--record SECONDS]
 #
 # Sets up the `meshd` chain of run.sh only (nginx h2c backend, meshd outbound -> meshd
 # inbound, same certificates, policy and settings) and runs `h2load -n N -c 16 -m 8`
-# R times (default 100000 x 3). For each run and sidecar it prints the CPU time per
+# R times (default 100000 x 3). --unloaded runs `h2load -c 1 -m 1` instead (default N
+# 20000) and adds the latency p50/p99 of the chain and of nginx alone (direct) to each row. For each run and sidecar it prints the CPU time per
 # request (perf stat task-clock on the PID, i.e. CPU actually used, not wall clock, so it
 # changes far less with outside load than req/s does) and, with --mallocs, the number of
 # glibc malloc/realloc calls per request (uprobes; needs `perf probe`, root, and a build
@@ -23,18 +24,20 @@ repo=$(cd "$here/../.." && pwd)
 say() { printf 'cost: %s\n' "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 
-n=100000 reps=3 mallocs=0 record=0
+n= reps=3 mallocs=0 record=0 unloaded=0
 while [ $# -gt 0 ]; do
   case $1 in
     --n) n=$2; shift ;;
+    --unloaded) unloaded=1 ;;
     --reps) reps=$2; shift ;;
     --mallocs) mallocs=1 ;;
     --record) record=$2; shift ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
+if [ "$unloaded" = 1 ]; then conc=(-c 1 -m 1) n=${n:-20000}; else conc=(-c 16 -m 8) n=${n:-100000}; fi
 for t in nginx h2load perf openssl curl python3; do
   command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || die "$t is missing"
 done
@@ -106,32 +109,57 @@ fi
 say "meshd $("$MESHD_BIN" --version 2>/dev/null || echo "$MESHD_BIN"), load $(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'rep\treq/s\tout_cpu_us/req\tin_cpu_us/req'
 [ "$mallocs" = 1 ] && printf '\tout_allocs/req\tin_allocs/req'
-printf '\tout_rss_mb\tin_rss_mb\n'
+printf '\tout_rss_mb\tin_rss_mb'
+[ "$unloaded" = 1 ] && printf '\tp50_us\tp99_us\tdirect_p50_us\tdirect_p99_us'
+printf '\n'
+# p50 and p99 of an h2load --log-file (lines: start, status, duration in µs)
+pctls() { cut -f3 "$1" | sort -n | awk '{v[NR] = $1} END {printf "%s\t%s", v[int((NR + 1) / 2)], v[int((NR * 99 + 99) / 100)]}'; }
+hz=$(getconf CLK_TCK)
+cpu_ms() { awk -v hz="$hz" '{printf "%.1f", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
+val() { awk -F, -v e="$2" '$3 == e {print $1}' "$1"; }
+per() { awk -v v="$1" -v n="$n" -v k="$2" 'BEGIN {printf "%.2f", v * k / n}'; }
 for rep in $(seq "$reps"); do
-  perf stat -x, -e "$events" -p "$pid_meshd_out" -o "$work/out-$rep.csv" &
-  ps_out=$!
-  perf stat -x, -e "$events" -p "$pid_meshd_in" -o "$work/in-$rep.csv" &
-  ps_in=$!
-  sleep 0.5
-  h2load -n "$n" -c 16 -m 8 "$url" >"$work/sat-$rep.txt" 2>&1 || die "h2load failed"
-  kill -INT "$ps_out" "$ps_in"
-  wait "$ps_out" "$ps_in" || true
+  lat=()
+  if [ "$unloaded" = 1 ]; then
+    # Unloaded: CPU from /proc (perf stat's context-switch hooks would add to the latency).
+    lat=(--log-file "$work/lat-$rep.log")
+    out0=$(cpu_ms "$pid_meshd_out") in0=$(cpu_ms "$pid_meshd_in")
+  else
+    perf stat -x, -e "$events" -p "$pid_meshd_out" -o "$work/out-$rep.csv" &
+    ps_out=$!
+    perf stat -x, -e "$events" -p "$pid_meshd_in" -o "$work/in-$rep.csv" &
+    ps_in=$!
+    sleep 0.5
+  fi
+  h2load -n "$n" "${conc[@]}" "${lat[@]}" "$url" >"$work/sat-$rep.txt" 2>&1 || die "h2load failed"
+  if [ "$unloaded" = 1 ]; then
+    out_ms=$(awk -v a="$out0" -v b="$(cpu_ms "$pid_meshd_out")" 'BEGIN {print b - a}')
+    in_ms=$(awk -v a="$in0" -v b="$(cpu_ms "$pid_meshd_in")" 'BEGIN {print b - a}')
+  else
+    kill -INT "$ps_out" "$ps_in"
+    wait "$ps_out" "$ps_in" || true
+    out_ms=$(val "$work/out-$rep.csv" task-clock) in_ms=$(val "$work/in-$rep.csv" task-clock)
+  fi
   grep -q "status codes: $n 2xx" "$work/sat-$rep.txt" || { cat "$work/sat-$rep.txt" >&2; die "not all 2xx"; }
-  val() { awk -F, -v e="$2" '$3 == e {print $1}' "$1"; }
-  per() { awk -v v="$1" -v n="$n" -v k="$2" 'BEGIN {printf "%.2f", v * k / n}'; }
   line="$rep\t$(awk '/^finished in/ {print $4}' "$work/sat-$rep.txt")"
-  # task-clock is in ms: x1000 / n = µs per request
-  line="$line\t$(per "$(val "$work/out-$rep.csv" task-clock)" 1000)\t$(per "$(val "$work/in-$rep.csv" task-clock)" 1000)"
+  # CPU in ms: x1000 / n = µs per request
+  line="$line\t$(per "$out_ms" 1000)\t$(per "$in_ms" 1000)"
   if [ "$mallocs" = 1 ]; then
     for side in out in; do
       m=$(val "$work/$side-$rep.csv" probe_libc:malloc) r=$(val "$work/$side-$rep.csv" probe_libc:realloc)
       line="$line\t$(per "$((m + r))" 1)"
     done
   fi
-  printf '%b\t%s\t%s\n' "$line" "$(rss_mb "$pid_meshd_out")" "$(rss_mb "$pid_meshd_in")"
+  line="$line\t$(rss_mb "$pid_meshd_out")\t$(rss_mb "$pid_meshd_in")"
+  if [ "$unloaded" = 1 ]; then
+    h2load -n "$n" -c 1 -m 1 --log-file "$work/direct-$rep.log" "http://127.0.0.1:$P_BACKEND/" >/dev/null 2>&1 ||
+      die "h2load on nginx failed"
+    line="$line\t$(pctls "$work/lat-$rep.log")\t$(pctls "$work/direct-$rep.log")"
+  fi
+  printf '%b\n' "$line"
 done
 if [ "$record" != 0 ]; then
-  h2load -n 100000000 -c 16 -m 8 "$url" >/dev/null 2>&1 &
+  h2load -n 100000000 "${conc[@]}" "$url" >/dev/null 2>&1 &
   load=$!
   sleep 1
   perf record ${PERF_RECORD_ARGS:--F 999 -g} -p "$pid_meshd_out" -o "$work/perf-out.data" -- sleep "$record" 2>/dev/null &
