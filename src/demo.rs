@@ -519,7 +519,7 @@ mod tests {
         for (id, text) in POLICIES {
             let path = dir.path().join(format!("{id}.yaml"));
             std::fs::write(&path, text).unwrap();
-            let (lines, good) = crate::policy_parse::check_file(&path);
+            let (lines, good) = crate::policy_cli::check_file(&path);
             assert!(good, "{id}: {lines:?}");
         }
     }

@@ -34,6 +34,7 @@ pub mod outbound;
 mod outbound_call;
 pub mod pb;
 pub mod policy;
+pub mod policy_cli;
 pub mod policy_parse;
 pub mod policy_store;
 pub mod proxy;

@@ -91,7 +91,7 @@ fn check(config_path: Option<PathBuf>, policies: Vec<PathBuf>) -> ExitCode {
         return ExitCode::from(2);
     }
     for p in policies {
-        let (lines, good) = meshd::policy_parse::check_file(&p);
+        let (lines, good) = meshd::policy_cli::check_file(&p);
         for l in lines {
             println!("{l}");
         }
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
         Command::Check { config, policy } => check(config, policy),
         Command::Policy(PolicyCommand::Explain(a)) => {
             let http = a.http.as_ref().map(|v| (v[0].as_str(), v[1].as_str()));
-            match meshd::policy_parse::explain_cli(
+            match meshd::policy_cli::explain_cli(
                 &a.policy,
                 &a.from,
                 a.grpc.as_deref(),

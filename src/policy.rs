@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use crate::policy_cli::{check_file, explain_cli};
 pub use crate::policy_parse::{
-    check_file, explain_cli, load_policy, parse_policy, PolicyError, PolicyProblem, Severity,
-    MAX_POLICY_BYTES,
+    load_policy, parse_policy, PolicyError, PolicyProblem, Severity, MAX_POLICY_BYTES,
 };
 
 /// The port a target gets when the caller names none (the inbound listener, DESIGN §2).

@@ -6,13 +6,10 @@
 //! deserialized (SPIFFE ID matchers, gRPC targets, paths, methods, ports), so serde
 //! reports their exact position. Whole-policy checks follow (duplicate names are
 //! errors, allows shadowed by a deny are warnings) and locate the rule in the source by
-//! searching for its `name:`. [`check_file`] and [`explain_cli`] serve the command line.
+//! searching for its `name:`. The command line uses it through `policy_cli`.
 
 use crate::identity::parse_spiffe_id;
-use crate::policy::{
-    explain, Action, GrpcTarget, HttpTarget, IdMatcher, Mode, PathMatch, Policy, Request, Rule,
-    Target, To, DEFAULT_INBOUND_PORT,
-};
+use crate::policy::{Action, GrpcTarget, HttpTarget, IdMatcher, Mode, PathMatch, Policy, Rule, To};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -561,67 +558,6 @@ impl<'de> Deserialize<'de> for Port {
         }
         d.deserialize_u64(V)
     }
-}
-
-/// `meshd check --policy F`: one line per problem (or an `ok` line), and whether the
-/// file is acceptable (warnings do not fail it).
-pub fn check_file(path: &Path) -> (Vec<String>, bool) {
-    match load_policy(path, 0) {
-        Ok((policy, warnings)) => {
-            let mut lines: Vec<String> = warnings.iter().map(ToString::to_string).collect();
-            lines.push(format!(
-                "{}: ok ({} rules, mode {}, default {})",
-                path.display(),
-                policy.rules.len(),
-                policy.mode.as_str(),
-                policy.default.as_str()
-            ));
-            (lines, true)
-        }
-        Err(problems) => (problems.iter().map(ToString::to_string).collect(), false),
-    }
-}
-
-/// `meshd policy explain`: loads the policy and explains one decision. The target is
-/// gRPC (`SVC/METHOD`, leading `/` optional), HTTP (`METHOD`, `PATH`), or else TCP;
-/// the port defaults to 15006.
-pub fn explain_cli(
-    policy_path: &Path,
-    from: &str,
-    grpc: Option<&str>,
-    http: Option<(&str, &str)>,
-    port: Option<u16>,
-) -> Result<String, String> {
-    let join = |ps: Vec<PolicyProblem>| {
-        ps.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let (policy, _warnings) = load_policy(policy_path, 0).map_err(join)?;
-    parse_spiffe_id(from).map_err(|e| format!("--from `{from}` is not a valid SPIFFE ID: {e}"))?;
-    let upper_method: String;
-    let request = match (grpc, http) {
-        (Some(_), Some(_)) => return Err("give either --grpc or --http, not both".into()),
-        (Some(g), None) => {
-            let (service, method) = g.trim_start_matches('/').split_once('/').filter(|(s, m)| !s.is_empty() && !m.is_empty())
-                .ok_or_else(|| format!("--grpc `{g}`: expected SERVICE/METHOD, e.g. payment.v1.PaymentService/GetPayment"))?;
-            Request::Grpc { service, method }
-        }
-        (None, Some((method, path))) => {
-            upper_method = method.to_ascii_uppercase();
-            Request::Http {
-                method: &upper_method,
-                path,
-            }
-        }
-        (None, None) => Request::Tcp,
-    };
-    let target = Target {
-        port: port.unwrap_or(DEFAULT_INBOUND_PORT),
-        request,
-    };
-    Ok(explain(&policy, from, &target))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::policy_cli::{check_file, explain_cli};
 use std::io::Write;
 use std::time::Instant;
 
