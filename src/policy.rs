@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use crate::policy_cli::{check_file, explain_cli};
 pub use crate::policy_parse::{
     load_policy, parse_policy, PolicyError, PolicyProblem, Severity, MAX_POLICY_BYTES,
 };

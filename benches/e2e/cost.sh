@@ -5,8 +5,7 @@
 #
 # Sets up the `meshd` chain of run.sh only (nginx h2c backend, meshd outbound -> meshd
 # inbound, same certificates, policy and settings) and runs `h2load -n N -c 16 -m 8`
-# R times (default 100000 x 3). --unloaded runs `h2load -c 1 -m 1` instead (default N
-# 20000) and adds the latency p50/p99 of the chain and of nginx alone (direct) to each row. For each run and sidecar it prints the CPU time per
+# R times (default 100000 x 3). For each run and sidecar it prints the CPU time per
 # request (perf stat task-clock on the PID, i.e. CPU actually used, not wall clock, so it
 # changes far less with outside load than req/s does) and, with --mallocs, the number of
 # glibc malloc/realloc calls per request (uprobes; needs `perf probe`, root, and a build
@@ -14,6 +13,9 @@
 # load with `perf record -F 999 -g` (perf.data files kept in the work folder; PERF_RECORD_ARGS
 # replaces `-F 999 -g`, e.g. "-F 999 --call-graph dwarf,16384" (no frame pointers here) or
 # "-e probe_libc:malloc -c 7 --call-graph dwarf" with --mallocs for who allocates).
+# --unloaded runs `h2load -c 1 -m 1` instead (default N 20000), takes the CPU from /proc
+# (perf stat's context-switch hooks would add to the latency) and adds to each row the p50
+# and p99 of the chain and of nginx alone; --record then profiles that load.
 #
 # Environment: MESHD_BIN (default $CARGO_TARGET_DIR/release/meshd). Needs nginx, h2load,
 # perf (apt-get install linux-perf), openssl, curl, python3.
@@ -32,11 +34,12 @@ while [ $# -gt 0 ]; do
     --reps) reps=$2; shift ;;
     --mallocs) mallocs=1 ;;
     --record) record=$2; shift ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
+[ "$unloaded$mallocs" = 11 ] && die "--mallocs counts with perf stat, which --unloaded leaves out"
 if [ "$unloaded" = 1 ]; then conc=(-c 1 -m 1) n=${n:-20000}; else conc=(-c 16 -m 8) n=${n:-100000}; fi
 for t in nginx h2load perf openssl curl python3; do
   command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || die "$t is missing"
