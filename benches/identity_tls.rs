@@ -1,7 +1,8 @@
 //! Costs on the connection path: SPIFFE ID parsing, X.509-SVID leaf checks, the inbound's
 //! check of a client's SVID chain (first sight, and found again in the verified-chain
-//! cache), and a whole in-memory mutual-TLS handshake between `tls::server_config` and `tls::client_config`
-//! (rustls `ServerConnection`/`ClientConnection` fed from each other's buffers, no sockets).
+//! cache), and a whole in-memory mutual-TLS handshake between `tls::server_config` and
+//! `tls::client_config` (rustls `ServerConnection`/`ClientConnection` fed from each other's
+//! buffers, no sockets).
 //!
 //! Before the criterion runs, `main` checks that the setup measures what it claims: the
 //! handshake ends with the client's SPIFFE ID seen by the server, and a client that expects

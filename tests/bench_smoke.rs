@@ -2,10 +2,10 @@
 //!
 //! `benches/e2e/run.sh --smoke` starts nginx, a pair of plain socat relays (the floor), a
 //! meshd pair and an Envoy pair on loopback (installing nginx, h2load, socat and Envoy when
-//! missing), checks a 200 through every chain and
-//! that the SPIFFE checks refuse a wrong ID both ways, then runs tiny loads through the
-//! whole measurement and table code. No timing is judged here. A missing tool that cannot
-//! be installed fails the test with the script's message naming it; it never passes without running.
+//! missing), checks a 200 through every chain and that the SPIFFE checks refuse a wrong ID
+//! both ways, then runs tiny loads through the whole measurement and table code. No timing
+//! is judged here. A missing tool that cannot be installed fails the test with the
+//! script's message naming it; it never passes without running.
 
 use std::path::Path;
 use std::process::Command;

@@ -115,8 +115,6 @@ printf 'rep\treq/s\tout_cpu_us/req\tin_cpu_us/req'
 printf '\tout_rss_mb\tin_rss_mb'
 [ "$unloaded" = 1 ] && printf '\tp50_us\tp99_us\tdirect_p50_us\tdirect_p99_us'
 printf '\n'
-# p50 and p99 of an h2load --log-file (lines: start, status, duration in µs)
-pctls() { cut -f3 "$1" | sort -n | awk '{v[NR] = $1} END {printf "%s\t%s", v[int((NR + 1) / 2)], v[int((NR * 99 + 99) / 100)]}'; }
 hz=$(getconf CLK_TCK)
 cpu_ms() { awk -v hz="$hz" '{printf "%.1f", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
 val() { awk -F, -v e="$2" '$3 == e {print $1}' "$1"; }
@@ -157,7 +155,7 @@ for rep in $(seq "$reps"); do
   if [ "$unloaded" = 1 ]; then
     h2load -n "$n" -c 1 -m 1 --log-file "$work/direct-$rep.log" "http://127.0.0.1:$P_BACKEND/" >/dev/null 2>&1 ||
       die "h2load on nginx failed"
-    line="$line\t$(pctls "$work/lat-$rep.log")\t$(pctls "$work/direct-$rep.log")"
+    line="$line\t$(latency_pctls "$work/lat-$rep.log")\t$(latency_pctls "$work/direct-$rep.log")"
   fi
   printf '%b\n' "$line"
 done

@@ -118,3 +118,7 @@ log:
   access: off
 EOF
 }
+
+latency_pctls() { # h2load --log-file (start, status, duration in µs) -> "p50<TAB>p99" in µs
+  cut -f3 "$1" | sort -n | awk '{v[NR] = $1} END {printf "%s\t%s\n", v[int((NR + 1) / 2)], v[int((NR * 99 + 99) / 100)]}'
+}

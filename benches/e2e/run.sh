@@ -330,13 +330,11 @@ run_scenario() { # scenario rep
   h2load -n "$lat_n" -c 1 -m 1 --log-file "$f" "http://127.0.0.1:$p/" >"$work/lat-$s-$rep.txt" 2>&1 ||
     die "h2load latency on $s failed"
   h2load_ok "$work/lat-$s-$rep.txt" "$lat_n"
-  # log lines: start (µs since epoch) <TAB> status <TAB> duration (µs)
-  cut -f3 "$f" | sort -n >"$f.sorted"
-  local n
-  n=$(wc -l <"$f.sorted")
-  record "$s" "$rep" p50_us "$(sed -n "$(((n + 1) / 2))p" "$f.sorted")"
-  record "$s" "$rep" p99_us "$(sed -n "$(((n * 99 + 99) / 100))p" "$f.sorted")"
-  say "rep $rep $s: $(awk '/^finished in/ {print $4, "req/s"}' "$work/sat-$s-$rep.txt"), latency p50 $(sed -n "$(((n + 1) / 2))p" "$f.sorted") µs"
+  local p50 p99
+  IFS=$'\t' read -r p50 p99 < <(latency_pctls "$f")
+  record "$s" "$rep" p50_us "$p50"
+  record "$s" "$rep" p99_us "$p99"
+  say "rep $rep $s: $(awk '/^finished in/ {print $4, "req/s"}' "$work/sat-$s-$rep.txt"), latency p50 $p50 µs"
 }
 
 order=(direct relay meshd envoy)
