@@ -10,7 +10,7 @@
 //! or meshd drains.
 
 use crate::config::HealthCheckConfig;
-use crate::proxy::H2Pool;
+use crate::h2_pool::H2Pool;
 use crate::replay_body::ReplayBody;
 use crate::resilience::EndpointHealth;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -28,7 +28,7 @@ use tonic_health::pb::{
 /// What one endpoint offers a checker.
 pub trait Checked: Send + Sync + 'static {
     fn addr(&self) -> SocketAddr;
-    fn pool(&self) -> &H2Pool<ReplayBody>;
+    fn pool(&self) -> &H2Pool;
     fn health(&self) -> &EndpointHealth;
 }
 

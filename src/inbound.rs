@@ -8,10 +8,11 @@
 //! and set XFCC -> forward to the app -> stream the response back, metered.
 
 use crate::config::Protocol;
+use crate::h2_pool::H2Pool;
 use crate::identity::SpiffeId;
 use crate::policy::{Request as AuthzRequest, Target};
 use crate::policy_store::PolicyStore;
-use crate::proxy::{self, Drain, H2Pool, ProxyBody, ProxyError};
+use crate::proxy::{self, Drain, ProxyBody, ProxyError};
 use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
 use crate::tls::{self, TlsStore};
 use http::{HeaderValue, Request, Response};

@@ -2,18 +2,18 @@
 //! counts bytes, and finishes the request's `RequestRecord` when the stream ends or is
 //! dropped (so streams are measured to their last byte, not to their headers).
 
+use crate::h2_pool::UpstreamBody;
 use crate::telemetry::RequestRecord;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// `Incoming` plus the record it completes.
+/// [`UpstreamBody`] plus the record it completes.
 #[derive(Debug)]
 pub struct MeteredBody {
     /// The upstream's response stream, passed through frame by frame (no copies).
-    inner: Incoming,
+    inner: UpstreamBody,
     /// Completed at the end of the stream; `Drop` completes it on cancellation.
     record: RequestRecord,
     /// The request's place under the upstream's `limits.max_requests`, freed with the
@@ -22,7 +22,7 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    pub fn new(inner: Incoming, record: RequestRecord) -> MeteredBody {
+    pub fn new(inner: UpstreamBody, record: RequestRecord) -> MeteredBody {
         MeteredBody {
             inner,
             record,
@@ -39,12 +39,12 @@ impl MeteredBody {
 
 impl Body for MeteredBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

@@ -12,10 +12,10 @@
 use crate::balancer::{self, EndpointStats, HasStats, InFlight, UpstreamView};
 use crate::config::{OutboundConfig, Protocol};
 use crate::discovery::{DiscoveredEndpoint, EndpointSet, UpstreamDiscovery};
+use crate::h2_pool::{Connector, H2Pool};
 use crate::health_check::{CheckKind, Checked};
 use crate::identity::{IdentityStatus, SpiffeId};
-use crate::proxy::{self, Connector, Drain, H2Pool};
-use crate::replay_body::ReplayBody;
+use crate::proxy::{self, Drain};
 use crate::resilience::{self, Breaker, EndpointHealth, HealthState, Outcome, RetryBudget};
 use crate::telemetry::{AccessLogger, Labels};
 use crate::tls::UpstreamTls;
@@ -41,7 +41,7 @@ pub struct Endpoint {
     /// override's for an endpoint with its own `server_id`).
     pub tls: Arc<UpstreamTls>,
     /// HTTP/2 connection(s) to this endpoint, shared by all requests.
-    pub pool: H2Pool<ReplayBody>,
+    pub pool: H2Pool,
     /// In-flight count and latency estimate for the balancer.
     pub stats: EndpointStats,
     /// Outlier ejection and the active health check's verdict.
@@ -54,7 +54,7 @@ impl Checked for Endpoint {
     fn addr(&self) -> SocketAddr {
         self.meta.addr
     }
-    fn pool(&self) -> &H2Pool<ReplayBody> {
+    fn pool(&self) -> &H2Pool {
         &self.pool
     }
     fn health(&self) -> &EndpointHealth {

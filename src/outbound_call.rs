@@ -10,6 +10,7 @@
 
 use crate::balancer::InFlight;
 use crate::config::Protocol;
+use crate::h2_pool::UpstreamBody;
 use crate::outbound::{Endpoint, Outbound};
 use crate::proxy::{self, ProxyBody, ProxyError, XFCC};
 use crate::replay_body::{ReplayBody, Replayable};
@@ -35,7 +36,7 @@ enum AttemptError {
 }
 
 /// What an attempt's response headers say about the attempt.
-fn classify(resp: &Response<Incoming>, grpc: bool) -> Outcome {
+fn classify(resp: &Response<UpstreamBody>, grpc: bool) -> Outcome {
     let status = resp.status();
     if grpc && status == http::StatusCode::OK {
         // A trailers-only answer carries grpc-status in the headers.
@@ -205,7 +206,7 @@ impl Outbound {
         ep: &InFlight<Endpoint>,
         mut req: Request<ReplayBody>,
         deadline_at: Instant,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<Response<UpstreamBody>, AttemptError> {
         if ep.endpoint.tls.config.load().is_none() {
             return Err(AttemptError::NoIdentity);
         }
@@ -252,7 +253,7 @@ impl Outbound {
         protocol: Protocol,
         admission: Admission,
         ep: InFlight<Endpoint>,
-        result: Result<Response<Incoming>, AttemptError>,
+        result: Result<Response<UpstreamBody>, AttemptError>,
         grpc: bool,
         deadline: Duration,
     ) -> Response<ProxyBody> {

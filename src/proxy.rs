@@ -1,21 +1,18 @@
 //! What the inbound and outbound listeners share: response bodies, gRPC-aware error
-//! responses, deadlines, the `x-forwarded-client-cert` header, and a pooled HTTP/2
-//! client connection that reconnects after GOAWAY or an error.
+//! responses, deadlines, the `x-forwarded-client-cert` header, TCP and mTLS connects,
+//! and the HTTP/2 server side (the client side is `h2_pool`).
 //!
 //! Decisions (error mapping, deadlines) are plain functions with table tests; the I/O
 //! around them is kept thin.
 
 use crate::config::Protocol;
 use crate::tls::UpstreamTls;
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -101,7 +98,7 @@ pub fn respond_locally(
 /// carries grpc-status there), body streamed through and measured to its end.
 pub fn respond_upstream(
     mut record: crate::telemetry::RequestRecord,
-    resp: Response<Incoming>,
+    resp: Response<crate::h2_pool::UpstreamBody>,
 ) -> Response<ProxyBody> {
     record.http_status = resp.status().as_u16();
     record.grpc_status = resp
@@ -191,100 +188,6 @@ pub fn is_grpc(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// How a pooled connection reaches its peer.
-#[derive(Debug, Clone)]
-pub enum Connector {
-    /// h2c to the local app.
-    Plain(SocketAddr),
-    /// mTLS + h2 to an upstream endpoint, verified against the upstream's `server_id`.
-    Tls {
-        addr: SocketAddr,
-        tls: Arc<UpstreamTls>,
-    },
-}
-
-/// One HTTP/2 connection, shared by all requests to one peer and re-made when it closes.
-/// `B` is the request body: the app's stream inbound, a [`ReplayBody`] outbound.
-///
-/// [`ReplayBody`]: crate::replay_body::ReplayBody
-#[derive(Debug)]
-pub struct H2Pool<B = Incoming> {
-    /// How to (re)connect.
-    connector: Connector,
-    /// The live connection's handle; empty until first use or after it closed.
-    sender: ArcSwapOption<SendRequest<B>>,
-    /// Single-flight for reconnects: one handshake at a time, requests wait for it.
-    connecting: tokio::sync::Mutex<()>,
-}
-
-impl<B> H2Pool<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    pub fn new(connector: Connector) -> H2Pool<B> {
-        H2Pool {
-            connector,
-            sender: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    fn live(&self) -> Option<SendRequest<B>> {
-        self.sender
-            .load()
-            .as_ref()
-            .filter(|s| !s.is_closed() && s.is_ready())
-            .map(|s| (**s).clone())
-    }
-
-    /// Whether a request would go out at once, without waiting for a connection.
-    pub fn is_connected(&self) -> bool {
-        self.live().is_some()
-    }
-
-    /// A handle to a ready connection, connecting if needed.
-    pub async fn sender(&self) -> Result<SendRequest<B>, String> {
-        if let Some(s) = self.live() {
-            return Ok(s);
-        }
-        let _one = self.connecting.lock().await;
-        if let Some(s) = self.live() {
-            return Ok(s);
-        }
-        // Boxed: the connect future is kilobytes and would otherwise sit in every request's.
-        let s = Box::pin(connect_h2(&self.connector)).await?;
-        self.sender.store(Some(Arc::new(s.clone())));
-        Ok(s)
-    }
-
-    /// Sends a request; if the connection turned out closed before the request left
-    /// (GOAWAY, reset), reconnects once and sends it again.
-    pub async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, String> {
-        let sender = self.sender().await?;
-        self.send_via(sender, req).await
-    }
-
-    /// [`H2Pool::send`] on a connection handle already taken from [`H2Pool::sender`].
-    pub async fn send_via(
-        &self,
-        mut sender: SendRequest<B>,
-        req: Request<B>,
-    ) -> Result<Response<Incoming>, String> {
-        match sender.try_send_request(req).await {
-            Ok(r) => Ok(r),
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    self.sender.store(None);
-                    let mut sender = self.sender().await?;
-                    sender.send_request(req).await.map_err(|e| e.to_string())
-                }
-                None => Err(e.into_error().to_string()),
-            },
-        }
-    }
-}
-
 /// Opens a TCP connection with Nagle off.
 pub async fn tcp_connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect(addr).await?;
@@ -315,54 +218,6 @@ pub async fn tls_connect(
         Err(e) => {
             metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "outbound", "reason" => crate::tls::failure_reason(&e)).increment(1);
             Err(format!("TLS handshake with {addr}: {e}"))
-        }
-    }
-}
-
-fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_frame_size(1 << 16)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    b
-}
-
-async fn connect_h2<B>(connector: &Connector) -> Result<SendRequest<B>, String>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    match connector {
-        Connector::Plain(addr) => {
-            let tcp = tcp_connect(*addr)
-                .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            let (sender, conn) = h2_client()
-                .handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("connection to {}: {e}", "app");
-                }
-            });
-            Ok(sender)
-        }
-        Connector::Tls { addr, tls } => {
-            let stream = tls_connect(*addr, tls).await?;
-            let (sender, conn) = h2_client()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("upstream connection closed: {e}");
-                }
-            });
-            Ok(sender)
         }
     }
 }
