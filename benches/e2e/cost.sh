@@ -2,6 +2,7 @@
 # Per-request cost of the meshd pair, for comparing builds on a busy machine.
 #
 #   benches/e2e/cost.sh [--n N] [--reps R] [--unloaded] [--mallocs] [--record SECONDS]
+#                       [--instructions]
 #
 # Sets up the `meshd` chain of run.sh only (nginx h2c backend, meshd outbound -> meshd
 # inbound, same certificates, policy and settings) and runs `h2load -n N -c 16 -m 8`
@@ -16,6 +17,11 @@
 # --unloaded runs `h2load -c 1 -m 1` instead (default N 20000), takes the CPU from /proc
 # (perf stat's context-switch hooks would add to the latency) and adds to each row the p50
 # and p99 of the chain and of nginx alone; --record then profiles that load.
+# --instructions runs both sidecars under valgrind's callgrind and prints the instructions
+# each executed per request (default N 10000; with --unloaded too): slow, but the same
+# build gives the same count to within 1 % however busy the machine is, so two builds can
+# be compared where CPU time moves by 15 %. The callgrind files stay in the work folder
+# (callgrind_annotate FILE shows where the instructions go). Needs valgrind.
 #
 # Environment: MESHD_BIN (default $CARGO_TARGET_DIR/release/meshd). Needs nginx, h2load,
 # perf (apt-get install linux-perf), openssl, curl, python3.
@@ -26,22 +32,27 @@ repo=$(cd "$here/../.." && pwd)
 say() { printf 'cost: %s\n' "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 
-n= reps=3 mallocs=0 record=0 unloaded=0
+n= reps=3 mallocs=0 record=0 unloaded=0 instr=0
 while [ $# -gt 0 ]; do
   case $1 in
     --n) n=$2; shift ;;
     --unloaded) unloaded=1 ;;
     --reps) reps=$2; shift ;;
     --mallocs) mallocs=1 ;;
+    --instructions) instr=1 ;;
     --record) record=$2; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [ "$unloaded$mallocs" = 11 ] && die "--mallocs counts with perf stat, which --unloaded leaves out"
+[ "$instr" = 1 ] && [ "$mallocs$record" != 00 ] && die "--instructions runs under valgrind: no --mallocs or --record with it"
+[ "$instr" = 1 ] && n=${n:-10000}
 if [ "$unloaded" = 1 ]; then conc=(-c 1 -m 1) n=${n:-20000}; else conc=(-c 16 -m 8) n=${n:-100000}; fi
-for t in nginx h2load perf openssl curl python3; do
+tools=(nginx h2load perf openssl curl python3)
+[ "$instr" = 1 ] && tools+=(valgrind callgrind_control)
+for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || die "$t is missing"
 done
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
@@ -55,7 +66,7 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   [ "$mallocs" = 0 ] || perf probe -q -d 'probe_libc:malloc' -d 'probe_libc:realloc' 2>/dev/null || true
-  [ "$record" = 0 ] && [ "$rc" = 0 ] && rm -rf "$work" || say "work folder kept: $work"
+  [ "$record$instr" = 00 ] && [ "$rc" = 0 ] && rm -rf "$work" || say "work folder kept: $work"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -90,8 +101,13 @@ wait_http "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 write_policy
 meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN"
 meshd_inbound_yaml "$work/in.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
-start meshd_in "$MESHD_BIN" run --config "$work/in.yaml"
-start meshd_out "$MESHD_BIN" run --config "$work/out.yaml"
+under_in=() under_out=()
+if [ "$instr" = 1 ]; then
+  under_in=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.in")
+  under_out=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out")
+fi
+start meshd_in "${under_in[@]}" "$MESHD_BIN" run --config "$work/in.yaml"
+start meshd_out "${under_out[@]}" "$MESHD_BIN" run --config "$work/out.yaml"
 wait_http "http://127.0.0.1:$P_MI_ADMIN/ready"
 wait_http "http://127.0.0.1:$P_MO_ADMIN/ready"
 url=http://127.0.0.1:$P_MO/
@@ -110,6 +126,31 @@ if [ "$mallocs" = 1 ]; then
 fi
 
 say "meshd $("$MESHD_BIN" --version 2>/dev/null || echo "$MESHD_BIN"), load $(cut -d' ' -f1-3 /proc/loadavg)"
+per() { awk -v v="$1" -v n="$n" -v k="$2" 'BEGIN {printf "%.2f", v * k / n}'; }
+if [ "$instr" = 1 ]; then
+  # Counters zeroed before each run and dumped after it; each dump is a new file.
+  dump() { # side pid -> instructions since the last zeroing
+    local before i
+    before=$(ls "$work"/callgrind."$1".* 2>/dev/null | wc -l)
+    callgrind_control -d "$2" >/dev/null 2>&1
+    for i in $(seq 100); do
+      [ "$(ls "$work"/callgrind."$1".* 2>/dev/null | wc -l)" -gt "$before" ] && break
+      sleep 0.1
+    done
+    awk '/^totals:/ {print $2}' "$(ls -t "$work"/callgrind."$1".* | head -1)"
+  }
+  printf 'rep\treq/s\tout_instructions/req\tin_instructions/req\n'
+  for rep in $(seq "$reps"); do
+    callgrind_control -z "$pid_meshd_out" >/dev/null 2>&1
+    callgrind_control -z "$pid_meshd_in" >/dev/null 2>&1
+    h2load -n "$n" "${conc[@]}" "$url" >"$work/sat-$rep.txt" 2>&1 || die "h2load failed"
+    grep -q "status codes: $n 2xx" "$work/sat-$rep.txt" || { cat "$work/sat-$rep.txt" >&2; die "not all 2xx"; }
+    out_ir=$(dump out "$pid_meshd_out") in_ir=$(dump in "$pid_meshd_in")
+    printf '%s\t%s\t%.0f\t%.0f\n' "$rep" "$(awk '/^finished in/ {print $4}' "$work/sat-$rep.txt")" \
+      "$(per "$out_ir" 1)" "$(per "$in_ir" 1)"
+  done
+  exit 0
+fi
 printf 'rep\treq/s\tout_cpu_us/req\tin_cpu_us/req'
 [ "$mallocs" = 1 ] && printf '\tout_allocs/req\tin_allocs/req'
 printf '\tout_rss_mb\tin_rss_mb'
@@ -118,7 +159,6 @@ printf '\n'
 hz=$(getconf CLK_TCK)
 cpu_ms() { awk -v hz="$hz" '{printf "%.1f", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
 val() { awk -F, -v e="$2" '$3 == e {print $1}' "$1"; }
-per() { awk -v v="$1" -v n="$n" -v k="$2" 'BEGIN {printf "%.2f", v * k / n}'; }
 for rep in $(seq "$reps"); do
   lat=()
   if [ "$unloaded" = 1 ]; then
