@@ -77,24 +77,21 @@ impl H2Pool {
         }
     }
 
-    fn live(&self) -> Option<SendRequest<Bytes>> {
+    /// A handle to the live connection if it takes new streams: a request sent on it
+    /// goes out at once, without waiting for a connection.
+    pub fn ready_sender(&self) -> Option<SendRequest<Bytes>> {
         let current = self.sender.load();
         let mut sender = SendRequest::clone(current.as_deref()?);
         takes_streams(&mut sender).then_some(sender)
     }
 
-    /// Whether a request would go out at once, without waiting for a connection.
-    pub fn is_connected(&self) -> bool {
-        self.live().is_some()
-    }
-
     /// A handle to a connection that takes new streams, connecting if needed.
     pub async fn sender(&self) -> Result<SendRequest<Bytes>, String> {
-        if let Some(s) = self.live() {
+        if let Some(s) = self.ready_sender() {
             return Ok(s);
         }
         let _one = self.connecting.lock().await;
-        if let Some(s) = self.live() {
+        if let Some(s) = self.ready_sender() {
             return Ok(s);
         }
         // Boxed: the connect future is kilobytes and would otherwise sit in every request's.

@@ -217,17 +217,15 @@ impl Outbound {
                 .insert("grpc-timeout", grpc_timeout_value(remaining));
         }
         let send = async {
-            let sender = {
-                let _waiting = if pool.is_connected() {
-                    None
-                } else {
-                    Some(
-                        self.breaker
-                            .wait_for_connection()
-                            .map_err(AttemptError::Limit)?,
-                    )
-                };
-                pool.sender().await.map_err(AttemptError::Send)?
+            let sender = match pool.ready_sender() {
+                Some(sender) => sender,
+                None => {
+                    let _waiting = self
+                        .breaker
+                        .wait_for_connection()
+                        .map_err(AttemptError::Limit)?;
+                    pool.sender().await.map_err(AttemptError::Send)?
+                }
             };
             pool.send_via(sender, req).await.map_err(AttemptError::Send)
         };
