@@ -8,6 +8,7 @@
 //! and set XFCC -> forward to the app -> stream the response back, metered.
 
 use crate::config::Protocol;
+use crate::h2_body::H2Body;
 use crate::h2_pool::H2Pool;
 use crate::identity::SpiffeId;
 use crate::policy::{Request as AuthzRequest, Target};
@@ -16,9 +17,7 @@ use crate::proxy::{self, Drain, ProxyBody, ProxyError};
 use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
 use crate::tls::{self, TlsStore};
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use metrics::SharedString;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,12 +139,12 @@ impl Inbound {
             return;
         }
         let this = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        let handle = move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, &peer).await) }
-        });
-        proxy::serve_h2(stream, svc, stop).await;
+            async move { this.handle(req, &peer).await }
+        };
+        proxy::serve_h2(stream, handle, stop).await;
     }
 
     async fn tcp(&self, stream: tokio_rustls::server::TlsStream<TcpStream>, peer: Arc<Peer>) {
@@ -186,7 +185,7 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<H2Body>, peer: &Peer) -> Response<ProxyBody> {
         let grpc = self.protocol == Protocol::Grpc || proxy::is_grpc(&req);
         let path = req.uri().path();
         let grpc_parts = if grpc { proxy::grpc_path(path) } else { None };

@@ -24,6 +24,7 @@ mod dev_ca_server;
 pub mod discovery;
 pub mod discovery_dns;
 pub mod discovery_file;
+pub mod h2_body;
 pub mod h2_pool;
 pub mod health_check;
 pub mod identity;

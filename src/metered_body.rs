@@ -2,18 +2,18 @@
 //! counts bytes, and finishes the request's `RequestRecord` when the stream ends or is
 //! dropped (so streams are measured to their last byte, not to their headers).
 
-use crate::h2_pool::UpstreamBody;
+use crate::h2_body::H2Body;
 use crate::telemetry::RequestRecord;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// [`UpstreamBody`] plus the record it completes.
+/// [`H2Body`] plus the record it completes.
 #[derive(Debug)]
 pub struct MeteredBody {
     /// The upstream's response stream, passed through frame by frame (no copies).
-    inner: UpstreamBody,
+    inner: H2Body,
     /// Completed at the end of the stream; `Drop` completes it on cancellation.
     record: RequestRecord,
     /// The request's place under the upstream's `limits.max_requests`, freed with the
@@ -22,7 +22,7 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    pub fn new(inner: UpstreamBody, record: RequestRecord) -> MeteredBody {
+    pub fn new(inner: H2Body, record: RequestRecord) -> MeteredBody {
         MeteredBody {
             inner,
             record,

@@ -22,7 +22,6 @@ use crate::tls::UpstreamTls;
 use arc_swap::ArcSwap;
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -373,11 +372,11 @@ impl Outbound {
             drain.tracker.spawn(async move {
                 if this.config.protocol.is_http() {
                     let svc_this = this.clone();
-                    let svc = hyper::service::service_fn(move |req| {
+                    let handle = move |req| {
                         let this = svc_this.clone();
-                        async move { Ok::<_, Infallible>(this.handle(req).await) }
-                    });
-                    proxy::serve_h2(tcp, svc, stop).await;
+                        async move { this.handle(req).await }
+                    };
+                    proxy::serve_h2(tcp, handle, stop).await;
                 } else {
                     this.forward_tcp(tcp).await;
                 }

@@ -10,7 +10,7 @@
 
 use crate::balancer::InFlight;
 use crate::config::Protocol;
-use crate::h2_pool::UpstreamBody;
+use crate::h2_body::H2Body;
 use crate::outbound::{Endpoint, Outbound};
 use crate::proxy::{self, ProxyBody, ProxyError, XFCC};
 use crate::replay_body::{ReplayBody, Replayable};
@@ -18,7 +18,6 @@ use crate::resilience::{self, Admission, LimitHit, Outcome};
 use crate::telemetry::{self, RequestRecord};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -36,7 +35,7 @@ enum AttemptError {
 }
 
 /// What an attempt's response headers say about the attempt.
-fn classify(resp: &Response<UpstreamBody>, grpc: bool) -> Outcome {
+fn classify(resp: &Response<H2Body>, grpc: bool) -> Outcome {
     let status = resp.status();
     if grpc && status == http::StatusCode::OK {
         // A trailers-only answer carries grpc-status in the headers.
@@ -86,7 +85,7 @@ impl Head {
 
 impl Outbound {
     /// Proxies one request to the upstream.
-    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<H2Body>) -> Response<ProxyBody> {
         let grpc = proxy::is_grpc(&req);
         let (method_label, grpc_method) = match proxy::grpc_path(req.uri().path()) {
             Some((svc, m)) if grpc => {
@@ -139,7 +138,7 @@ impl Outbound {
     /// The attempts of one request with retries on (see the module docs).
     async fn with_retries(
         &self,
-        req: Request<Incoming>,
+        req: Request<H2Body>,
         record: RequestRecord,
         protocol: Protocol,
         admission: Admission,
@@ -206,7 +205,7 @@ impl Outbound {
         ep: &InFlight<Endpoint>,
         mut req: Request<ReplayBody>,
         deadline_at: Instant,
-    ) -> Result<Response<UpstreamBody>, AttemptError> {
+    ) -> Result<Response<H2Body>, AttemptError> {
         if ep.endpoint.tls.config.load().is_none() {
             return Err(AttemptError::NoIdentity);
         }
@@ -251,7 +250,7 @@ impl Outbound {
         protocol: Protocol,
         admission: Admission,
         ep: InFlight<Endpoint>,
-        result: Result<Response<UpstreamBody>, AttemptError>,
+        result: Result<Response<H2Body>, AttemptError>,
         grpc: bool,
         deadline: Duration,
     ) -> Response<ProxyBody> {

@@ -6,13 +6,15 @@
 //! around them is kept thin.
 
 use crate::config::Protocol;
+use crate::h2_body::{BodyPipe, H2Body};
 use crate::tls::UpstreamTls;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -98,7 +100,7 @@ pub fn respond_locally(
 /// carries grpc-status there), body streamed through and measured to its end.
 pub fn respond_upstream(
     mut record: crate::telemetry::RequestRecord,
-    resp: Response<crate::h2_pool::UpstreamBody>,
+    resp: Response<crate::h2_body::H2Body>,
 ) -> Response<ProxyBody> {
     record.http_status = resp.status().as_u16();
     record.grpc_status = resp
@@ -182,7 +184,7 @@ pub fn grpc_path(path: &str) -> Option<(&str, &str)> {
 }
 
 /// Whether a request is gRPC (by content-type).
-pub fn is_grpc(req: &Request<Incoming>) -> bool {
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -223,15 +225,15 @@ pub async fn tls_connect(
 }
 
 /// The HTTP/2 server settings of both listeners.
-pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_concurrent_streams(4096)
-        .initial_stream_window_size(1 << 20)
+fn h2_server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(4096)
+        .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .max_header_list_size(64 << 10)
+        .max_send_buffer_size(400 << 10)
         .max_pending_accept_reset_streams(200)
-        .max_local_error_reset_streams(1024);
+        .max_local_error_reset_streams(Some(1024));
     b
 }
 
@@ -245,28 +247,73 @@ pub struct Drain {
     pub tracker: tokio_util::task::TaskTracker,
 }
 
-/// Serves one HTTP/2 connection until it ends; on drain sends GOAWAY and lets in-flight
-/// streams finish.
-pub async fn serve_h2<I, S>(io: I, service: S, stop: tokio_util::sync::CancellationToken)
+/// Serves one HTTP/2 connection until it ends: each stream is answered by `handle` in a
+/// task of its own. On drain it sends GOAWAY and lets in-flight streams finish.
+pub async fn serve_h2<I, H, F>(io: I, handle: H, stop: tokio_util::sync::CancellationToken)
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    H: Fn(Request<H2Body>) -> F,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let builder = h2_server();
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!("HTTP/2 connection ended: {e}");
+    let mut conn = match h2_server().handshake::<_, Bytes>(io).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!("HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    let mut draining = false;
+    loop {
+        let accepted = if draining {
+            conn.accept().await
+        } else {
+            tokio::select! {
+                biased;
+                accepted = conn.accept() => accepted,
+                () = stop.cancelled() => {
+                    conn.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
             }
+        };
+        match accepted {
+            Some(Ok((req, respond))) => {
+                tokio::spawn(answer(handle(req.map(H2Body::new)), respond));
+            }
+            Some(Err(e)) => {
+                tracing::debug!("HTTP/2 connection ended: {e}");
+                return;
+            }
+            None => return,
         }
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    }
+}
+
+/// Sends the answer to one stream: the response headers once `handled` gives them, then
+/// the body. If the caller resets the stream first, `handled` is dropped, which cancels
+/// the call it made.
+async fn answer<F>(handled: F, mut respond: h2::server::SendResponse<Bytes>)
+where
+    F: Future<Output = Response<ProxyBody>>,
+{
+    let mut handled = std::pin::pin!(handled);
+    let resp = std::future::poll_fn(|cx| {
+        if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
+            return Poll::Ready(Some(resp));
         }
+        respond.poll_reset(cx).map(|_| None)
+    })
+    .await;
+    let Some(resp) = resp else {
+        return;
+    };
+    let (head, body) = resp.into_parts();
+    let eos = body.is_end_stream();
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(stream) if !eos => BodyPipe::new(body, stream).await,
+        Ok(_) => {}
+        Err(e) => tracing::debug!("response not sent: {e}"),
     }
 }
 

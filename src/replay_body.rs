@@ -8,10 +8,10 @@
 //! the cap is passed. Past the cap nothing more can be replayed and `attempt` says so.
 //! Only the newest attempt may read; a stale one ends with an error.
 
+use crate::h2_body::H2Body;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -24,7 +24,7 @@ pub const REPLAY_CAP: usize = 64 * 1024;
 pub enum ReplayError {
     /// The app's stream failed.
     #[error("request body from the app: {0}")]
-    Source(#[from] hyper::Error),
+    Source(#[from] h2::Error),
     /// A newer attempt took over the body.
     #[error("request body taken over by a retry")]
     Superseded,
@@ -34,7 +34,7 @@ pub enum ReplayError {
 #[derive(Debug)]
 pub enum ReplayBody {
     /// The app's stream as it is (retries off: no copies, no lock).
-    Direct(Incoming),
+    Direct(H2Body),
     /// One attempt's view of a shared, replayable stream.
     Replay(Attempt),
     /// A fixed body (health checks).
@@ -60,7 +60,7 @@ enum Kept {
 #[derive(Debug)]
 struct Shared {
     /// The app's stream, read by the newest attempt.
-    source: Incoming,
+    source: H2Body,
     /// What was read so far, while under the cap.
     frames: Vec<Kept>,
     /// Bytes in `frames`.
@@ -75,7 +75,7 @@ struct Shared {
 
 impl ReplayBody {
     /// A body for a request with retries off.
-    pub fn direct(body: Incoming) -> ReplayBody {
+    pub fn direct(body: H2Body) -> ReplayBody {
         ReplayBody::Direct(body)
     }
 
@@ -90,7 +90,7 @@ impl ReplayBody {
 pub struct Replayable(Arc<Mutex<Shared>>);
 
 impl Replayable {
-    pub fn new(source: Incoming) -> Replayable {
+    pub fn new(source: H2Body) -> Replayable {
         Replayable(Arc::new(Mutex::new(Shared {
             source,
             frames: Vec::new(),
