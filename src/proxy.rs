@@ -262,19 +262,16 @@ where
             return;
         }
     };
+    let mut stopping = std::pin::pin!(stop.cancelled());
     let mut draining = false;
     loop {
-        let accepted = if draining {
-            conn.accept().await
-        } else {
-            tokio::select! {
-                biased;
-                accepted = conn.accept() => accepted,
-                () = stop.cancelled() => {
-                    conn.graceful_shutdown();
-                    draining = true;
-                    continue;
-                }
+        let accepted = tokio::select! {
+            biased;
+            accepted = conn.accept() => accepted,
+            () = &mut stopping, if !draining => {
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
             }
         };
         match accepted {
