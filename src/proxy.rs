@@ -276,7 +276,7 @@ where
         };
         match accepted {
             Some(Ok((req, respond))) => {
-                tokio::spawn(answer(handle(req.map(H2Body::new)), respond));
+                tokio::spawn(Answer::new(handle(req.map(H2Body::new)), respond));
             }
             Some(Err(e)) => {
                 tracing::debug!("HTTP/2 connection ended: {e}");
@@ -287,30 +287,70 @@ where
     }
 }
 
-/// Sends the answer to one stream: the response headers once `handled` gives them, then
-/// the body. If the caller resets the stream first, `handled` is dropped, which cancels
-/// the call it made.
-async fn answer<F>(handled: F, mut respond: h2::server::SendResponse<Bytes>)
+pin_project_lite::pin_project! {
+    /// The task answering one stream: the response headers once `handled` gives them,
+    /// then the body. If the caller resets the stream first, the task ends and drops
+    /// `handled`, which cancels the call it made. A hand-written state machine rather
+    /// than an `async fn`: that one kept the multi-kilobyte `handled` future twice in
+    /// its state, and every task spawn and completion copies the whole state.
+    #[project = AnswerState]
+    enum Answer<F> {
+        Handling {
+            #[pin]
+            handled: F,
+            respond: Option<h2::server::SendResponse<Bytes>>,
+        },
+        Sending {
+            pipe: BodyPipe<ProxyBody>,
+        },
+    }
+}
+
+impl<F> Answer<F> {
+    fn new(handled: F, respond: h2::server::SendResponse<Bytes>) -> Answer<F> {
+        Answer::Handling {
+            handled,
+            respond: Some(respond),
+        }
+    }
+}
+
+impl<F> Future for Answer<F>
 where
     F: Future<Output = Response<ProxyBody>>,
 {
-    let mut handled = std::pin::pin!(handled);
-    let resp = std::future::poll_fn(|cx| {
-        if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
-            return Poll::Ready(Some(resp));
-        }
-        respond.poll_reset(cx).map(|_| None)
-    })
-    .await;
-    let Some(resp) = resp else {
-        return;
-    };
-    let (head, body) = resp.into_parts();
-    let eos = body.is_end_stream();
-    match respond.send_response(Response::from_parts(head, ()), eos) {
-        Ok(stream) if !eos => BodyPipe::new(body, stream).await,
-        Ok(_) => {}
-        Err(e) => tracing::debug!("response not sent: {e}"),
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let pipe = match self.as_mut().project() {
+            AnswerState::Sending { pipe } => return std::pin::Pin::new(pipe).poll(cx),
+            AnswerState::Handling { handled, respond } => {
+                let resp = match handled.poll(cx) {
+                    Poll::Ready(resp) => resp,
+                    Poll::Pending => {
+                        return match respond.as_mut().map(|r| r.poll_reset(cx)) {
+                            Some(Poll::Pending) => Poll::Pending,
+                            _ => Poll::Ready(()),
+                        };
+                    }
+                };
+                let Some(mut respond) = respond.take() else {
+                    return Poll::Ready(());
+                };
+                let (head, body) = resp.into_parts();
+                let eos = body.is_end_stream();
+                match respond.send_response(Response::from_parts(head, ()), eos) {
+                    Ok(stream) if !eos => BodyPipe::new(body, stream),
+                    Ok(_) => return Poll::Ready(()),
+                    Err(e) => {
+                        tracing::debug!("response not sent: {e}");
+                        return Poll::Ready(());
+                    }
+                }
+            }
+        };
+        self.set(Answer::Sending { pipe });
+        self.poll(cx)
     }
 }
 
