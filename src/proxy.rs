@@ -276,7 +276,10 @@ where
         };
         match accepted {
             Some(Ok((req, respond))) => {
-                tokio::spawn(Answer::new(handle(req.map(H2Body::new)), respond));
+                // Boxed: the service future is kilobytes, and the task spawn and its
+                // completion each copy the whole task state.
+                let handled = Box::pin(handle(req.map(H2Body::new)));
+                tokio::spawn(Answer::new(handled, respond));
             }
             Some(Err(e)) => {
                 tracing::debug!("HTTP/2 connection ended: {e}");
