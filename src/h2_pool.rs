@@ -122,7 +122,7 @@ impl H2Pool {
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
         if !takes_streams(&mut sender) {
-            self.sender.store(None);
+            // `sender` connects anew unless another request already did.
             sender = self.sender().await?;
         }
         let (head, body) = req.into_parts();
@@ -157,6 +157,8 @@ fn takes_streams(sender: &mut SendRequest<Bytes>) -> bool {
     matches!(sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
 }
 
+/// The client settings: the windows and frame size of meshd's server side, and the
+/// defaults hyper's client used for the rest (no server push).
 fn builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_max_send_streams(100)
