@@ -14,12 +14,22 @@ pub fn meshd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshd"))
 }
 
-/// A free loopback port (bound and released; good enough for tests that bind at once).
+/// A free loopback port (bound and released; good enough for tests that bind at once),
+/// never the same one twice in a test process: the kernel may hand a released port out
+/// again, and a sidecar given one port for two listeners refuses its config.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A child process killed and reaped on drop, with its output captured.
