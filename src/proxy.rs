@@ -100,7 +100,7 @@ pub fn respond_locally(
 /// carries grpc-status there), body streamed through and measured to its end.
 pub fn respond_upstream(
     mut record: crate::telemetry::RequestRecord,
-    resp: Response<crate::h2_body::H2Body>,
+    resp: Response<H2Body>,
 ) -> Response<ProxyBody> {
     record.http_status = resp.status().as_u16();
     record.grpc_status = resp
