@@ -302,6 +302,10 @@ pin_project_lite::pin_project! {
             #[pin]
             handled: F,
             respond: Option<h2::server::SendResponse<Bytes>>,
+            // Not polled yet: a stream the caller reset before its task first ran (the
+            // HTTP/2 rapid-reset pattern) is dropped without calling upstream, so meshd
+            // does not pass a flood of opened-and-cancelled streams on to the next hop.
+            fresh: bool,
         },
         Sending {
             pipe: BodyPipe<ProxyBody>,
@@ -314,6 +318,7 @@ impl<F> Answer<F> {
         Answer::Handling {
             handled,
             respond: Some(respond),
+            fresh: true,
         }
     }
 }
@@ -327,15 +332,18 @@ where
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
         let pipe = match self.as_mut().project() {
             AnswerState::Sending { pipe } => return std::pin::Pin::new(pipe).poll(cx),
-            AnswerState::Handling { handled, respond } => {
+            AnswerState::Handling {
+                handled,
+                respond,
+                fresh,
+            } => {
+                if std::mem::take(fresh) && caller_reset(respond, cx) {
+                    return Poll::Ready(());
+                }
                 let resp = match handled.poll(cx) {
                     Poll::Ready(resp) => resp,
-                    Poll::Pending => {
-                        return match respond.as_mut().map(|r| r.poll_reset(cx)) {
-                            Some(Poll::Pending) => Poll::Pending,
-                            _ => Poll::Ready(()),
-                        };
-                    }
+                    Poll::Pending if caller_reset(respond, cx) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
                 };
                 let Some(mut respond) = respond.take() else {
                     return Poll::Ready(());
@@ -355,6 +363,18 @@ where
         self.set(Answer::Sending { pipe });
         self.poll(cx)
     }
+}
+
+/// Whether the caller has reset the stream (or it is gone); otherwise wakes the task
+/// when it does.
+fn caller_reset(
+    respond: &mut Option<h2::server::SendResponse<Bytes>>,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    !matches!(
+        respond.as_mut().map(|r| r.poll_reset(cx)),
+        Some(Poll::Pending)
+    )
 }
 
 /// Copies bytes both ways, counting them in `meshd_tcp_bytes_total`.
