@@ -7,6 +7,12 @@ use meshd::config::{self, Config, Env};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc's malloc: the proxy allocates and frees small buffers for
+/// every request (headers, frames, tasks), and mimalloc does that in fewer instructions
+/// at the same RSS (Cargo.toml says why it is built with `no_thp`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "A SPIFFE-native sidecar proxy")]
 struct Cli {
