@@ -2,7 +2,7 @@
 # Per-request cost of the meshd pair, for comparing builds on a busy machine.
 #
 #   benches/e2e/cost.sh [--n N] [--reps R] [--unloaded] [--mallocs] [--record SECONDS]
-#                       [--instructions]
+#                       [--instructions] [--handshakes]
 #
 # Sets up the `meshd` chain of run.sh only (nginx h2c backend, meshd outbound -> meshd
 # inbound, same certificates, policy and settings) and runs `h2load -n N -c 16 -m 8`
@@ -22,6 +22,10 @@
 # build gives the same count to within 1 % however busy the machine is, so two builds can
 # be compared where CPU time moves by 15 %. The callgrind files stay in the work folder
 # (callgrind_annotate FILE shows where the instructions go). Needs valgrind.
+# --handshakes measures full mTLS handshakes instead of requests: a tcp-mode inbound (as in
+# tcp.sh) forwarding to nginx, `openssl s_time -new` for 5 s per repetition (10 s with
+# --instructions), and the inbound's CPU ms (or, with --instructions, instructions) per
+# handshake.
 #
 # Environment: MESHD_BIN (default $CARGO_TARGET_DIR/release/meshd). Needs nginx, h2load,
 # perf (apt-get install linux-perf), openssl, curl, python3.
@@ -32,7 +36,7 @@ repo=$(cd "$here/../.." && pwd)
 say() { printf 'cost: %s\n' "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 
-n= reps=3 mallocs=0 record=0 unloaded=0 instr=0
+n= reps=3 mallocs=0 record=0 unloaded=0 instr=0 handshakes=0
 while [ $# -gt 0 ]; do
   case $1 in
     --n) n=$2; shift ;;
@@ -40,18 +44,21 @@ while [ $# -gt 0 ]; do
     --reps) reps=$2; shift ;;
     --mallocs) mallocs=1 ;;
     --instructions) instr=1 ;;
+    --handshakes) handshakes=1 ;;
     --record) record=$2; shift ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [ "$unloaded$mallocs" = 11 ] && die "--mallocs counts with perf stat, which --unloaded leaves out"
 [ "$instr" = 1 ] && [ "$mallocs$record" != 00 ] && die "--instructions runs under valgrind: no --mallocs or --record with it"
+[ "$handshakes" = 1 ] && [ "$unloaded$mallocs$record" != 000 ] && die "--handshakes goes alone or with --instructions"
 [ "$instr" = 1 ] && n=${n:-10000}
 if [ "$unloaded" = 1 ]; then conc=(-c 1 -m 1) n=${n:-20000}; else conc=(-c 16 -m 8) n=${n:-100000}; fi
 tools=(nginx h2load perf openssl curl python3)
 [ "$instr" = 1 ] && tools+=(valgrind callgrind_control)
+[ "$handshakes" = 1 ] && tools+=(openssl)
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || die "$t is missing"
 done
@@ -84,9 +91,9 @@ wait_http() { # url [curl args...]
   done
   die "not ready: $url"
 }
-read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN < <(python3 -c '
+read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(5)]
+ss = [socket.socket() for _ in range(7)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))')
 
@@ -99,6 +106,47 @@ start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
 write_policy
+if [ "$handshakes" = 1 ]; then
+  # Full mTLS handshakes against a tcp-mode inbound that forwards to nginx (tcp.sh's setup).
+  meshd_inbound_yaml "$work/hs.yaml" "$P_HS" tcp "$P_BACKEND" "$P_HS_ADMIN"
+  under=()
+  [ "$instr" = 1 ] && under=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.hs")
+  start meshd_hs "${under[@]}" "$MESHD_BIN" run --config "$work/hs.yaml"
+  wait_http "http://127.0.0.1:$P_HS_ADMIN/ready"
+  secs=5
+  [ "$instr" = 1 ] && secs=10
+  s_time() { # seconds -> the number of handshakes done
+    openssl s_time -connect "127.0.0.1:$P_HS" -new -time "$1" -cert "$work/client/svid.pem" \
+      -key "$work/client/key.pem" -CAfile "$work/client/bundle.pem" >"$work/s_time.txt" 2>&1 ||
+      { cat "$work/s_time.txt" >&2; die "openssl s_time failed"; }
+    awk '/connections in [0-9.]+ real seconds/ {n = $1} END {print n + 0}' "$work/s_time.txt"
+  }
+  s_time 2 >/dev/null # warm-up
+  say "meshd $("$MESHD_BIN" --version 2>/dev/null || echo "$MESHD_BIN"), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  hz=$(getconf CLK_TCK)
+  ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  if [ "$instr" = 1 ]; then printf 'rep\thandshakes\tinstructions/handshake\n'; else printf 'rep\thandshakes\tcpu_ms/handshake\n'; fi
+  for rep in $(seq "$reps"); do
+    if [ "$instr" = 1 ]; then
+      callgrind_control -z "$pid_meshd_hs" >/dev/null 2>&1
+      hs=$(s_time "$secs")
+      before=$( (ls "$work"/callgrind.hs.* 2>/dev/null || true) | wc -l)
+      callgrind_control -d "$pid_meshd_hs" >/dev/null 2>&1
+      for i in $(seq 100); do
+        [ "$( (ls "$work"/callgrind.hs.* 2>/dev/null || true) | wc -l)" -gt "$before" ] && break
+        sleep 0.1
+      done
+      ir=$(awk '/^totals:/ {print $2}' "$(ls -t "$work"/callgrind.hs.* | head -1)")
+      printf '%s\t%s\t%.0f\n' "$rep" "$hs" "$(awk -v v="$ir" -v n="$hs" 'BEGIN {print v / n}')"
+    else
+      t0=$(ticks "$pid_meshd_hs")
+      hs=$(s_time "$secs")
+      printf '%s\t%s\t%.3f\n' "$rep" "$hs" \
+        "$(awk -v d="$(($(ticks "$pid_meshd_hs") - t0))" -v hz="$hz" -v n="$hs" 'BEGIN {print d / hz / n * 1000}')"
+    fi
+  done
+  exit 0
+fi
 meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN"
 meshd_inbound_yaml "$work/in.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
 under_in=() under_out=()
