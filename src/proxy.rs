@@ -337,12 +337,16 @@ where
                 respond,
                 fresh,
             } => {
-                if std::mem::take(fresh) && caller_reset(respond, cx) {
+                // Checked once per poll: before the first call, after the others.
+                let checked = std::mem::take(fresh);
+                if checked && caller_reset(respond, cx) {
                     return Poll::Ready(());
                 }
                 let resp = match handled.poll(cx) {
                     Poll::Ready(resp) => resp,
-                    Poll::Pending if caller_reset(respond, cx) => return Poll::Ready(()),
+                    Poll::Pending if !checked && caller_reset(respond, cx) => {
+                        return Poll::Ready(())
+                    }
                     Poll::Pending => return Poll::Pending,
                 };
                 let Some(mut respond) = respond.take() else {
