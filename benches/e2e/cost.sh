@@ -105,6 +105,19 @@ write_nginx_conf "$P_BACKEND"
 start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
+# With --instructions: counters zeroed before each run and dumped after it; each dump is
+# a new file.
+dump() { # side pid -> instructions since the last zeroing
+  local before i
+  before=$(ls "$work"/callgrind."$1".* 2>/dev/null | wc -l)
+  callgrind_control -d "$2" >/dev/null 2>&1
+  for i in $(seq 100); do
+    [ "$(ls "$work"/callgrind."$1".* 2>/dev/null | wc -l)" -gt "$before" ] && break
+    sleep 0.1
+  done
+  awk '/^totals:/ {print $2}' "$(ls -t "$work"/callgrind."$1".* | head -1)"
+}
+
 write_policy
 if [ "$handshakes" = 1 ]; then
   # Full mTLS handshakes against a tcp-mode inbound that forwards to nginx (tcp.sh's setup).
@@ -130,13 +143,7 @@ if [ "$handshakes" = 1 ]; then
     if [ "$instr" = 1 ]; then
       callgrind_control -z "$pid_meshd_hs" >/dev/null 2>&1
       hs=$(s_time "$secs")
-      before=$( (ls "$work"/callgrind.hs.* 2>/dev/null || true) | wc -l)
-      callgrind_control -d "$pid_meshd_hs" >/dev/null 2>&1
-      for i in $(seq 100); do
-        [ "$( (ls "$work"/callgrind.hs.* 2>/dev/null || true) | wc -l)" -gt "$before" ] && break
-        sleep 0.1
-      done
-      ir=$(awk '/^totals:/ {print $2}' "$(ls -t "$work"/callgrind.hs.* | head -1)")
+      ir=$(dump hs "$pid_meshd_hs")
       printf '%s\t%s\t%.0f\n' "$rep" "$hs" "$(awk -v v="$ir" -v n="$hs" 'BEGIN {print v / n}')"
     else
       t0=$(ticks "$pid_meshd_hs")
@@ -176,17 +183,6 @@ fi
 say "meshd $("$MESHD_BIN" --version 2>/dev/null || echo "$MESHD_BIN"), load $(cut -d' ' -f1-3 /proc/loadavg)"
 per() { awk -v v="$1" -v n="$n" -v k="$2" 'BEGIN {printf "%.2f", v * k / n}'; }
 if [ "$instr" = 1 ]; then
-  # Counters zeroed before each run and dumped after it; each dump is a new file.
-  dump() { # side pid -> instructions since the last zeroing
-    local before i
-    before=$(ls "$work"/callgrind."$1".* 2>/dev/null | wc -l)
-    callgrind_control -d "$2" >/dev/null 2>&1
-    for i in $(seq 100); do
-      [ "$(ls "$work"/callgrind."$1".* 2>/dev/null | wc -l)" -gt "$before" ] && break
-      sleep 0.1
-    done
-    awk '/^totals:/ {print $2}' "$(ls -t "$work"/callgrind."$1".* | head -1)"
-  }
   printf 'rep\treq/s\tout_instructions/req\tin_instructions/req\n'
   for rep in $(seq "$reps"); do
     callgrind_control -z "$pid_meshd_out" >/dev/null 2>&1
