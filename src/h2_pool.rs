@@ -100,12 +100,12 @@ impl H2Pool {
     }
 
     /// Sends a request and waits for the response headers.
-    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<H2Body>, String>
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<H2Body>, SendError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        let sender = self.sender().await?;
+        let sender = self.sender().await.map_err(SendError::NotProcessed)?;
         self.send_via(sender, req).await
     }
 
@@ -116,20 +116,21 @@ impl H2Pool {
         &self,
         mut sender: SendRequest<Bytes>,
         req: Request<B>,
-    ) -> Result<Response<H2Body>, String>
+    ) -> Result<Response<H2Body>, SendError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
         if !takes_streams(&mut sender) {
             // `sender` connects anew unless another request already did.
-            sender = self.sender().await?;
+            sender = self.sender().await.map_err(SendError::NotProcessed)?;
         }
         let (head, body) = req.into_parts();
         let eos = body.is_end_stream();
+        // An error here means h2 did not open the stream: nothing was sent.
         let (response, stream) = sender
             .send_request(Request::from_parts(head, ()), eos)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SendError::NotProcessed(e.to_string()))?;
         drop(sender);
         let mut unanswered = None;
         if !eos {
@@ -142,12 +143,45 @@ impl H2Pool {
                 tokio::spawn(pipe);
             }
         }
-        let resp = response.await.map_err(|e| e.to_string())?;
+        let resp = response.await.map_err(SendError::from_stream)?;
         if let Some(guard) = unanswered {
             guard.answered();
         }
         Ok(resp.map(H2Body::new))
     }
+}
+
+/// Why a request got no response headers.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The request never reached the peer's application: no connection could be made,
+    /// the stream was never opened, or the peer refused it (RST_STREAM REFUSED_STREAM, or
+    /// a GOAWAY whose last stream ID is below it; RFC 9113 §8.7). Safe to send again,
+    /// whatever the method.
+    #[error("{0}")]
+    NotProcessed(String),
+    /// The stream failed after it was sent: the peer may have processed it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl SendError {
+    /// Classifies the error of a stream that h2 opened.
+    fn from_stream(e: h2::Error) -> SendError {
+        if not_processed(&e) {
+            SendError::NotProcessed(e.to_string())
+        } else {
+            SendError::Failed(e.to_string())
+        }
+    }
+}
+
+/// Whether a stream error says the peer did not process the stream. h2 gives a remote
+/// GOAWAY error only to the streams above the frame's last stream ID (and to streams
+/// opened after it); streams below it that die with the connection get an I/O error.
+fn not_processed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
 /// Whether the connection takes new streams: no GOAWAY, no error, not closed. A fresh
@@ -233,5 +267,95 @@ where
                 Err(_) => return Err(format!("no answer to a PING within {KEEPALIVE_TIMEOUT:?}")),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Empty;
+    use tokio::net::TcpListener;
+
+    /// An h2c peer on loopback answering its streams in turn: `Some(reason)` resets the
+    /// stream with that reason, `None` (and any stream after the list) answers 200.
+    async fn answering(answers: Vec<Option<h2::Reason>>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut answers = answers.into_iter();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                match answers.next().flatten() {
+                    Some(reason) => respond.send_reset(reason),
+                    None => {
+                        let _ = respond.send_response(Response::new(()), true);
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    /// An h2c peer that says GOAWAY (last stream 0) on every connection, before it
+    /// processes any stream.
+    async fn going_away() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    while let Some(Ok(_)) = conn.accept().await {}
+                });
+            }
+        });
+        addr
+    }
+
+    fn post(addr: SocketAddr) -> Request<Empty<Bytes>> {
+        Request::post(format!("http://{addr}/payment.v1.PaymentService/Pay"))
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    // Story: a POST may be sent again only when the peer certainly did not process it.
+    // A stream the peer refuses (REFUSED_STREAM), one sent to a peer going away, and one
+    // for which no connection could be made were not processed; a stream reset for
+    // another reason may have been, and a healthy stream is answered.
+    #[tokio::test]
+    async fn only_streams_the_peer_never_processed_are_not_processed() {
+        let addr = answering(vec![
+            Some(h2::Reason::REFUSED_STREAM),
+            Some(h2::Reason::INTERNAL_ERROR),
+        ])
+        .await;
+        let pool = H2Pool::new(Connector::Plain(addr));
+        let refused = pool.send(post(addr)).await;
+        assert!(
+            matches!(refused, Err(SendError::NotProcessed(_))),
+            "{refused:?}"
+        );
+        let reset = pool.send(post(addr)).await;
+        assert!(matches!(reset, Err(SendError::Failed(_))), "{reset:?}");
+        assert_eq!(pool.send(post(addr)).await.unwrap().status(), 200);
+
+        let addr = going_away().await;
+        let pool = H2Pool::new(Connector::Plain(addr));
+        let gone = pool.send(post(addr)).await;
+        assert!(matches!(gone, Err(SendError::NotProcessed(_))), "{gone:?}");
+
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let pool = H2Pool::new(Connector::Plain(addr));
+        let unreachable = pool.send(post(addr)).await;
+        assert!(
+            matches!(unreachable, Err(SendError::NotProcessed(_))),
+            "{unreachable:?}"
+        );
     }
 }

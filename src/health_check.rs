@@ -128,7 +128,11 @@ async fn check_grpc(ep: &dyn Checked, service: &str) -> Result<(), CheckError> {
         .header(http::header::TE, HeaderValue::from_static("trailers"))
         .body(ReplayBody::fixed(grpc_request_body(service)))
         .map_err(|e| CheckError::Malformed(e.to_string()))?;
-    let resp = ep.pool().send(req).await.map_err(CheckError::Connect)?;
+    let resp = ep
+        .pool()
+        .send(req)
+        .await
+        .map_err(|e| CheckError::Connect(e.to_string()))?;
     if resp.status() != http::StatusCode::OK {
         return Err(CheckError::HttpStatus(resp.status().as_u16()));
     }

@@ -403,7 +403,7 @@ impl Outbound {
                     return;
                 }
                 Err(e) => {
-                    self.observe(ep, Outcome::NoResponse);
+                    self.observe(ep, Outcome::NotProcessed);
                     tracing::warn!("outbound {}: {e}", self.name);
                     tried.push(addr);
                     if tried.len() > self.config.retries.attempts as usize

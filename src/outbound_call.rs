@@ -11,6 +11,7 @@
 use crate::balancer::InFlight;
 use crate::config::Protocol;
 use crate::h2_body::H2Body;
+use crate::h2_pool::SendError;
 use crate::outbound::{Endpoint, Outbound};
 use crate::proxy::{self, ProxyBody, ProxyError, XFCC};
 use crate::replay_body::{ReplayBody, Replayable};
@@ -25,13 +26,28 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 enum AttemptError {
     /// Connect, TLS, HTTP/2 or stream failure before headers.
-    Send(String),
+    Send(SendError),
     /// The deadline passed first.
     Timeout,
     /// Too many requests already wait for a connection.
     Limit(LimitHit),
     /// meshd has no valid SVID: it fails closed and calls no one.
     NoIdentity,
+}
+
+impl AttemptError {
+    /// The outcome of an attempt that ended without response headers, for retries.
+    fn outcome(&self) -> Outcome {
+        match self {
+            AttemptError::Send(SendError::NotProcessed(_)) => Outcome::NotProcessed,
+            AttemptError::Timeout => Outcome::TimedOut,
+            // A limit hit or a missing SVID sent nothing either, but another attempt would
+            // most likely meet the same: only the requests safe to repeat anyway try again.
+            AttemptError::Send(SendError::Failed(_))
+            | AttemptError::Limit(_)
+            | AttemptError::NoIdentity => Outcome::NoResponse,
+        }
+    }
 }
 
 /// What an attempt's response headers say about the attempt.
@@ -173,8 +189,7 @@ impl Outbound {
                 .await;
             let outcome = match &result {
                 Ok(resp) => classify(resp, grpc),
-                Err(AttemptError::Timeout) => Outcome::TimedOut,
-                Err(_) => Outcome::NoResponse,
+                Err(e) => e.outcome(),
             };
             let n = tried.len() as u32 + 1;
             let pause = resilience::backoff(
@@ -223,7 +238,9 @@ impl Outbound {
                         .breaker
                         .wait_for_connection()
                         .map_err(AttemptError::Limit)?;
-                    pool.sender().await.map_err(AttemptError::Send)?
+                    pool.sender()
+                        .await
+                        .map_err(|e| AttemptError::Send(SendError::NotProcessed(e)))?
                 }
             };
             pool.send_via(sender, req).await.map_err(AttemptError::Send)
@@ -258,9 +275,9 @@ impl Outbound {
         record.upstream = ep.endpoint.addr_text.clone();
         let outcome = match &result {
             Ok(resp) => classify(resp, grpc),
-            Err(AttemptError::Timeout) => Outcome::TimedOut,
+            // meshd answered these itself; the endpoint did nothing wrong.
             Err(AttemptError::Limit(_) | AttemptError::NoIdentity) => Outcome::Answered,
-            Err(AttemptError::Send(_)) => Outcome::NoResponse,
+            Err(e) => e.outcome(),
         };
         self.observe(ep, outcome);
         let err = match result {

@@ -23,7 +23,13 @@ pub enum Outcome {
     ServerError,
     /// A trailers-only gRPC response with status 14 UNAVAILABLE: no message was sent.
     GrpcUnavailable,
-    /// No response headers: connect error, TLS failure, reset or GOAWAY before headers.
+    /// No response headers, and the request never reached the upstream's app: no
+    /// connection could be made (connect, TLS or HTTP/2 handshake), or the upstream
+    /// refused the stream (RST_STREAM REFUSED_STREAM, or a GOAWAY below its ID; RFC 9113
+    /// §8.7 says such a stream was not processed).
+    NotProcessed,
+    /// No response headers: the stream was reset or its connection failed after it was
+    /// sent, so the upstream may have processed it.
     NoResponse,
     /// The deadline passed before response headers.
     TimedOut,
@@ -37,12 +43,14 @@ impl Outcome {
 }
 
 /// Whether an attempt that ended with `outcome` may be sent again: nothing of the
-/// response reached the app, and the request is safe to repeat — any gRPC call that got
-/// UNAVAILABLE or no response at all (the server did not process it, per gRPC's
-/// retry design), or an HTTP request with an idempotent method that got no response.
+/// response reached the app, and the request is safe to repeat — any request the
+/// upstream did not process (Envoy's `connect-failure` and `refused-stream`), any gRPC
+/// call that got UNAVAILABLE or no response at all (per gRPC's retry design), or an HTTP
+/// request with an idempotent method that got no response.
 pub fn retry_allowed(outcome: Outcome, grpc: bool, method: &http::Method) -> bool {
     use http::Method;
     match outcome {
+        Outcome::NotProcessed => true,
         Outcome::GrpcUnavailable => grpc,
         Outcome::NoResponse => {
             grpc || [

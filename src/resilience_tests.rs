@@ -28,6 +28,10 @@ fn only_safe_requests_are_retried() {
         // an HTTP 503 carries a body the app could have seen: not retried
         (ServerError, false, Method::GET, false),
         (GrpcUnavailable, false, Method::GET, false),
+        // never processed upstream (connect failure, refused stream): any method
+        (NotProcessed, false, Method::POST, true),
+        (NotProcessed, false, Method::PATCH, true),
+        (NotProcessed, true, Method::POST, true),
     ];
     for (i, (outcome, grpc, method, want)) in table.into_iter().enumerate() {
         assert_eq!(retry_allowed(outcome, grpc, &method), want, "case {i}");

@@ -220,6 +220,66 @@ async fn curl_h2c_through_an_http_pair() {
     );
 }
 
+const POST_POLICY: &str = r#"service: contact-service
+mode: enforce
+default: deny
+rules:
+  - name: payments-order
+    action: allow
+    from: ["spiffe://jia.app/payment-service"]
+    to:
+      http: [{methods: [POST], paths: ["/orders"]}]
+"#;
+
+// Story: payment's http upstream has two endpoints and nothing listens on one of them.
+// Round robin sends every other POST there (outlier detection is off), where no one
+// receives it. A POST is not safe to repeat in general, but one that never left meshd
+// is: meshd sends it to the live endpoint, so curl gets the app's 200 every time, the
+// app gets each POST once, and the retry counter shows the retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn posts_nobody_received_are_retried_on_the_live_endpoint() {
+    let app = h2c_echo_app().await;
+    let pair = Pair::start("http", app, Some(POST_POLICY));
+    let (listen, admin, dead) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        r#"service: payment-service
+identity:
+  workload_api: {socket}
+outbound:
+  - name: contact-service
+    listen: 127.0.0.1:{listen}
+    protocol: http
+    endpoints: ["127.0.0.1:{inbound}", "127.0.0.1:{dead}"]
+    server_id: spiffe://jia.app/contact-service
+    balancer: round_robin
+    retries: {{attempts: 1, budget_percent: 100}}
+    outlier_detection: {{consecutive_failures: 0}}
+admin:
+  listen: 127.0.0.1:{admin}
+"#,
+        socket = pair.ca.socket("payment-service"),
+        inbound = pair.inbound,
+    );
+    let payment = Sidecar::start("payment-retrying", pair.dir.path(), &yaml, admin);
+    payment.wait_ready();
+    let url = format!("http://127.0.0.1:{listen}/orders");
+    for i in 0..10 {
+        // No request body, for the reason given in `curl_h2c_through_an_http_pair`.
+        let (code, body, r) = curl(&["--http2-prior-knowledge", "-X", "POST", &url]).await;
+        assert_eq!(code, "200", "POST {i}: {r:?}");
+        assert!(body.starts_with("POST /orders "), "{body}");
+    }
+    let received = pair
+        .contact
+        .metric("meshd_requests_total", &["direction=\"inbound\""]);
+    assert_eq!(received, 10.0, "each POST reached the app once");
+    let retries = payment.metric("meshd_retries_total", &["service=\"contact-service\""]);
+    assert!(
+        (3.0..=10.0).contains(&retries),
+        "the POSTs sent to the closed port were retried: {retries}"
+    );
+}
+
 /// A TCP echo app; counts the connections it accepted.
 async fn tcp_echo_app() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
