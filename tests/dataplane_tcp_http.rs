@@ -240,27 +240,18 @@ rules:
 async fn posts_nobody_received_are_retried_on_the_live_endpoint() {
     let app = h2c_echo_app().await;
     let pair = Pair::start("http", app, Some(POST_POLICY));
-    let (listen, admin, dead) = (free_port(), free_port(), free_port());
-    let yaml = format!(
-        r#"service: payment-service
-identity:
-  workload_api: {socket}
-outbound:
-  - name: contact-service
-    listen: 127.0.0.1:{listen}
+    let dead = free_port();
+    let extra = format!(
+        "    endpoints: [\"127.0.0.1:{inbound}\", \"127.0.0.1:{dead}\"]
     protocol: http
-    endpoints: ["127.0.0.1:{inbound}", "127.0.0.1:{dead}"]
-    server_id: spiffe://jia.app/contact-service
     balancer: round_robin
     retries: {{attempts: 1, budget_percent: 100}}
     outlier_detection: {{consecutive_failures: 0}}
-admin:
-  listen: 127.0.0.1:{admin}
-"#,
-        socket = pair.ca.socket("payment-service"),
+",
         inbound = pair.inbound,
     );
-    let payment = Sidecar::start("payment-retrying", pair.dir.path(), &yaml, admin);
+    let (payment, listen) =
+        common::replicas::payment(pair.dir.path(), &pair.ca, "payment-retrying", &extra, None);
     payment.wait_ready();
     let url = format!("http://127.0.0.1:{listen}/orders");
     for i in 0..10 {
