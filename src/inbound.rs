@@ -10,6 +10,7 @@
 use crate::config::Protocol;
 use crate::h2_body::H2Body;
 use crate::h2_pool::H2Pool;
+use crate::handshake_io::HandshakeIo;
 use crate::identity::SpiffeId;
 use crate::policy::{Request as AuthzRequest, Target};
 use crate::policy_store::PolicyStore;
@@ -22,6 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+
+/// An accepted inbound connection after its TLS handshake.
+type InboundTls = tokio_rustls::server::TlsStream<HandshakeIo<TcpStream>>;
 
 /// How long a peer may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,12 +95,13 @@ impl Inbound {
             return;
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let handshake = acceptor.accept(HandshakeIo::new(tcp));
+        let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
                 metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
-                if reason == "io" {
+                if reason == "io" || reason == "truncated" {
                     // The peer went away (reset, EOF): counted, but not worth a line
                     // each (a port scan or a flood would fill the log).
                     tracing::debug!(%remote, reason, "inbound TLS handshake failed: {e}");
@@ -111,6 +116,14 @@ impl Inbound {
                 return;
             }
         };
+        let (io, _) = stream.get_mut();
+        io.handshake_over();
+        if io.peer_gone() {
+            // A client that finished its handshake and closed before reading the
+            // session tickets (a TLS probe): done, and not a failure.
+            tracing::debug!(%remote, "client closed right after its TLS handshake");
+            return;
+        }
         let (_, conn) = stream.get_ref();
         let Some(id) = tls::peer_id(conn.peer_certificates()) else {
             tracing::warn!(%remote, "peer certificate has no SPIFFE ID");
@@ -147,7 +160,7 @@ impl Inbound {
         proxy::serve_h2(stream, handle, stop).await;
     }
 
-    async fn tcp(&self, stream: tokio_rustls::server::TlsStream<TcpStream>, peer: Arc<Peer>) {
+    async fn tcp(&self, stream: InboundTls, peer: Arc<Peer>) {
         let target = Target {
             port: self.port,
             request: AuthzRequest::Tcp,

@@ -26,6 +26,7 @@ pub mod discovery_dns;
 pub mod discovery_file;
 pub mod h2_body;
 pub mod h2_pool;
+pub mod handshake_io;
 pub mod health_check;
 pub mod identity;
 pub mod identity_files;

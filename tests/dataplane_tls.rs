@@ -448,6 +448,47 @@ async fn garbage_and_truncated_handshakes_do_not_hurt_the_sidecar() {
     drop(stalled);
 }
 
+// Story: openssl s_time opens mTLS connections as fast as it can and closes each as soon
+// as its handshake is done, as a TLS probe would; the session tickets meshd sends after
+// the handshake then meet a reset. Those clients were verified and finished: none is
+// counted as a failed handshake (no `io`, no `truncated`). A client that resets before
+// finishing still is, and the sidecar serves the next caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_leaving_right_after_the_handshake_are_not_failures() {
+    let m = Mesh::start();
+    let (addr, cert, bundle) = (m.addr(), m.payment_cert(), m.file("pay/bundle.pem"));
+    let mut args = vec!["s_time", "-connect", &addr, "-new", "-time", "2"];
+    args.extend(strs(&cert));
+    args.extend(["-CAfile", &bundle]);
+    let r = run("openssl", &args, LIMIT).await;
+    let done: u32 = r
+        .text
+        .split_once(" connections in ")
+        .and_then(|(n, _)| n.rsplit(char::is_whitespace).next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(done >= 20, "s_time finished {done} handshakes:\n{}", r.text);
+    let failed = |reason: &str| {
+        let r = format!("reason=\"{reason}\"");
+        let parts = ["direction=\"inbound\"", r.as_str()];
+        m.contact
+            .metric("meshd_tls_handshake_failures_total", &parts)
+    };
+    assert_eq!(failed("io") + failed("truncated"), 0.0, "{done} handshakes");
+
+    // Reset (SO_LINGER 0) after meshd's first flight, before the client's own.
+    let mut s = TcpStream::connect(("127.0.0.1", m.inbound)).await.unwrap();
+    s.write_all(&client_hello()).await.unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.unwrap();
+    s.set_zero_linger().unwrap();
+    drop(s);
+    assert!(
+        m.failures("truncated", 1.0) >= 1.0,
+        "a reset mid-handshake counts"
+    );
+    m.still_serves().await;
+}
+
 // Story: the TLS policy seen from openssl: TLS 1.2 only with ECDHE AES-GCM (ChaCha20 is
 // refused), TLS 1.1 refused even when the client would allow it, TLS 1.3 by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
