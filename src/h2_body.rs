@@ -36,13 +36,19 @@ impl Drop for ResetUnlessAnswered {
     }
 }
 
+/// The largest first data frame handed to h2 without waiting for send capacity.
+const FIRST_FRAME_EAGER: usize = 16 << 10;
+
 /// Copies a body into its HTTP/2 stream, frame by frame, waiting for the peer's
-/// flow-control window before each data frame (as hyper's `PipeToSendStream`).
+/// flow-control window before each data frame (as hyper's `PipeToSendStream`), except a
+/// small first one (see [`FIRST_FRAME_EAGER`] and `pump`).
 pub struct BodyPipe<B> {
     body: B,
     stream: SendStream<Bytes>,
     /// A data frame read from the body, waiting for send capacity; with its end flag.
     waiting: Option<(Bytes, bool)>,
+    /// Whether a data frame was sent already: only the first may skip the wait.
+    sent_data: bool,
     /// Fires when the caller stopped waiting for the response (see [`ResetUnlessAnswered`]).
     cancel: Option<oneshot::Receiver<()>>,
 }
@@ -53,6 +59,7 @@ impl<B> BodyPipe<B> {
             body,
             stream,
             waiting: None,
+            sent_data: false,
             cancel: None,
         }
     }
@@ -92,6 +99,7 @@ where
                 let Some((data, eos)) = self.waiting.take() else {
                     continue;
                 };
+                self.sent_data = true;
                 self.stream
                     .send_data(data, eos)
                     .map_err(|e| e.to_string())?;
@@ -106,7 +114,15 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let eos = self.body.is_end_stream();
-                        if data.is_empty() {
+                        // A small first frame (a unary gRPC message) goes to h2 at once,
+                        // which buffers it until the stream has capacity. h2 gives none
+                        // to a client stream whose HEADERS are still queued, so waiting
+                        // here sent the headers and the data in two flushes: two TLS
+                        // records, two writes, and a second wake-up of the peer. The
+                        // frame is held either way, and the next one waits as usual.
+                        let eager = !self.sent_data && data.len() <= FIRST_FRAME_EAGER;
+                        if data.is_empty() || eager {
+                            self.sent_data |= eager;
                             self.stream
                                 .send_data(data, eos)
                                 .map_err(|e| e.to_string())?;
