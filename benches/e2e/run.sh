@@ -355,6 +355,8 @@ med() { # scenario metric -> median over repetitions, or "-"
       else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b}'; }
+# The ratio a verdict judges: four decimals, so that 0.502 is not judged as its rounded 0.50.
+exact() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.4f", a / b}'; }
 fmt() { awk -v v="$1" -v f="$2" 'BEGIN {if (v == "-") print "-"; else printf f, v}'; }
 table=$work/table.md
 machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(uname -r)"
@@ -410,16 +412,16 @@ verdict() { # label value op limit
 }
 ratio_verdicts() { # scenario: the targets stated as ratios to Envoy, for meshd or the relay floor
   local s=$1 n side
-  verdict "throughput $s/envoy" "$(ratio "$(med "$s" rps)" "$(med envoy rps)")" ">=" 6
-  verdict "CPU/10k outbound $s/envoy" "$(ratio "$(med "$s" cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
-  verdict "CPU/10k inbound $s/envoy" "$(ratio "$(med "$s" cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
-  verdict "unloaded p50 $s/envoy" "$(ratio "$(med "$s" p50_us)" "$(med envoy p50_us)")" "<=" 0.33
-  verdict "unloaded p99 $s/envoy" "$(ratio "$(med "$s" p99_us)" "$(med envoy p99_us)")" "<=" 0.2
+  verdict "throughput $s/envoy" "$(exact "$(med "$s" rps)" "$(med envoy rps)")" ">=" 6
+  verdict "CPU/10k outbound $s/envoy" "$(exact "$(med "$s" cpu10k_out)" "$(med envoy cpu10k_out)")" "<=" 0.15
+  verdict "CPU/10k inbound $s/envoy" "$(exact "$(med "$s" cpu10k_in)" "$(med envoy cpu10k_in)")" "<=" 0.15
+  verdict "unloaded p50 $s/envoy" "$(exact "$(med "$s" p50_us)" "$(med envoy p50_us)")" "<=" 0.33
+  verdict "unloaded p99 $s/envoy" "$(exact "$(med "$s" p99_us)" "$(med envoy p99_us)")" "<=" 0.2
   for n in 1 4; do
-    verdict "TCP bulk -P $n $s/envoy" "$(ratio "$(med "$s" "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
+    verdict "TCP bulk -P $n $s/envoy" "$(exact "$(med "$s" "tcp${n}_gbps")" "$(med envoy "tcp${n}_gbps")")" ">=" 2
     for side in out in; do
       verdict "TCP CPU/GB -P $n ${side}bound $s/envoy" \
-        "$(ratio "$(med "$s" "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
+        "$(exact "$(med "$s" "tcp${n}_cpugb_$side")" "$(med envoy "tcp${n}_cpugb_$side")")" "<=" 0.5
     done
   done
 }
@@ -430,7 +432,7 @@ ratio_verdicts() { # scenario: the targets stated as ratios to Envoy, for meshd 
   else
     echo "Targets:"
     ratio_verdicts meshd
-    verdict "CPU per new handshake meshd/envoy" "$(ratio "$(med meshd hs_new_cpums)" "$(med envoy hs_new_cpums)")" "<=" 0.5
+    verdict "CPU per new handshake meshd/envoy" "$(exact "$(med meshd hs_new_cpums)" "$(med envoy hs_new_cpums)")" "<=" 0.5
     for side in out in; do
       verdict "RSS idle, meshd ${side}bound (MB)" "$(med meshd "rss_idle_$side")" "<=" 15
       verdict "RSS after load, meshd ${side}bound (MB)" "$(med meshd "rss_after_$side")" "<=" 20
