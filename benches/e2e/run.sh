@@ -360,6 +360,13 @@ exact() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || b == 0) pr
 fmt() { awk -v v="$1" -v f="$2" 'BEGIN {if (v == "-") print "-"; else printf f, v}'; }
 table=$work/table.md
 machine="$(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(uname -r)"
+# How an idle vCPU waits decides what each cross-vCPU wake-up costs, and so the unloaded
+# latency of every chain (README, optimisation log): say it beside the CPUs.
+if [ -r /sys/devices/system/cpu/cpuidle/current_driver ]; then
+  machine="$machine, cpuidle $(cat /sys/devices/system/cpu/cpuidle/current_driver)"
+  [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ] &&
+    machine="$machine (guest_halt_poll_ns $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns))"
+fi
 {
   echo "## meshd e2e benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
