@@ -54,7 +54,7 @@ ghz_run() { # scenario rep
   local s=$1 rep=$2 f
   alive contact
   f=$work/ghz-$s-$rep.json
-  "$ghz_bin" --insecure --proto "$repo/proto/contact.proto" \
+  "${on_load_cpus[@]}" "$ghz_bin" --insecure --proto "$repo/proto/contact.proto" \
     --call contact.v1.ContactService/GetContact -d '{"contact_id": "c1"}' \
     --rps "$ghz_rps" -n "$ghz_n" -c 4 --connections 1 --format json \
     "127.0.0.1:${grpc_port[$s]}" >"$f" 2>"$f.err" || { cat "$f.err" >&2; die "ghz through $s failed"; }

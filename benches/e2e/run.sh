@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end benchmark of meshd against a direct call and against Envoy, all on loopback.
 #
-#   benches/e2e/run.sh [--smoke] [--reps N] [--out FILE] [--keep]
+#   benches/e2e/run.sh [--smoke] [--reps N] [--out FILE] [--keep] [--pin PROXY_CPUS:LOAD_CPUS]
+#
+# --pin keeps the proxies (meshd, Envoy, the relays) on one set of CPUs and everything else
+# (load generators, nginx, iperf3, the demo app) on another, with taskset; e.g. --pin 0:1
+# here, or --pin 2-3:0-1 on a 4-CPU machine. Without it the kernel places all of them.
 #
 # Scenarios (one run sets up all four and alternates them):
 #   direct  h2load -> nginx (h2c)
@@ -36,14 +40,15 @@ repo=$(cd "$here/../.." && pwd)
 say() { printf 'e2e: %s\n' "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 
-smoke=0 reps=3 out='' keep=0
+smoke=0 reps=3 out='' keep=0 pin=''
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) smoke=1 ;;
     --reps) reps=$2; shift ;;
     --out) out=$2; shift ;;
     --keep) keep=1 ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    --pin) pin=$2; shift ;;
+    -h | --help) sed -n '2,31p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
@@ -53,6 +58,17 @@ if [ "$smoke" = 1 ]; then
 else
   sat_n=200000 sat_c=16 sat_m=8 lat_n=20000 warm_n=5000
   [ -n "$out" ] || out=$here/results.md
+fi
+
+# With --pin: the prefix that places a proxy, and the one that places everything else.
+on_proxy_cpus=() on_load_cpus=()
+if [ -n "$pin" ]; then
+  case $pin in *:*) ;; *) die "--pin wants PROXY_CPUS:LOAD_CPUS, e.g. 0:1 (got $pin)" ;; esac
+  command -v taskset >/dev/null || die "--pin needs taskset (apt-get install util-linux)"
+  for cpus in "${pin%%:*}" "${pin#*:}"; do
+    taskset -c "$cpus" true 2>/dev/null || die "--pin: taskset cannot use CPUs '$cpus' here ($(nproc) CPUs)"
+  done
+  on_proxy_cpus=(taskset -c "${pin%%:*}") on_load_cpus=(taskset -c "${pin#*:}")
 fi
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -137,8 +153,10 @@ for s in ss: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))')
 
 start() { # name logfile command...   (records the PID; the command must exec, not fork)
-  local name=$1 log=$2; shift 2
-  "$@" >"$log" 2>&1 &
+  local name=$1 log=$2 place; shift 2
+  # taskset execs the command, so the PID is still the command's.
+  case $name in meshd* | envoy* | relay*) place=("${on_proxy_cpus[@]}") ;; *) place=("${on_load_cpus[@]}") ;; esac
+  "${place[@]}" "$@" >"$log" 2>&1 &
   pids+=("$!")
   eval "pid_$name=$!"
 }
@@ -304,13 +322,13 @@ run_scenario() { # scenario rep
   local s=$1 rep=$2 p=${port[$1]} f v side names t0=() i
   alive nginx
   names=$(sidecars "$s")
-  h2load -n "$warm_n" -c 4 -m 4 "http://127.0.0.1:$p/" >"$work/warm-$s-$rep.txt" 2>&1 ||
+  "${on_load_cpus[@]}" h2load -n "$warm_n" -c 4 -m 4 "http://127.0.0.1:$p/" >"$work/warm-$s-$rep.txt" 2>&1 ||
     die "h2load warm-up on $s failed"
   h2load_ok "$work/warm-$s-$rep.txt" "$warm_n"
   i=0
   for v in $names; do alive "$v"; v="pid_$v"; settled "${!v}"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
   f=$work/sat-$s-$rep.txt
-  h2load -n "$sat_n" -c "$sat_c" -m "$sat_m" "http://127.0.0.1:$p/" >"$f" 2>&1 || die "h2load saturated on $s failed"
+  "${on_load_cpus[@]}" h2load -n "$sat_n" -c "$sat_c" -m "$sat_m" "http://127.0.0.1:$p/" >"$f" 2>&1 || die "h2load saturated on $s failed"
   h2load_ok "$f" "$sat_n"
   record "$s" "$rep" rps "$(awk '/^finished in/ {print $4}' "$f")"
   i=0
@@ -327,7 +345,7 @@ run_scenario() { # scenario rep
     i=$((i + 1))
   done
   f=$work/lat-$s-$rep.log
-  h2load -n "$lat_n" -c 1 -m 1 --log-file "$f" "http://127.0.0.1:$p/" >"$work/lat-$s-$rep.txt" 2>&1 ||
+  "${on_load_cpus[@]}" h2load -n "$lat_n" -c 1 -m 1 --log-file "$f" "http://127.0.0.1:$p/" >"$work/lat-$s-$rep.txt" 2>&1 ||
     die "h2load latency on $s failed"
   h2load_ok "$work/lat-$s-$rep.txt" "$lat_n"
   local p50 p99
@@ -372,6 +390,7 @@ fi
   echo
   echo "- mode: $([ "$smoke" = 1 ] && echo "smoke (tiny runs: the numbers mean nothing)" || echo full), $reps repetition(s) alternated, medians"
   echo "- machine: $machine"
+  [ -z "$pin" ] || echo "- pinned (--pin $pin): proxies on CPUs ${pin%%:*}; load generators, backends and the demo app on CPUs ${pin#*:}"
   echo "- load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?') (worker_threads 1), envoy $envoy_version (--concurrency 1), nginx $("$nginx_bin" -v 2>&1 | cut -d/ -f2), $(h2load --version | head -1)"
   echo "- saturated: h2load -n $sat_n -c $sat_c -m $sat_m; unloaded: h2load -n $lat_n -c 1 -m 1"

@@ -92,7 +92,7 @@ tcp_run() { # scenario rep
     i=0
     for v in $names; do alive "$v"; v="pid_$v"; settled "${!v}"; t0[i]=$(ticks "${!v}"); i=$((i + 1)); done
     f=$work/tcp-$s-P$streams-$rep.json
-    iperf3 -c 127.0.0.1 -p "${tcp_port[$s]}" -t "$tcp_secs" -P "$streams" -J >"$f" 2>"$f.err" ||
+    "${on_load_cpus[@]}" iperf3 -c 127.0.0.1 -p "${tcp_port[$s]}" -t "$tcp_secs" -P "$streams" -J >"$f" 2>"$f.err" ||
       { cat "$f" "$f.err" >&2; die "iperf3 through $s (-P $streams) failed"; }
     bytes=$(iperf_json "$f" bytes)
     awk -v b="$bytes" 'BEGIN {exit !(b > 0)}' || die "iperf3 through $s moved no bytes"
@@ -119,7 +119,7 @@ hs_run() { # scenario rep   (meshd or envoy)
     f=$work/hs-$s-$mode-$rep.txt
     # Resumption is measured with TLS 1.2 session IDs: s_time does not wait for TLS 1.3
     # session tickets (it would count full handshakes as "resumed").
-    openssl s_time -connect "127.0.0.1:$port" "-$mode" -time "$hs_secs" $([ "$mode" = reuse ] && echo -tls1_2) \
+    "${on_load_cpus[@]}" openssl s_time -connect "127.0.0.1:$port" "-$mode" -time "$hs_secs" $([ "$mode" = reuse ] && echo -tls1_2) \
       -cert "$work/client/svid.pem" -key "$work/client/key.pem" -CAfile "$work/client/bundle.pem" \
       >"$f" 2>&1 || { cat "$f" >&2; die "openssl s_time -$mode against $s failed"; }
     # "N connections in T real seconds, ..." (the last such line is the run's total)
