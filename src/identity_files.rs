@@ -8,8 +8,8 @@
 
 use crate::config::IdentityFiles;
 use crate::identity::{
-    check_expected, crypto_provider, parse_spiffe_id, BundleSet, IdentitySnapshot, IdentityStatus,
-    SpiffeId, Svid,
+    check_expected, crypto_provider, parse_spiffe_id, BundleSet, IdentityError, IdentitySnapshot,
+    IdentityStatus, SpiffeId, Svid,
 };
 use notify::{RecursiveMode, Watcher};
 use rustls_pki_types::pem::PemObject;
@@ -46,8 +46,15 @@ pub fn load(
             files.key.display()
         )
     })?;
-    let svid = Svid::from_der(chain, key, &crypto_provider())
-        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    let svid = Svid::from_der(chain, key, &crypto_provider()).map_err(|e| match e {
+        // The key file is where to look, even when it is the pair that does not match.
+        IdentityError::BadKey(_) => format!(
+            "{}: {e} (certificate {})",
+            files.key.display(),
+            files.cert.display()
+        ),
+        _ => format!("{}: {e}", files.cert.display()),
+    })?;
     check_expected(&svid.id, expect)?;
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
         .collect::<Result<_, _>>()
@@ -208,6 +215,85 @@ pub async fn run(
                     _ = changed.notified() => tokio::time::sleep(Duration::from_millis(150)).await,
                     _ = reload.notified() => {}
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev_ca::{pem_block, DevCa};
+
+    /// Cert, key and bundle PEM, then the file the error must name and words it must say
+    /// (none: the files load).
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<(&'a str, &'a [&'a str])>);
+
+    // Story: an operator's files are damaged one at a time; each error names the file to
+    // fix, and a key that belongs to another certificate names the key and the cert.
+    #[test]
+    fn each_broken_file_is_named_in_the_error() {
+        let ca = DevCa::new("jia.app").unwrap();
+        let id = parse_spiffe_id("spiffe://jia.app/payment-service").unwrap();
+        let svid = ca.issue_svid(&id, Duration::from_secs(3600)).unwrap();
+        let other = ca.issue_svid(&id, Duration::from_secs(3600)).unwrap();
+        let cert = pem_block("CERTIFICATE", &svid.chain_der[0]);
+        let key = pem_block("PRIVATE KEY", &svid.key_pkcs8_der);
+        let bundle = pem_block("CERTIFICATE", &ca.bundle_der()[0]);
+        // A PKCS#8 block whose content is not a key.
+        let garbage_key = pem_block("PRIVATE KEY", b"not a key at all");
+        let other_key = pem_block("PRIVATE KEY", &other.key_pkcs8_der);
+        let table: [Case; 6] = [
+            (&cert, &key, &bundle, None),
+            ("", &key, &bundle, Some(("svid.pem", &["no certificate"]))),
+            (
+                &cert,
+                &key,
+                "",
+                Some(("bundle.pem", &["no CA certificate"])),
+            ),
+            (
+                &cert,
+                "",
+                &bundle,
+                Some(("key.pem", &["no PKCS#8 or SEC1"])),
+            ),
+            (
+                &cert,
+                &garbage_key,
+                &bundle,
+                Some(("key.pem", &["private key", "svid.pem"])),
+            ),
+            (
+                &cert,
+                &other_key,
+                &bundle,
+                Some(("key.pem", &["does not match", "svid.pem"])),
+            ),
+        ];
+        for (i, (c, k, b, want)) in table.into_iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let files = IdentityFiles {
+                cert: dir.path().join("svid.pem"),
+                key: dir.path().join("key.pem"),
+                bundle: dir.path().join("bundle.pem"),
+            };
+            std::fs::write(&files.cert, c).unwrap();
+            std::fs::write(&files.key, k).unwrap();
+            std::fs::write(&files.bundle, b).unwrap();
+            match (load(&files, Some(&id), 1), want) {
+                (Ok(snapshot), None) => assert_eq!(snapshot.svid.id, id, "case {i}"),
+                (Err(e), Some((file, words))) => {
+                    let named = dir.path().join(file).display().to_string();
+                    assert!(
+                        e.starts_with(&named),
+                        "case {i}: {e:?} should start with {named}"
+                    );
+                    for w in words {
+                        assert!(e.contains(w), "case {i}: {e:?} should say {w:?}");
+                    }
+                }
+                (got, want) => panic!("case {i}: got {:?}, want {want:?}", got.map(|_| ())),
             }
         }
     }
