@@ -189,6 +189,9 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
             },
         ));
     }
+    if config.inbound.as_ref().is_some_and(|i| i.policy.is_none()) {
+        out.push(src.problem("inbound", ConfigError::InboundWithoutPolicy));
+    }
     out
 }
 

@@ -98,13 +98,19 @@ pub enum ConfigError {
     /// (warning) The admin server listens beyond loopback.
     #[error("admin.listen {addr} is not loopback: /config and /shutdown are reachable from outside the pod")]
     AdminNotLoopback { addr: SocketAddr },
+    /// (warning) An inbound without a policy file: it fails closed, so the sidecar can
+    /// never serve a call.
+    #[error("inbound.policy is not set: every call to the inbound is denied and /ready stays 503")]
+    InboundWithoutPolicy,
 }
 
 impl ConfigError {
     /// Whether this problem stops the config from loading.
     pub fn severity(&self) -> Severity {
         match self {
-            ConfigError::AdminNotLoopback { .. } => Severity::Warning,
+            ConfigError::AdminNotLoopback { .. } | ConfigError::InboundWithoutPolicy => {
+                Severity::Warning
+            }
             _ => Severity::Error,
         }
     }

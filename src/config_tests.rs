@@ -108,6 +108,7 @@ fn bad_file_reports_every_problem_with_its_position() {
         "4:17: identity.workload_api: Workload API address `unix:run/agent.sock` must be unix:///absolute/path (or unix:/absolute/path)",
         "5:3: identity.files and identity.workload_api are both set: choose one identity source",
         "6:11: identity.expect: `spiffe://Jia.App/payment-service` is not a valid SPIFFE ID: trust domain must be lowercase",
+        "7:1: warning: inbound.policy is not set: every call to the inbound is denied and /ready stays 503",
         "12:13: outbound[0].listen: 127.0.0.1:15006 collides with inbound.listen (0.0.0.0:15006)",
         "13:16: outbound[0].endpoints: endpoints `http://contact:15006`: expected a list of host:port, or dns:///host:port, dns+srv:///_svc._proto.name, file:///path",
         "15:14: outbound[0].timeout must be greater than 0",
@@ -167,6 +168,8 @@ fn each_rule_reports_its_message_at_its_position() {
          "m.yaml:2:14: log.level `meshd=loud`: error parsing level filter: expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \"trace\", or a number 0-5"),
         ("service: s\nadmin:\n  listen: \"[::]:15000\"\n",
          "m.yaml:3:11: warning: admin.listen [::]:15000 is not loopback: /config and /shutdown are reachable from outside the pod"),
+        ("service: s\ninbound:\n  forward: 127.0.0.1:8081\n",
+         "m.yaml:2:1: warning: inbound.policy is not set: every call to the inbound is denied and /ready stays 503"),
     ];
     for (text, want) in table {
         assert_eq!(problems(text, &[]), vec![want.to_string()], "{text}");
