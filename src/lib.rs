@@ -38,6 +38,7 @@ mod outbound_call;
 pub mod pb;
 pub mod policy;
 pub mod policy_cli;
+mod policy_file;
 pub mod policy_parse;
 pub mod policy_store;
 pub mod proxy;

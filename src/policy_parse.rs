@@ -8,16 +8,12 @@
 //! errors, allows shadowed by a deny are warnings) and locate the rule in the source by
 //! searching for its `name:`. The command line uses it through `policy_cli`.
 
-use crate::identity::parse_spiffe_id;
-use crate::policy::{Action, GrpcTarget, HttpTarget, IdMatcher, Mode, PathMatch, Policy, Rule, To};
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
-use serde::Deserialize;
+use crate::policy::{Action, HttpTarget, Policy, Rule, To};
+use crate::policy_file::{listed, RawPolicy};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
 /// Files above this size are refused before parsing: policies are small, and a huge
@@ -63,9 +59,16 @@ pub enum PolicyError {
     /// A port is 0 or above 65535.
     #[error("port {0} is out of range 1-65535")]
     BadPort(i128),
-    /// A list that must name something is empty.
-    #[error("{0} must not be empty")]
-    EmptyList(&'static str),
+    /// A list that must name something is empty: an empty `from` would match nobody, and
+    /// an empty list under `to` would read as "any", the opposite of what it says.
+    #[error("{key} must not be empty{hint}")]
+    EmptyList {
+        key: &'static str,
+        hint: &'static str,
+    },
+    /// `to` is given but names no target; it would match every request.
+    #[error("`to` names no `grpc`, `http` or `ports`: leave `to` out to match every request")]
+    EmptyTo,
     /// A rule name is empty or holds whitespace or control characters.
     #[error("rule name `{0}` must be non-empty, without spaces or control characters")]
     BadRuleName(String),
@@ -214,16 +217,15 @@ pub fn parse_policy(
             action: r.action,
             from: r.from.0.clone(),
             to: r.to.as_ref().map(|t| To {
-                grpc: t.grpc.clone(),
-                http: t
-                    .http
+                grpc: listed(&t.grpc).to_vec(),
+                http: listed(&t.http)
                     .iter()
                     .map(|h| HttpTarget {
-                        methods: h.methods.iter().map(|m| m.0.clone()).collect(),
-                        paths: h.paths.clone(),
+                        methods: listed(&h.methods).iter().map(|m| m.0.clone()).collect(),
+                        paths: listed(&h.paths).to_vec(),
                     })
                     .collect(),
-                ports: t.ports.iter().map(|p| p.0).collect(),
+                ports: listed(&t.ports).iter().map(|p| p.0).collect(),
             }),
         })
         .collect();
@@ -313,251 +315,6 @@ fn locate_name(source: &str, name: &str, nth: usize) -> Option<(usize, usize)> {
         found += 1;
     }
     None
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    service: String,
-    #[serde(default)]
-    mode: Mode,
-    #[serde(default = "deny")]
-    default: Action,
-    #[serde(default)]
-    rules: Vec<RawRule>,
-}
-
-fn deny() -> Action {
-    Action::Deny
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    name: RuleName,
-    #[serde(default)]
-    action: Action,
-    from: NonEmpty<IdMatcher>,
-    #[serde(default)]
-    to: Option<RawTo>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTo {
-    #[serde(default)]
-    grpc: Vec<GrpcTarget>,
-    #[serde(default)]
-    http: Vec<RawHttp>,
-    #[serde(default)]
-    ports: Vec<Port>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHttp {
-    #[serde(default)]
-    methods: Vec<Method>,
-    #[serde(default)]
-    paths: Vec<PathMatch>,
-}
-
-/// A `from` list: validated non-empty inside the visitor so serde reports its position.
-struct NonEmpty<T>(Vec<T>);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = NonEmpty<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a non-empty list of SPIFFE IDs")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                if items.is_empty() {
-                    return Err(de::Error::custom(PolicyError::EmptyList("`from`")));
-                }
-                Ok(NonEmpty(items))
-            }
-        }
-        d.deserialize_seq(V(PhantomData))
-    }
-}
-
-/// Deserializes a string through `FromStr`, failing inside the visitor so serde
-/// attaches the scalar's own line and column to the error.
-fn from_str_value<'de, D: Deserializer<'de>, T: FromStr<Err = PolicyError>>(
-    d: D,
-    what: &'static str,
-) -> Result<T, D::Error> {
-    struct V<T>(&'static str, PhantomData<T>);
-    impl<T: FromStr<Err = PolicyError>> Visitor<'_> for V<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str(self.0)
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-            v.parse().map_err(E::custom)
-        }
-    }
-    d.deserialize_str(V(what, PhantomData))
-}
-
-macro_rules! deserialize_via_from_str {
-    ($t:ty, $what:literal) => {
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                from_str_value(d, $what)
-            }
-        }
-    };
-}
-
-deserialize_via_from_str!(
-    IdMatcher,
-    "a SPIFFE ID, `spiffe://td/path/*` or `spiffe://td/*`"
-);
-deserialize_via_from_str!(GrpcTarget, "a gRPC target `package.Service/Method`");
-deserialize_via_from_str!(PathMatch, "an HTTP path");
-deserialize_via_from_str!(Method, "an HTTP method");
-deserialize_via_from_str!(RuleName, "a rule name");
-
-/// A rule name: it labels metrics and denials, so it must be a visible token.
-struct RuleName(String);
-
-impl FromStr for RuleName {
-    type Err = PolicyError;
-    fn from_str(text: &str) -> Result<Self, PolicyError> {
-        if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(PolicyError::BadRuleName(text.to_string()));
-        }
-        Ok(RuleName(text.to_string()))
-    }
-}
-
-impl FromStr for IdMatcher {
-    type Err = PolicyError;
-    fn from_str(text: &str) -> Result<Self, PolicyError> {
-        let (base, wildcard) = match text.strip_suffix("/*") {
-            Some(base) => (base, true),
-            None => (text, false),
-        };
-        if base.contains('*') {
-            return Err(PolicyError::MisplacedWildcard(text.to_string()));
-        }
-        let invalid = |reason: String| PolicyError::InvalidSpiffeId {
-            text: text.to_string(),
-            reason,
-        };
-        let id = parse_spiffe_id(base).map_err(invalid)?;
-        let trust_domain = id.trust_domain_name().to_string();
-        let path = id.path().to_string();
-        Ok(match (wildcard, path.is_empty()) {
-            (true, true) => IdMatcher::Domain { trust_domain },
-            (true, false) => IdMatcher::Prefix {
-                trust_domain,
-                prefix: path,
-            },
-            (false, false) => IdMatcher::Exact { trust_domain, path },
-            (false, true) => {
-                return Err(invalid(
-                    "a workload ID needs a path; use `spiffe://td/*` for a whole trust domain"
-                        .into(),
-                ))
-            }
-        })
-    }
-}
-
-impl FromStr for GrpcTarget {
-    type Err = PolicyError;
-    fn from_str(text: &str) -> Result<Self, PolicyError> {
-        let bad = || PolicyError::BadGrpcTarget(text.to_string());
-        let (service, method) = text
-            .trim_start_matches('/')
-            .split_once('/')
-            .ok_or_else(bad)?;
-        let ident = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-        };
-        if !ident(service) || service.starts_with('.') || service.ends_with('.') {
-            return Err(bad());
-        }
-        let method = match method {
-            "*" => None,
-            m if ident(m) && !m.contains('.') => Some(m.to_string()),
-            _ => return Err(bad()),
-        };
-        Ok(GrpcTarget {
-            service: service.to_string(),
-            method,
-        })
-    }
-}
-
-impl FromStr for PathMatch {
-    type Err = PolicyError;
-    fn from_str(text: &str) -> Result<Self, PolicyError> {
-        let bad = || PolicyError::BadHttpPath(text.to_string());
-        if !text.starts_with('/') || text.contains(['?', '#', ' ']) {
-            return Err(bad());
-        }
-        match text.strip_suffix('*') {
-            Some(prefix) if prefix.ends_with('/') && !prefix.contains('*') => {
-                Ok(PathMatch::Prefix(prefix.to_string()))
-            }
-            Some(_) => Err(bad()),
-            None if text.contains('*') => Err(bad()),
-            None => Ok(PathMatch::Exact(text.to_string())),
-        }
-    }
-}
-
-/// An HTTP method, stored uppercase.
-struct Method(String);
-
-impl FromStr for Method {
-    type Err = PolicyError;
-    fn from_str(text: &str) -> Result<Self, PolicyError> {
-        if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphabetic()) {
-            return Err(PolicyError::BadHttpMethod(text.to_string()));
-        }
-        Ok(Method(text.to_ascii_uppercase()))
-    }
-}
-
-/// A port, 1-65535, checked inside the visitor for an exact position.
-struct Port(u16);
-
-impl<'de> Deserialize<'de> for Port {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Port;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a port number 1-65535")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Port, E> {
-                match u16::try_from(v) {
-                    Ok(p) if p != 0 => Ok(Port(p)),
-                    _ => Err(E::custom(PolicyError::BadPort(v.into()))),
-                }
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Port, E> {
-                match u64::try_from(v) {
-                    Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(E::custom(PolicyError::BadPort(v.into()))),
-                }
-            }
-        }
-        d.deserialize_u64(V)
-    }
 }
 
 #[cfg(test)]

@@ -162,6 +162,28 @@ fn empty_from() {
     );
 }
 
+// Written empty, a list under `to` would read as "any" (the key left out), the opposite
+// of what it says; `to: {}` would match every request. Each is refused where it is written.
+#[test]
+fn empty_lists_under_to_are_refused() {
+    let rule = format!("{HEAD}  - name: a\n    from: [\"spiffe://td/x\"]\n");
+    let table = [
+        ("to: {grpc: []}", "5:16: rules[0].to.grpc: `grpc` must not be empty: list targets, or leave the key out"),
+        ("to: {http: []}", "5:16: rules[0].to.http: `http` must not be empty: list targets, or leave the key out"),
+        ("to: {ports: []}", "5:17: rules[0].to.ports: `ports` must not be empty: list ports, or leave the key out for any port"),
+        ("to: {http: [{methods: []}]}", "5:27: rules[0].to.http[0].methods: `methods` must not be empty: list methods, or leave the key out for any method"),
+        ("to: {http: [{paths: []}]}", "5:25: rules[0].to.http[0].paths: `paths` must not be empty: list paths, or leave the key out for any path"),
+        ("to: {}", "3:5: rules[0]: `to` names no `grpc`, `http` or `ports`: leave `to` out to match every request"),
+    ];
+    for (to, want) in table {
+        let e = one_error(&format!("{rule}    {to}\n"));
+        assert_eq!(e, format!("p.yaml:{want}"), "{to}");
+    }
+    // What they stand for when left out still parses.
+    let left_out = format!("{rule}    to: {{http: [{{}}], ports: [80]}}\n");
+    assert!(parse_policy(&left_out, Path::new("p.yaml"), 1).is_ok());
+}
+
 // Missing required fields are named.
 #[test]
 fn missing_fields() {
