@@ -38,41 +38,27 @@ pub(crate) struct RawRule {
     #[serde(default)]
     pub(crate) action: Action,
     pub(crate) from: NonEmpty<IdMatcher, FromKey>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "naming_a_target")]
     pub(crate) to: Option<RawTo>,
 }
 
 #[derive(Deserialize)]
-#[serde(try_from = "RawToFields")]
+#[serde(deny_unknown_fields, expecting = "a map of `grpc`, `http` and `ports`")]
 pub(crate) struct RawTo {
+    #[serde(default)]
     pub(crate) grpc: Option<NonEmpty<GrpcTarget, GrpcKey>>,
+    #[serde(default)]
     pub(crate) http: Option<NonEmpty<RawHttp, HttpKey>>,
+    #[serde(default)]
     pub(crate) ports: Option<NonEmpty<Port, PortsKey>>,
 }
 
-/// `to` as written, before the check that it names something.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawToFields {
-    #[serde(default)]
-    grpc: Option<NonEmpty<GrpcTarget, GrpcKey>>,
-    #[serde(default)]
-    http: Option<NonEmpty<RawHttp, HttpKey>>,
-    #[serde(default)]
-    ports: Option<NonEmpty<Port, PortsKey>>,
-}
-
-impl TryFrom<RawToFields> for RawTo {
-    type Error = PolicyError;
-    fn try_from(t: RawToFields) -> Result<RawTo, PolicyError> {
-        if t.grpc.is_none() && t.http.is_none() && t.ports.is_none() {
-            return Err(PolicyError::EmptyTo);
-        }
-        Ok(RawTo {
-            grpc: t.grpc,
-            http: t.http,
-            ports: t.ports,
-        })
+/// A `to` that is written must name a target: `to: {}`, `to: ~` or a bare `to:` would
+/// match every request, as if `to` were left out.
+fn naming_a_target<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawTo>, D::Error> {
+    match Option::<RawTo>::deserialize(d)? {
+        Some(to) if to.grpc.is_some() || to.http.is_some() || to.ports.is_some() => Ok(Some(to)),
+        _ => Err(de::Error::custom(PolicyError::EmptyTo)),
     }
 }
 

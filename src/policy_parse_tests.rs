@@ -163,7 +163,8 @@ fn empty_from() {
 }
 
 // Written empty, a list under `to` would read as "any" (the key left out), the opposite
-// of what it says; `to: {}` would match every request. Each is refused where it is written.
+// of what it says; an empty `to` (`{}`, `~` or nothing) would match every request. Each is
+// refused where it is written.
 #[test]
 fn empty_lists_under_to_are_refused() {
     let rule = format!("{HEAD}  - name: a\n    from: [\"spiffe://td/x\"]\n");
@@ -174,6 +175,9 @@ fn empty_lists_under_to_are_refused() {
         ("to: {http: [{methods: []}]}", "5:27: rules[0].to.http[0].methods: `methods` must not be empty: list methods, or leave the key out for any method"),
         ("to: {http: [{paths: []}]}", "5:25: rules[0].to.http[0].paths: `paths` must not be empty: list paths, or leave the key out for any path"),
         ("to: {}", "3:5: rules[0]: `to` names no `grpc`, `http` or `ports`: leave `to` out to match every request"),
+        ("to: ~", "3:5: rules[0]: `to` names no `grpc`, `http` or `ports`: leave `to` out to match every request"),
+        ("to:", "3:5: rules[0]: `to` names no `grpc`, `http` or `ports`: leave `to` out to match every request"),
+        ("to: 5", "5:9: rules[0].to: invalid type: integer `5`, expected a map of `grpc`, `http` and `ports`"),
     ];
     for (to, want) in table {
         let e = one_error(&format!("{rule}    {to}\n"));
