@@ -91,15 +91,11 @@ wait_http() { # url [curl args...]
   done
   die "not ready: $url"
 }
-read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(7)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))')
-
-# Certificates, backend and sidecars as in run.sh.
 # shellcheck source=benches/e2e/lib.sh
 . "$here/lib.sh"
+read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN < <(free_ports 7)
+
+# Certificates, backend and sidecars as in run.sh.
 make_certs client="$CLIENT_ID" server="$SERVER_ID"
 write_nginx_conf "$P_BACKEND"
 start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"

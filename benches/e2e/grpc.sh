@@ -17,12 +17,7 @@ if ! command -v ghz >/dev/null 2>&1 && [ ! -x "$gobin/ghz" ]; then
 fi
 ghz_bin=$(command -v ghz || echo "$gobin/ghz")
 
-read -r P_APP P_MGO P_MGO_ADMIN P_MGI P_MGI_ADMIN P_EGO P_EGO_WRONG P_EGO_ADMIN P_EGI P_EGI_ADMIN < <(
-  python3 -c '
-import socket
-ss = [socket.socket() for _ in range(10)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))')
+read -r P_APP P_MGO P_MGO_ADMIN P_MGI P_MGI_ADMIN P_EGO P_EGO_WRONG P_EGO_ADMIN P_EGI P_EGI_ADMIN < <(free_ports 10)
 if [ "$smoke" = 1 ]; then ghz_rps=200 ghz_n=200; else ghz_rps=1000 ghz_n=20000; fi
 
 start contact "$work/contact.log" "$MESHD_BIN" demo-app --service contact --listen "127.0.0.1:$P_APP"

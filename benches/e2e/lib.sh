@@ -6,6 +6,36 @@ SERVER_ID=spiffe://jia.app/bench-server
 IMPOSTOR_ID=spiffe://jia.app/bench-impostor
 WRONG_SERVER_ID=spiffe://jia.app/not-bench-server
 
+# $1 distinct free loopback ports, each bound (without SO_REUSEADDR, so that not even a
+# TIME_WAIT socket is on it) and released. They come from outside the kernel's ephemeral
+# range: a port from bind(0) is inside it, and any process's connect() can take it as a
+# source port before our listener binds it (seen: iperf3 and the demo app refused to start).
+free_ports() { # n
+  python3 - "$1" <<'PY'
+import random, socket, sys
+n = int(sys.argv[1])
+with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    lo, hi = map(int, f.read().split())
+pool = [p for p in range(10000, 65536) if not lo <= p <= hi]
+random.shuffle(pool)
+held = []
+for port in pool:
+    if len(held) == n:
+        break
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        held.append(s)
+    except OSError:
+        s.close()
+while len(held) < n:  # the ephemeral range covers everything: take what bind(0) gives
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in held))
+PY
+}
+
 gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
 
 # One EC P-256 CA in $work/ca, and one SVID (with the CA as its bundle) per "name=id"

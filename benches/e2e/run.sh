@@ -143,14 +143,12 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Free loopback ports: bound together by one process, then released.
+# shellcheck source=benches/e2e/lib.sh
+. "$here/lib.sh"
+
+# Free loopback ports, outside the ephemeral range (lib.sh).
 read -r P_BACKEND P_MO P_MO_WRONG P_MO_ADMIN P_MI P_MI_ADMIN P_EO P_EO_WRONG P_EO_ADMIN P_EI P_EI_ADMIN \
-  P_RO P_RI < <(
-  python3 -c '
-import socket
-ss = [socket.socket() for _ in range(13)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))')
+  P_RO P_RI < <(free_ports 13)
 
 start() { # name logfile command...   (records the PID; the command must exec, not fork)
   local name=$1 log=$2 place; shift 2
@@ -180,8 +178,6 @@ wait_http() { # name url [curl args...]   until 200, up to 20 s
 }
 
 # ---------------------------------------------------------------- certificates
-# shellcheck source=benches/e2e/lib.sh
-. "$here/lib.sh"
 make_certs client="$CLIENT_ID" server="$SERVER_ID" impostor="$IMPOSTOR_ID"
 say "certificates: one EC P-256 CA, SVIDs $CLIENT_ID, $SERVER_ID, $IMPOSTOR_ID"
 

@@ -14,22 +14,50 @@ pub fn meshd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshd"))
 }
 
-/// A free loopback port (bound and released; good enough for tests that bind at once),
-/// never the same one twice in a test process: the kernel may hand a released port out
-/// again, and a sidecar given one port for two listeners refuses its config.
+/// A free loopback port, never the same one twice in a test process (a sidecar given one
+/// port for two listeners refuses its config). It is bound and released, and it comes from
+/// outside the kernel's ephemeral range: a port from `bind(0)` is inside it, and any
+/// process's `connect()` can take it as a source port before the listener it was picked for
+/// binds it.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind 127.0.0.1:0");
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (lo, hi) = ephemeral_range();
+    let candidates: Vec<u16> = (10_000..=u16::MAX).filter(|p| *p < lo || *p > hi).collect();
+    // A start that differs between test processes and between calls; then walk the pool.
+    let seed = std::process::id() as usize * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize)
+        + given.len() * 104_729;
+    let picked = (0..candidates.len())
+        .map(|i| candidates[(seed + i) % candidates.len()])
+        .find(|p| !given.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok());
+    let port = picked.unwrap_or_else(|| {
+        // The ephemeral range covers every port: take what the kernel hands out.
+        loop {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("bind 127.0.0.1:0");
+            if !given.contains(&port) {
+                break port;
+            }
         }
-    }
+    });
+    given.push(port);
+    port
+}
+
+/// The kernel's ephemeral port range, `(32768, 60999)` where it cannot be read.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
 /// A child process killed and reaped on drop, with its output captured.
