@@ -10,12 +10,14 @@ use crate::discovery_dns::Dns;
 use crate::h2_pool::{Connector, H2Pool};
 use crate::identity::{parse_spiffe_id, IdentityStatus};
 use crate::inbound::Inbound;
+use crate::intercept::Transparent;
 use crate::outbound::Outbound;
 use crate::policy_store::PolicyStore;
 use crate::proxy::Drain;
 use crate::telemetry::{self, AccessLogger, LabelBounds, Labels};
 use crate::tls::TlsStore;
 use anyhow::{anyhow, Context};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -171,8 +173,12 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     let dns = Arc::new(Dns::new(&config.discovery.nameservers));
     let mut upstreams = Upstreams::default();
+    let mut claimed = HashMap::new();
     for o in &config.outbound {
-        let listener = bind(o.listen, &format!("outbound {}", o.name)).await?;
+        let listener = match o.listen {
+            Some(addr) => Some(bind(addr, &format!("outbound {}", o.name)).await?),
+            None => None,
+        };
         let spec = crate::config::parse_endpoints(&o.endpoints)
             .map_err(|e| anyhow!("outbound {}: {e}", o.name))?;
         let source = match &o.endpoints {
@@ -203,12 +209,33 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             background.clone(),
         ));
         upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
+        ob.start(&drain);
+        for addr in &o.intercept {
+            claimed.insert(*addr, ob.clone());
+        }
+        if let Some(listener) = listener {
+            tracing::info!(
+                "outbound {} listening on {}",
+                o.name,
+                listener.local_addr()?
+            );
+            tokio::spawn(ob.serve(listener, drain.clone()));
+        }
+    }
+    if let Some(t) = &config.transparent {
+        let listener = bind(t.listen, "transparent outbound").await?;
+        let own = listener.local_addr()?;
         tracing::info!(
-            "outbound {} listening on {}",
-            o.name,
-            listener.local_addr()?
+            "transparent outbound listening on {own} ({} intercepted destinations, unmatched: {:?})",
+            claimed.len(),
+            t.unmatched
         );
-        tokio::spawn(ob.serve(listener, drain.clone()));
+        let transparent = Arc::new(Transparent {
+            own,
+            claimed: std::mem::take(&mut claimed),
+            unmatched: t.unmatched,
+        });
+        tokio::spawn(transparent.serve(listener, drain.clone()));
     }
 
     // Admin.

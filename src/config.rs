@@ -34,6 +34,9 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// The transparent outbound listener (iptables REDIRECT target); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<TransparentConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -120,7 +123,14 @@ impl Default for InboundConfig {
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     pub name: String,
-    pub listen: SocketAddr,
+    /// The plaintext listener the app dials for this upstream; may be left out when the
+    /// app's connections reach it by `intercept` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Original destinations (the service addresses the app dials, e.g. a ClusterIP and
+    /// port) whose intercepted connections the transparent listener hands to this upstream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intercept: Vec<SocketAddr>,
     #[serde(default)]
     pub protocol: Protocol,
     pub endpoints: Endpoints,
@@ -364,6 +374,7 @@ impl<'de> Deserialize<'de> for Endpoints {
 
 pub use crate::config_check::{check_report, parse_endpoints, EndpointsSpec, HostPort};
 pub use crate::config_error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
+pub use crate::config_intercept::{TransparentConfig, Unmatched};
 pub use crate::config_resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
 
 /// The process environment, captured once by `main` (`std::env::vars().collect()`).

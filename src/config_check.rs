@@ -130,7 +130,9 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         } else {
             names.insert(&ob.name, i);
         }
-        listeners.push((at("listen"), ob.listen));
+        if let Some(listen) = ob.listen {
+            listeners.push((at("listen"), listen));
+        }
         check_spiffe_id(src, &at("server_id"), &ob.server_id, &mut out);
         check_endpoints(src, &at("endpoints"), &ob.endpoints, &mut out);
         if ob.timeout.is_zero() {
@@ -157,6 +159,7 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         };
         crate::config_resilience::check(&resilience, &format!("outbound[{i}]"), src, &mut out);
     }
+    crate::config_intercept::check(config, src, &mut out, &mut listeners);
     listeners.push(("admin.listen".into(), config.admin.listen));
     for (j, (field, addr)) in listeners.iter().enumerate() {
         if let Some((other_field, other_addr)) =

@@ -98,6 +98,22 @@ pub enum ConfigError {
     /// (warning) The admin server listens beyond loopback.
     #[error("admin.listen {addr} is not loopback: /config and /shutdown are reachable from outside the pod")]
     AdminNotLoopback { addr: SocketAddr },
+    /// An outbound with neither `listen` nor `intercept`: the app has no way to reach it.
+    #[error("outbound[{index}] has neither listen nor intercept: the app cannot reach it")]
+    Unreachable { index: usize },
+    /// An outbound with `intercept` addresses but no `transparent` listener to take them.
+    #[error("outbound[{index}].intercept needs the transparent listener: add `transparent: {{listen: 127.0.0.1:15001}}`")]
+    InterceptWithoutTransparent { index: usize },
+    /// An `intercept` address with port 0 or an unspecified IP, which no connection has.
+    #[error("{field}: {addr} is not a destination: give the IP and port the app dials")]
+    VagueIntercept { field: String, addr: SocketAddr },
+    /// Two outbounds claim the same `intercept` address.
+    #[error("{field}: {addr} is already intercepted by outbound[{first}]")]
+    DuplicateIntercept {
+        field: String,
+        addr: SocketAddr,
+        first: usize,
+    },
     /// (warning) An inbound without a policy file: it fails closed, so the sidecar can
     /// never serve a call.
     #[error("inbound.policy is not set: every call to the inbound is denied and /ready stays 503")]

@@ -258,7 +258,10 @@ mod tests {
             if let Some(ib) = cfg.inbound {
                 assert!(ib.listen.ip().is_loopback());
             }
-            assert!(cfg.outbound.iter().all(|o| o.listen.ip().is_loopback()));
+            assert!(cfg
+                .outbound
+                .iter()
+                .all(|o| o.listen.is_some_and(|l| l.ip().is_loopback())));
             assert_eq!(
                 cfg.identity.expect.as_deref(),
                 Some(spiffe_id(&spec.id).as_str())

@@ -49,6 +49,9 @@ enum Command {
     Demo(meshd::demo::DemoArgs),
     /// A demo gRPC app of the reference topology (plaintext, loopback).
     DemoApp(meshd::demo_apps::DemoAppArgs),
+    /// The pod's interception rules (iptables nat table, IPv4): install, uninstall, print.
+    #[command(subcommand)]
+    Iptables(meshd::iptables::IptablesCommand),
 }
 
 #[derive(Subcommand)]
@@ -161,6 +164,16 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
                 eprintln!("meshd demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Iptables(cmd) => match meshd::iptables::main(cmd) {
+            Ok(text) => {
+                println!("{}", text.trim_end());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshd iptables: {e}");
                 ExitCode::FAILURE
             }
         },

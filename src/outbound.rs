@@ -338,8 +338,10 @@ impl Outbound {
         format!("upstream {} has no endpoints{why}", self.name)
     }
 
-    /// Accepts connections from the app until drained.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+    /// Starts what the upstream runs whether or not connections arrive: following
+    /// discovery and rotations, and refreshing the endpoint-state gauge. Called once,
+    /// before any connection is handed to it.
+    pub fn start(self: &Arc<Self>, drain: &Drain) {
         tokio::spawn(self.clone().follow(drain.stop.clone()));
         tokio::spawn(self.overrides.clone().follow());
         let states = self.clone();
@@ -354,6 +356,10 @@ impl Outbound {
                 }
             }
         });
+    }
+
+    /// Accepts connections from the app on the upstream's own listener until drained.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         loop {
             let (tcp, _) = tokio::select! {
                 _ = drain.stop.cancelled() => return,
@@ -367,20 +373,28 @@ impl Outbound {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            drain
+                .tracker
+                .spawn(self.clone().serve_connection(tcp, drain.stop.clone()));
+        }
+    }
+
+    /// Serves one connection from the app, from the upstream's listener or handed over
+    /// by the transparent listener: HTTP/2 requests, or one TCP stream.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        if self.config.protocol.is_http() {
             let this = self.clone();
-            let stop = drain.stop.clone();
-            drain.tracker.spawn(async move {
-                if this.config.protocol.is_http() {
-                    let svc_this = this.clone();
-                    let handle = move |req| {
-                        let this = svc_this.clone();
-                        async move { this.handle(req).await }
-                    };
-                    proxy::serve_h2(tcp, handle, stop).await;
-                } else {
-                    this.forward_tcp(tcp).await;
-                }
-            });
+            let handle = move |req| {
+                let this = this.clone();
+                async move { this.handle(req).await }
+            };
+            proxy::serve_h2(tcp, handle, stop).await;
+        } else {
+            self.forward_tcp(tcp).await;
         }
     }
 

@@ -74,6 +74,10 @@ fn describe() {
         "TCP connections closed, by direction."
     );
     describe_counter!(
+        "meshd_intercepted_connections_total",
+        "Connections taken by the transparent listener, by result (routed, passthrough, unmatched, not_redirected, no_original_destination)."
+    );
+    describe_counter!(
         "meshd_tcp_bytes_total",
         Unit::Bytes,
         "Bytes proxied in tcp mode, by direction and dir (rx from peer, tx to peer)."

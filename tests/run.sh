@@ -48,6 +48,8 @@ need_deb h2load nghttp2-client
 need_deb dnsmasq dnsmasq-base
 need_deb iperf3 iperf3
 need_deb socat socat
+need_deb ip iproute2
+need_deb iptables iptables
 
 # 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
 MESHD_SPIRE_BIN=$(spire/install.sh)

@@ -17,13 +17,23 @@ read -r P_IPERF P_MTO P_MTO_ADMIN P_MTI P_MTI_ADMIN P_MHS P_MHS_ADMIN \
   P_ETO P_ETO_ADMIN P_ETI P_ETI_ADMIN P_EHS P_EHS_ADMIN P_RTO P_RTI < <(free_ports 15)
 if [ "$smoke" = 1 ]; then tcp_secs=1 hs_secs=1; else tcp_secs=5 hs_secs=5; fi
 
-# iperf3 cannot listen on port 0 and say which port it got: its port is picked above, outside
-# the ephemeral range, where no other process's connection can take it first.
-start iperf "$work/iperf.log" iperf3 -s -p "$P_IPERF" --bind 127.0.0.1 --forceflush
-for i in $(seq 100); do
+# iperf3 cannot listen on port 0 and say which port it got, so its port is picked above
+# (outside the ephemeral range). Another test run on the machine can still take it first:
+# then it picks another port and tries again.
+for attempt in 1 2 3 4 5; do
+  start iperf "$work/iperf.log" iperf3 -s -p "$P_IPERF" --bind 127.0.0.1 --forceflush
+  for i in $(seq 100); do
+    grep -q "Server listening" "$work/iperf.log" && break
+    kill -0 "$pid_iperf" 2>/dev/null || break
+    sleep 0.1
+  done
   grep -q "Server listening" "$work/iperf.log" && break
-  alive iperf
-  sleep 0.1
+  grep -q "Address already in use" "$work/iperf.log" ||
+    die "iperf3 server did not start (log: $work/iperf.log)"
+  wait "$pid_iperf" 2>/dev/null || true
+  unset 'pids[-1]'
+  say "iperf3: port $P_IPERF was taken in the meantime; trying another"
+  P_IPERF=$(free_ports 1)
 done
 grep -q "Server listening" "$work/iperf.log" || die "iperf3 server did not start (log: $work/iperf.log)"
 

@@ -1,0 +1,232 @@
+//! The transparent outbound listener: where the pod's iptables rules (`meshd iptables
+//! install`) REDIRECT the app's outbound TCP. The app dials a service's own address (say
+//! `10.96.0.12:8081`) and never knows a sidecar is in the way.
+//!
+//! Flow: accept -> the connection's original destination (`SO_ORIGINAL_DST`, kept by the
+//! kernel's NAT) -> [`route`] decides, as a plain function: the outbound whose `intercept`
+//! names that destination serves it exactly as if the app had dialled its own listener
+//! (mTLS, `server_id`, balancing, policy-free on this side); a destination nobody claims is
+//! closed (`unmatched: deny`, the default) or relayed as plain TCP (`passthrough`); a
+//! connection made straight to this listener, not redirected, is closed, since relaying it
+//! would connect meshd to itself. Every outcome is counted in
+//! `meshd_intercepted_connections_total{result}`.
+
+use crate::config::Unmatched;
+use crate::outbound::Outbound;
+use crate::proxy::{self, Drain};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// What to do with one intercepted connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<T> {
+    /// Hand it to this outbound.
+    Outbound(T),
+    /// Relay it, as plain TCP, to its original destination.
+    Passthrough(SocketAddr),
+    /// Close it; the reason is the metric's `result` label.
+    Refuse(Refusal),
+}
+
+/// Why an intercepted connection was closed unserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No outbound claims its destination, and `unmatched` is `deny`.
+    Unmatched,
+    /// It was made to the transparent listener itself, not redirected there.
+    NotRedirected,
+    /// The kernel kept no original destination (no NAT entry, or not IPv4).
+    NoOriginalDestination,
+}
+
+impl Refusal {
+    /// The `result` label of `meshd_intercepted_connections_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Unmatched => "unmatched",
+            Refusal::NotRedirected => "not_redirected",
+            Refusal::NoOriginalDestination => "no_original_destination",
+        }
+    }
+}
+
+/// Decides where an intercepted connection goes, from its original destination (`None`
+/// when the kernel kept none), the transparent listener's own address, the table of
+/// claimed destinations and the `unmatched` setting.
+pub fn route<T: Clone>(
+    original: Option<SocketAddr>,
+    own: SocketAddr,
+    claimed: &HashMap<SocketAddr, T>,
+    unmatched: Unmatched,
+) -> Route<T> {
+    let Some(dst) = original else {
+        return Route::Refuse(Refusal::NoOriginalDestination);
+    };
+    if dst == own || (dst.port() == own.port() && dst.ip().is_loopback()) {
+        return Route::Refuse(Refusal::NotRedirected);
+    }
+    match (claimed.get(&dst), unmatched) {
+        (Some(t), _) => Route::Outbound(t.clone()),
+        (None, Unmatched::Passthrough) => Route::Passthrough(dst),
+        (None, Unmatched::Deny) => Route::Refuse(Refusal::Unmatched),
+    }
+}
+
+/// The destination the app asked for, before iptables REDIRECT rewrote it; without NAT
+/// the kernel answers with the socket's own local address.
+fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    match tcp.local_addr().ok()? {
+        SocketAddr::V4(_) => sock.original_dst_v4().ok()?.as_socket(),
+        SocketAddr::V6(_) => sock.original_dst_v6().ok()?.as_socket(),
+    }
+}
+
+/// The transparent listener and what it hands connections to.
+pub struct Transparent {
+    /// The listener's own address, to tell a redirected connection from a direct one.
+    pub own: SocketAddr,
+    /// Destination -> the outbound that claimed it in its `intercept`.
+    pub claimed: HashMap<SocketAddr, Arc<Outbound>>,
+    /// What becomes of a destination nobody claims.
+    pub unmatched: Unmatched,
+}
+
+fn count(result: &'static str) {
+    metrics::counter!("meshd_intercepted_connections_total", "result" => result).increment(1);
+}
+
+impl Transparent {
+    /// Accepts intercepted connections until drained.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        loop {
+            let (tcp, from) = tokio::select! {
+                _ = drain.stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("transparent listener accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let original = original_destination(&tcp);
+            match route(original, self.own, &self.claimed, self.unmatched) {
+                Route::Outbound(ob) => {
+                    count("routed");
+                    drain
+                        .tracker
+                        .spawn(ob.serve_connection(tcp, drain.stop.clone()));
+                }
+                Route::Passthrough(dst) => {
+                    count("passthrough");
+                    drain.tracker.spawn(async move {
+                        match proxy::tcp_connect(dst).await {
+                            Ok(up) => {
+                                proxy::pipe(tcp, up, "passthrough").await;
+                            }
+                            Err(e) => tracing::warn!("passthrough to {dst} (from {from}): {e}"),
+                        }
+                    });
+                }
+                Route::Refuse(why) => {
+                    count(why.label());
+                    let dst = original.map_or("none".to_string(), |d| d.to_string());
+                    tracing::warn!(
+                        "intercepted connection from {from} to {dst} closed: {}",
+                        match why {
+                            Refusal::Unmatched =>
+                                "no outbound intercepts this destination (transparent.unmatched: deny)",
+                            Refusal::NotRedirected =>
+                                "made to the transparent listener itself, not redirected by iptables",
+                            Refusal::NoOriginalDestination =>
+                                "the kernel kept no original destination",
+                        }
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The app dials service addresses; the table says which outbound claimed which, and
+    /// each row is one intercepted connection with the route it must take.
+    #[test]
+    fn each_destination_takes_its_route() {
+        let own = addr("127.0.0.1:15001");
+        let claimed: HashMap<SocketAddr, &str> = [
+            (addr("10.96.0.12:8081"), "contact"),
+            (addr("10.96.0.13:8081"), "family"),
+            (addr("[fd00::12]:8081"), "contact-v6"),
+        ]
+        .into_iter()
+        .collect();
+        use Route::*;
+        let table = [
+            (
+                Some("10.96.0.12:8081"),
+                Unmatched::Deny,
+                Outbound("contact"),
+            ),
+            (
+                Some("10.96.0.13:8081"),
+                Unmatched::Passthrough,
+                Outbound("family"),
+            ),
+            (
+                Some("[fd00::12]:8081"),
+                Unmatched::Deny,
+                Outbound("contact-v6"),
+            ),
+            // Same IP, another port: not claimed.
+            (
+                Some("10.96.0.12:9090"),
+                Unmatched::Deny,
+                Refuse(Refusal::Unmatched),
+            ),
+            (
+                Some("10.96.0.12:9090"),
+                Unmatched::Passthrough,
+                Passthrough(addr("10.96.0.12:9090")),
+            ),
+            (
+                Some("93.184.216.34:443"),
+                Unmatched::Deny,
+                Refuse(Refusal::Unmatched),
+            ),
+            // Dialled directly: the kernel answers with the listener's own address.
+            (
+                Some("127.0.0.1:15001"),
+                Unmatched::Passthrough,
+                Refuse(Refusal::NotRedirected),
+            ),
+            (
+                Some("127.0.0.2:15001"),
+                Unmatched::Passthrough,
+                Refuse(Refusal::NotRedirected),
+            ),
+            (
+                None,
+                Unmatched::Passthrough,
+                Refuse(Refusal::NoOriginalDestination),
+            ),
+        ];
+        for (dst, unmatched, want) in table {
+            let got = route(dst.map(addr), own, &claimed, unmatched);
+            assert_eq!(got, want, "{dst:?} with {unmatched:?}");
+        }
+    }
+}

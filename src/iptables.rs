@@ -1,0 +1,385 @@
+//! `meshd iptables {install,uninstall,print}`: the pod's interception rules, run by the
+//! init container before the app starts (or by hand in a network namespace).
+//!
+//! Flow: the command line becomes [`Rules`]; [`Rules::script`] is a plain function that
+//! renders them as `iptables-restore` input, and `print` shows exactly that. `install`
+//! first removes any earlier meshd rules (so it can run twice), then loads the script with
+//! `iptables-restore --noflush`, which applies it at once or not at all. `uninstall`
+//! removes the jumps and the `MESHD_*` chains and checks that none is left.
+//!
+//! What the rules do, in the `nat` table (IPv4):
+//! - every TCP connection the pod opens goes to `MESHD_OUTPUT`, which lets through the
+//!   sidecar's own connections (by its uid, and gid when given: without this they would
+//!   loop back into it), loopback destinations (the app's calls to the sidecar's explicit
+//!   listeners and admin), excluded ports and networks, and REDIRECTs the rest to the
+//!   transparent listener (`--outbound-port`, 15001), which reads the original destination;
+//! - TCP arriving for one of `--inbound-ports` (the app's own ports) is REDIRECTed to the
+//!   mTLS inbound (`--inbound-port`, 15006), so a plaintext client that finds the app's
+//!   port meets the mTLS listener instead. By default no inbound port is redirected:
+//!   peers dial 15006 and the app listens on loopback.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+/// The chains meshd owns; nothing else in the table is touched.
+const CHAINS: [&str; 3] = ["MESHD_OUTPUT", "MESHD_REDIRECT", "MESHD_INBOUND"];
+
+/// The jumps from the built-in chains into ours, as `iptables -t nat` arguments.
+const JUMPS: [[&str; 5]; 2] = [
+    ["OUTPUT", "-p", "tcp", "-j", "MESHD_OUTPUT"],
+    ["PREROUTING", "-p", "tcp", "-j", "MESHD_INBOUND"],
+];
+
+/// Why the rules could not be put in place or taken out.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    /// The iptables program could not be started (not installed, not on PATH).
+    #[error("cannot run `{program}`: {error} (is the iptables package installed?)")]
+    Spawn {
+        program: &'static str,
+        error: std::io::Error,
+    },
+    /// iptables ran and refused (no CAP_NET_ADMIN, a missing kernel module, a bad rule).
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    /// `uninstall` ran, yet meshd chains are still in the table.
+    #[error("meshd rules are still in the nat table after uninstall:\n{0}")]
+    Leftover(String),
+}
+
+/// An IPv4 network in CIDR notation, e.g. `10.0.0.0/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Ipv4Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IPv4 network such as 10.0.0.0/8"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to 32"))?;
+        Ok(Ipv4Net { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The interception rules of one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    /// The uid meshd runs as: its own connections are never redirected.
+    pub proxy_uid: u32,
+    /// The gid meshd runs as, also let through when given.
+    pub proxy_gid: Option<u32>,
+    /// The transparent listener's port (`transparent.listen`).
+    pub outbound_port: u16,
+    /// The mTLS inbound's port (`inbound.listen`).
+    pub inbound_port: u16,
+    /// Ports whose incoming TCP is redirected to the inbound.
+    pub inbound_ports: Vec<u16>,
+    /// Destination ports the app reaches directly.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Destination networks the app reaches directly.
+    pub exclude_outbound_cidrs: Vec<Ipv4Net>,
+}
+
+impl Rules {
+    /// The rules as `iptables-restore --noflush` input for the `nat` table.
+    pub fn script(&self) -> String {
+        let mut s = String::from("*nat\n");
+        for chain in CHAINS {
+            let _ = writeln!(s, ":{chain} - [0:0]");
+        }
+        let _ = writeln!(
+            s,
+            "-A MESHD_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        );
+        let _ = writeln!(
+            s,
+            "-A MESHD_OUTPUT -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        );
+        if let Some(gid) = self.proxy_gid {
+            let _ = writeln!(s, "-A MESHD_OUTPUT -m owner --gid-owner {gid} -j RETURN");
+        }
+        s.push_str("-A MESHD_OUTPUT -d 127.0.0.0/8 -j RETURN\n");
+        s.push_str("-A MESHD_OUTPUT -o lo -j RETURN\n");
+        for port in &self.exclude_outbound_ports {
+            let _ = writeln!(s, "-A MESHD_OUTPUT -p tcp --dport {port} -j RETURN");
+        }
+        for net in &self.exclude_outbound_cidrs {
+            let _ = writeln!(s, "-A MESHD_OUTPUT -d {net} -j RETURN");
+        }
+        s.push_str("-A MESHD_OUTPUT -j MESHD_REDIRECT\n");
+        for port in &self.inbound_ports {
+            let _ = writeln!(
+                s,
+                "-A MESHD_INBOUND -p tcp --dport {port} -j REDIRECT --to-ports {}",
+                self.inbound_port
+            );
+        }
+        for jump in JUMPS {
+            let _ = writeln!(s, "-A {}", jump.join(" "));
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    /// Removes earlier meshd rules, then loads these in one `iptables-restore`.
+    pub fn install(&self) -> Result<(), IptablesError> {
+        uninstall()?;
+        let program = "iptables-restore";
+        let mut child = Command::new(program)
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|error| IptablesError::Spawn { program, error })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(self.script().as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|error| IptablesError::Spawn { program, error })?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed {
+                command: format!("{program} --noflush"),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `meshd iptables ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum IptablesCommand {
+    /// Replace any meshd rules with these (needs CAP_NET_ADMIN; the init container's job).
+    Install(RuleArgs),
+    /// Remove every meshd rule and chain.
+    Uninstall,
+    /// Print the rules as iptables-restore input, changing nothing.
+    Print(RuleArgs),
+}
+
+/// The options of `install` and `print`.
+#[derive(Debug, clap::Args)]
+pub struct RuleArgs {
+    /// The uid meshd runs as; its own connections are not redirected.
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// The gid meshd runs as, also not redirected.
+    #[arg(long)]
+    pub proxy_gid: Option<u32>,
+    /// Port of the transparent outbound listener.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Port of the mTLS inbound listener.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Ports (comma-separated) whose incoming TCP goes to the inbound listener.
+    #[arg(long, value_delimiter = ',')]
+    pub inbound_ports: Vec<u16>,
+    /// Destination ports (comma-separated) the app reaches without the sidecar.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Destination IPv4 networks (comma-separated CIDRs) the app reaches without the sidecar.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_cidrs: Vec<Ipv4Net>,
+}
+
+impl From<RuleArgs> for Rules {
+    fn from(a: RuleArgs) -> Rules {
+        Rules {
+            proxy_uid: a.proxy_uid,
+            proxy_gid: a.proxy_gid,
+            outbound_port: a.outbound_port,
+            inbound_port: a.inbound_port,
+            inbound_ports: a.inbound_ports,
+            exclude_outbound_ports: a.exclude_outbound_ports,
+            exclude_outbound_cidrs: a.exclude_outbound_cidrs,
+        }
+    }
+}
+
+/// Carries out one `meshd iptables` command; returns what to print.
+pub fn main(command: IptablesCommand) -> Result<String, IptablesError> {
+    match command {
+        IptablesCommand::Print(args) => Ok(Rules::from(args).script()),
+        IptablesCommand::Install(args) => {
+            let rules = Rules::from(args);
+            rules.install()?;
+            Ok(format!("meshd iptables: installed\n{}", rules.script()))
+        }
+        IptablesCommand::Uninstall => {
+            uninstall()?;
+            Ok("meshd iptables: no meshd rules left".into())
+        }
+    }
+}
+
+/// Runs `iptables -t nat ARGS`; `Ok(false)` when iptables refused (the rule or chain is
+/// not there), an error when it could not run at all.
+fn nat(args: &[&str]) -> Result<bool, IptablesError> {
+    let program = "iptables";
+    let status = Command::new(program)
+        .args(["-w", "-t", "nat"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|error| IptablesError::Spawn { program, error })?;
+    Ok(status.success())
+}
+
+/// The meshd lines of `iptables -t nat -S`.
+fn listed() -> Result<String, IptablesError> {
+    let program = "iptables";
+    let out = Command::new(program)
+        .args(["-w", "-t", "nat", "-S"])
+        .output()
+        .map_err(|error| IptablesError::Spawn { program, error })?;
+    if !out.status.success() {
+        return Err(IptablesError::Failed {
+            command: "iptables -t nat -S".into(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("MESHD_"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Takes out every jump to a meshd chain and the chains themselves; a rule or chain that
+/// is not there is fine. Fails if anything of meshd's is left.
+pub fn uninstall() -> Result<(), IptablesError> {
+    for jump in JUMPS {
+        let mut args = vec!["-D"];
+        args.extend(jump);
+        // The same jump may have been added more than once by hand.
+        for _ in 0..16 {
+            if !nat(&args)? {
+                break;
+            }
+        }
+    }
+    for chain in CHAINS {
+        nat(&["-F", chain])?;
+    }
+    for chain in CHAINS {
+        nat(&["-X", chain])?;
+    }
+    match listed()? {
+        left if left.is_empty() => Ok(()),
+        left => Err(IptablesError::Leftover(left)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            proxy_uid: 1337,
+            proxy_gid: None,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            inbound_ports: vec![],
+            exclude_outbound_ports: vec![],
+            exclude_outbound_cidrs: vec![],
+        }
+    }
+
+    /// The defaults: the sidecar's uid and loopback go direct, all other outbound TCP is
+    /// redirected to 15001, nothing inbound is redirected.
+    #[test]
+    fn the_default_rules_redirect_outbound_only() {
+        let want = "\
+*nat
+:MESHD_OUTPUT - [0:0]
+:MESHD_REDIRECT - [0:0]
+:MESHD_INBOUND - [0:0]
+-A MESHD_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A MESHD_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A MESHD_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A MESHD_OUTPUT -o lo -j RETURN
+-A MESHD_OUTPUT -j MESHD_REDIRECT
+-A OUTPUT -p tcp -j MESHD_OUTPUT
+-A PREROUTING -p tcp -j MESHD_INBOUND
+COMMIT
+";
+        assert_eq!(rules().script(), want);
+    }
+
+    /// Each option adds its own line, and the exclusions come before the redirect.
+    #[test]
+    fn options_add_their_lines_before_the_redirect() {
+        let r = Rules {
+            proxy_gid: Some(1338),
+            outbound_port: 16001,
+            inbound_ports: vec![8081, 9090],
+            exclude_outbound_ports: vec![22],
+            exclude_outbound_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..rules()
+        };
+        let s = r.script();
+        let redirect = s.find("-A MESHD_OUTPUT -j MESHD_REDIRECT").unwrap();
+        for line in [
+            "-A MESHD_OUTPUT -m owner --gid-owner 1338 -j RETURN",
+            "-A MESHD_OUTPUT -p tcp --dport 22 -j RETURN",
+            "-A MESHD_OUTPUT -d 10.0.0.0/8 -j RETURN",
+        ] {
+            let at = s
+                .find(line)
+                .unwrap_or_else(|| panic!("{line} missing:\n{s}"));
+            assert!(at < redirect, "{line} after the redirect:\n{s}");
+        }
+        for line in [
+            "-A MESHD_REDIRECT -p tcp -j REDIRECT --to-ports 16001",
+            "-A MESHD_INBOUND -p tcp --dport 8081 -j REDIRECT --to-ports 15006",
+            "-A MESHD_INBOUND -p tcp --dport 9090 -j REDIRECT --to-ports 15006",
+        ] {
+            assert!(s.contains(line), "{line} missing:\n{s}");
+        }
+    }
+
+    #[test]
+    fn networks_parse_or_name_the_bad_value() {
+        let ok = [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("192.168.1.7", "192.168.1.7/32"),
+        ];
+        for (text, shown) in ok {
+            assert_eq!(text.parse::<Ipv4Net>().unwrap().to_string(), shown);
+        }
+        for bad in ["10.0.0.0/33", "fd00::/8", "ten/8", "10.0.0.0/x", ""] {
+            let e = bad.parse::<Ipv4Net>().unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
+        }
+    }
+}
