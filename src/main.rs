@@ -49,6 +49,18 @@ enum Command {
     Demo(meshd::demo::DemoArgs),
     /// A demo gRPC app of the reference topology (plaintext, loopback).
     DemoApp(meshd::demo_apps::DemoAppArgs),
+    /// Print a Kubernetes manifest with meshd added to every pod template.
+    Inject(meshd::inject::InjectArgs),
+    /// Ask the local admin server for /ready or /live: exit 0 on 200 (the injected
+    /// sidecar's exec probes).
+    Probe {
+        /// /ready or /live.
+        #[arg(default_value = "/ready")]
+        path: String,
+        /// The admin server's address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+    },
     /// The pod's interception rules (iptables nat table, IPv4): install, uninstall, print.
     #[command(subcommand)]
     Iptables(meshd::iptables::IptablesCommand),
@@ -167,6 +179,28 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Inject(args) => match meshd::inject::inject_file(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshd inject: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Probe { path, admin } => {
+            match meshd::probe::probe(admin, &path, std::time::Duration::from_secs(2)) {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("meshd probe: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Iptables(cmd) => match meshd::iptables::main(cmd) {
             Ok(text) => {
                 println!("{}", text.trim_end());
