@@ -7,6 +7,7 @@ use crate::balancer::{UpstreamView, Upstreams};
 use crate::config::Config;
 use crate::discovery::{self, RefreshBounds};
 use crate::discovery_dns::Dns;
+use crate::gateway::Gateway;
 use crate::h2_pool::{Connector, H2Pool};
 use crate::identity::{parse_spiffe_id, IdentityStatus};
 use crate::inbound::Inbound;
@@ -174,6 +175,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let dns = Arc::new(Dns::new(&config.discovery.nameservers));
     let mut upstreams = Upstreams::default();
     let mut claimed = HashMap::new();
+    let mut by_name = HashMap::new();
     for o in &config.outbound {
         let listener = match o.listen {
             Some(addr) => Some(bind(addr, &format!("outbound {}", o.name)).await?),
@@ -210,6 +212,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         ));
         upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
         ob.start(&drain);
+        by_name.insert(o.name.clone(), ob.clone());
         for addr in &o.intercept {
             claimed.insert(*addr, ob.clone());
         }
@@ -236,6 +239,17 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             unmatched: t.unmatched,
         });
         tokio::spawn(transparent.serve(listener, drain.clone()));
+    }
+
+    if let Some(g) = &config.gateway {
+        let gateway = Arc::new(Gateway::new(g, &by_name, access.clone())?);
+        let listener = bind(g.listen, "gateway").await?;
+        tracing::info!(
+            "gateway listening on {} ({} routes)",
+            listener.local_addr()?,
+            g.routes.len()
+        );
+        tokio::spawn(gateway.serve(listener, drain.clone()));
     }
 
     // Admin.

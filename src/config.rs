@@ -34,6 +34,9 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// The edge gateway (JWT, API keys, rate limits); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayConfig>,
     /// The transparent outbound listener (iptables REDIRECT target); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transparent: Option<TransparentConfig>,
@@ -374,6 +377,9 @@ impl<'de> Deserialize<'de> for Endpoints {
 
 pub use crate::config_check::{check_report, parse_endpoints, EndpointsSpec, HostPort};
 pub use crate::config_error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
+pub use crate::config_gateway::{
+    GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
+};
 pub use crate::config_intercept::{TransparentConfig, Unmatched};
 pub use crate::config_resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
 

@@ -160,6 +160,7 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         crate::config_resilience::check(&resilience, &format!("outbound[{i}]"), src, &mut out);
     }
     crate::config_intercept::check(config, src, &mut out, &mut listeners);
+    crate::config_gateway::check(config, src, &mut out, &mut listeners);
     listeners.push(("admin.listen".into(), config.admin.listen));
     for (j, (field, addr)) in listeners.iter().enumerate() {
         if let Some((other_field, other_addr)) =

@@ -99,7 +99,7 @@ pub enum ConfigError {
     #[error("admin.listen {addr} is not loopback: /config and /shutdown are reachable from outside the pod")]
     AdminNotLoopback { addr: SocketAddr },
     /// An outbound with neither `listen` nor `intercept`: the app has no way to reach it.
-    #[error("outbound[{index}] has neither listen nor intercept: the app cannot reach it")]
+    #[error("outbound[{index}] has neither listen nor intercept (nor a gateway route): nothing can reach it")]
     Unreachable { index: usize },
     /// An outbound with `intercept` addresses but no `transparent` listener to take them.
     #[error("outbound[{index}].intercept needs the transparent listener: add `transparent: {{listen: 127.0.0.1:15001}}`")]
@@ -114,6 +114,21 @@ pub enum ConfigError {
         addr: SocketAddr,
         first: usize,
     },
+    /// A gateway without routes.
+    #[error("gateway.routes is empty: the gateway would answer every request with 404")]
+    NoRoutes,
+    /// Two gateway routes with one name.
+    #[error("gateway route name `{name}` is used twice")]
+    DuplicateRoute { name: String },
+    /// A route prefix that is not a path.
+    #[error("{field}: `{prefix}` must start with /")]
+    BadPrefix { field: String, prefix: String },
+    /// A route to an outbound that does not exist.
+    #[error("{field}: no outbound is named `{upstream}`")]
+    UnknownUpstream { field: String, upstream: String },
+    /// A route asking for credentials the gateway has no way to check.
+    #[error("{field} needs {needs} to be configured")]
+    AuthWithoutCredentials { field: String, needs: &'static str },
     /// (warning) An inbound without a policy file: it fails closed, so the sidecar can
     /// never serve a call.
     #[error("inbound.policy is not set: every call to the inbound is denied and /ready stays 503")]

@@ -67,7 +67,11 @@ pub(crate) fn check(
     let mut claimed: HashMap<SocketAddr, usize> = HashMap::new();
     for (i, ob) in config.outbound.iter().enumerate() {
         let at = |key: &str| format!("outbound[{i}].{key}");
-        if ob.listen.is_none() && ob.intercept.is_empty() {
+        let routed = config
+            .gateway
+            .as_ref()
+            .is_some_and(|g| g.routes.iter().any(|r| r.upstream == ob.name));
+        if ob.listen.is_none() && ob.intercept.is_empty() && !routed {
             out.push(src.problem(&at("name"), ConfigError::Unreachable { index: i }));
         }
         if !ob.intercept.is_empty() && config.transparent.is_none() {

@@ -100,8 +100,18 @@ impl Head {
 }
 
 impl Outbound {
-    /// Proxies one request to the upstream.
-    pub async fn handle(&self, mut req: Request<H2Body>) -> Response<ProxyBody> {
+    /// Proxies one request from the app to the upstream.
+    pub async fn handle(&self, req: Request<H2Body>) -> Response<ProxyBody> {
+        self.handle_as(req, None).await
+    }
+
+    /// Proxies one request to the upstream, for the app or (with `gateway`) for a caller
+    /// of the edge gateway, whose record then also feeds the `gateway_*` metrics.
+    pub async fn handle_as(
+        &self,
+        mut req: Request<H2Body>,
+        gateway: Option<Box<telemetry::GatewayCall>>,
+    ) -> Response<ProxyBody> {
         let grpc = proxy::is_grpc(&req);
         let (method_label, grpc_method) = match proxy::grpc_path(req.uri().path()) {
             Some((svc, m)) if grpc => {
@@ -109,8 +119,12 @@ impl Outbound {
             }
             _ => (telemetry::OTHER, None),
         };
-        let record = RequestRecord::new(
-            "outbound",
+        let mut record = RequestRecord::new(
+            if gateway.is_some() {
+                "gateway"
+            } else {
+                "outbound"
+            },
             self.labels.peer(&self.server_id_text),
             self.server_id_text.clone(),
             method_label,
@@ -119,6 +133,7 @@ impl Outbound {
             metrics::SharedString::const_str(""),
             Some(self.log.clone()),
         );
+        record.gateway = gateway;
         let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
         let admission = match self.breaker.admit() {
             Ok(a) => a,

@@ -39,6 +39,15 @@ pub enum ProxyError {
     /// No valid identity: meshd fails closed.
     #[error("{0}")]
     NoIdentity(String),
+    /// The gateway found no valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The gateway's rate limit for this caller is spent.
+    #[error("{0}")]
+    RateLimited(String),
+    /// No gateway route matches the path.
+    #[error("{0}")]
+    NoRoute(String),
 }
 
 impl ProxyError {
@@ -50,6 +59,9 @@ impl ProxyError {
                 (14, StatusCode::SERVICE_UNAVAILABLE)
             }
             ProxyError::DeadlineExceeded(_) => (4, StatusCode::GATEWAY_TIMEOUT),
+            ProxyError::Unauthenticated(_) => (16, StatusCode::UNAUTHORIZED),
+            ProxyError::RateLimited(_) => (8, StatusCode::TOO_MANY_REQUESTS),
+            ProxyError::NoRoute(_) => (12, StatusCode::NOT_FOUND),
         }
     }
 
@@ -440,6 +452,9 @@ mod tests {
             (ProxyError::Unavailable("x".into()), 14, 503),
             (ProxyError::NoIdentity("x".into()), 14, 503),
             (ProxyError::DeadlineExceeded("x".into()), 4, 504),
+            (ProxyError::Unauthenticated("x".into()), 16, 401),
+            (ProxyError::RateLimited("x".into()), 8, 429),
+            (ProxyError::NoRoute("x".into()), 12, 404),
         ];
         for (e, grpc, http) in table {
             assert_eq!(e.codes(), (grpc, StatusCode::from_u16(http).unwrap()));

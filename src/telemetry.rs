@@ -74,6 +74,23 @@ fn describe() {
         "TCP connections closed, by direction."
     );
     describe_counter!(
+        "gateway_requests_total",
+        "Requests through the edge gateway, by route (service) and status."
+    );
+    describe_histogram!(
+        "gateway_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request headers to the end of the response at the gateway, by route."
+    );
+    describe_counter!(
+        "gateway_requests_failed_total",
+        "Gateway requests that failed, by route and reason (unauthenticated, rate_limited, no_route, upstream)."
+    );
+    describe_counter!(
+        "gateway_rate_limit_hits_total",
+        "Gateway requests refused by a rate limit, by route."
+    );
+    describe_counter!(
         "meshd_intercepted_connections_total",
         "Connections taken by the transparent listener, by result (routed, passthrough, unmatched, not_redirected, no_original_destination)."
     );
@@ -260,7 +277,25 @@ pub struct RequestRecord {
     pub bytes: u64,
     pub denied: bool,
     pub log: Option<Arc<AccessLogger>>,
+    /// Set for a request that came in through the edge gateway: its `gateway_*` metrics
+    /// and the access log's caller fields.
+    pub gateway: Option<Box<GatewayCall>>,
     done: bool,
+}
+
+/// What the gateway knows of a request beyond what every proxied request has.
+#[derive(Debug, Clone)]
+pub struct GatewayCall {
+    /// The route's name: the `service` label of the `gateway_*` metrics.
+    pub service: SharedString,
+    /// The authenticated user (JWT claim or API key owner); none on a public route.
+    pub user_id: Option<String>,
+    /// The client's IP address.
+    pub ip: String,
+    pub user_agent: Option<String>,
+    /// Why the gateway refused the request itself (`unauthenticated`, `rate_limited`,
+    /// `no_route`); none when it was proxied.
+    pub refused: Option<&'static str>,
 }
 
 impl RequestRecord {
@@ -290,6 +325,7 @@ impl RequestRecord {
             bytes: 0,
             denied: false,
             log,
+            gateway: None,
             done: false,
         }
     }
@@ -350,23 +386,51 @@ impl RequestRecord {
                 );
             }
         }
+        if let Some(g) = &self.gateway {
+            let service: &str = &g.service;
+            metric_cache::increment(
+                "gateway_requests_total",
+                &[("service", service), ("status", status)],
+                1,
+            );
+            metric_cache::record(
+                "gateway_request_duration_seconds",
+                &[("service", service)],
+                secs,
+            );
+            let failed = match self.grpc_method {
+                Some(_) => status != "0",
+                None => self.http_status >= 500,
+            };
+            if let Some(reason) = g.refused.or(failed.then_some("upstream")) {
+                metric_cache::increment(
+                    "gateway_requests_failed_total",
+                    &[("service", service), ("reason", reason)],
+                    1,
+                );
+            }
+        }
         if let Some(log) = &self.log {
             if log.wants(self.denied) {
-                log.write(
-                    self.denied,
-                    serde_json::json!({
-                        "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                        "direction": self.direction,
-                        "peer_id": &*self.peer_id,
-                        "method": &*self.http_method,
-                        "grpc_method": self.grpc_method,
-                        "status": status,
-                        "duration_ms": secs * 1000.0,
-                        "bytes": self.bytes,
-                        "upstream": &*self.upstream,
-                        "rule": self.rule,
-                    }),
-                );
+                let mut line = serde_json::json!({
+                    "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                    "direction": self.direction,
+                    "peer_id": &*self.peer_id,
+                    "method": &*self.http_method,
+                    "grpc_method": self.grpc_method,
+                    "status": status,
+                    "duration_ms": secs * 1000.0,
+                    "bytes": self.bytes,
+                    "upstream": &*self.upstream,
+                    "rule": self.rule,
+                });
+                if let (Some(g), Some(fields)) = (&self.gateway, line.as_object_mut()) {
+                    fields.insert("user_id".into(), g.user_id.clone().into());
+                    fields.insert("ip".into(), g.ip.clone().into());
+                    fields.insert("user_agent".into(), g.user_agent.clone().into());
+                    fields.insert("service".into(), (*g.service).into());
+                }
+                log.write(self.denied, line);
             }
         }
     }
