@@ -5,8 +5,9 @@
 //! StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, and the items of a List) gets, in its
 //! pod spec, [`pod_additions`]: a plain function of the pod's metadata and the options,
 //! with no I/O. Everything else (Services, ConfigMaps, ...) passes through unchanged, as
-//! do pods that opt out (`meshd.io/inject: "false"`) or already have a `meshd` container,
-//! so injecting twice is injecting once.
+//! do pods that opt out (`meshd.io/inject: "false"`), pods on the node's network
+//! (`hostNetwork: true`: their iptables are the node's) and pods that already have a
+//! `meshd` container, so injecting twice is injecting once.
 //!
 //! What a pod gets:
 //! - init container `meshd-init`: `meshd iptables install` (NET_ADMIN, NET_RAW, as root),
@@ -163,7 +164,9 @@ fn inject_document(doc: &mut Value, args: &InjectArgs) -> Result<(), ShapeError>
         .iter()
         .chain(inits.into_iter().flatten())
         .any(|c| text_at(c, &["name"]) == Some("meshd"));
-    if injected {
+    // A pod on the node's network would have the node's iptables rewritten.
+    let host_network = spec.get("hostNetwork").and_then(Value::as_bool) == Some(true);
+    if injected || host_network {
         return Ok(());
     }
     let Some(add) = pod_additions(&meta, &name, args) else {

@@ -122,6 +122,11 @@ fn each_kind_is_injected_at_its_template_or_left_alone() {
             false,
         ),
         (
+            "kind: Pod\nspec: {hostNetwork: true, containers: [{name: app}]}".to_string(),
+            &["spec"],
+            false,
+        ),
+        (
             "kind: Pod\nspec: {containers: [{name: app}], initContainers: [{name: meshd}]}".to_string(),
             &["spec"],
             false,
