@@ -11,7 +11,7 @@ use crate::gateway::Gateway;
 use crate::h2_pool::{Connector, H2Pool};
 use crate::identity::{parse_spiffe_id, IdentityStatus};
 use crate::inbound::Inbound;
-use crate::intercept::Transparent;
+use crate::intercept::{Claim, Transparent};
 use crate::outbound::Outbound;
 use crate::policy_store::PolicyStore;
 use crate::proxy::Drain;
@@ -174,7 +174,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     let dns = Arc::new(Dns::new(&config.discovery.nameservers));
     let mut upstreams = Upstreams::default();
-    let mut claimed = HashMap::new();
+    let mut claims = Vec::new();
     let mut by_name = HashMap::new();
     for o in &config.outbound {
         let listener = match o.listen {
@@ -213,8 +213,17 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
         ob.start(&drain);
         by_name.insert(o.name.clone(), ob.clone());
-        for addr in &o.intercept {
-            claimed.insert(*addr, ob.clone());
+        for text in &o.intercept {
+            let target = crate::config_check::parse_host_port(text)
+                .map_err(|e| anyhow!("outbound {} intercept `{text}`: {e}", o.name))?;
+            claims.push(Claim {
+                target,
+                outbound: ob.clone(),
+                refresh: RefreshBounds {
+                    min: o.min_refresh,
+                    max: o.max_refresh,
+                },
+            });
         }
         if let Some(listener) = listener {
             tracing::info!(
@@ -229,15 +238,12 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         let listener = bind(t.listen, "transparent outbound").await?;
         let own = listener.local_addr()?;
         tracing::info!(
-            "transparent outbound listening on {own} ({} intercepted destinations, unmatched: {:?})",
-            claimed.len(),
+            "transparent outbound listening on {own} ({} intercept entries, unmatched: {:?})",
+            claims.len(),
             t.unmatched
         );
-        let transparent = Arc::new(Transparent {
-            own,
-            claimed: std::mem::take(&mut claimed),
-            unmatched: t.unmatched,
-        });
+        let claims = std::mem::take(&mut claims);
+        let transparent = Arc::new(Transparent::new(own, claims, t.unmatched, dns.clone()));
         tokio::spawn(transparent.serve(listener, drain.clone()));
     }
 

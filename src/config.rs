@@ -130,10 +130,12 @@ pub struct OutboundConfig {
     /// app's connections reach it by `intercept` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
-    /// Original destinations (the service addresses the app dials, e.g. a ClusterIP and
-    /// port) whose intercepted connections the transparent listener hands to this upstream.
+    /// Original destinations (the service addresses the app dials: `ip:port`, or
+    /// `host:port` whose A/AAAA records are followed, e.g. a Service's name for its
+    /// ClusterIP) whose intercepted connections the transparent listener hands to this
+    /// upstream.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub intercept: Vec<SocketAddr>,
+    pub intercept: Vec<String>,
     #[serde(default)]
     pub protocol: Protocol,
     pub endpoints: Endpoints,

@@ -346,7 +346,7 @@ fn parse_uri(uri: &str) -> Result<EndpointsSpec, String> {
     }
 }
 
-fn parse_host_port(text: &str) -> Result<HostPort, String> {
+pub(crate) fn parse_host_port(text: &str) -> Result<HostPort, String> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (ip, port) = rest
             .split_once("]:")

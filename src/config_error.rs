@@ -111,8 +111,15 @@ pub enum ConfigError {
     #[error("{field}: {addr} is already intercepted by outbound[{first}]")]
     DuplicateIntercept {
         field: String,
-        addr: SocketAddr,
+        addr: String,
         first: usize,
+    },
+    /// An `intercept` entry that is not `host:port`.
+    #[error("{field}: `{value}`: {reason}")]
+    BadIntercept {
+        field: String,
+        value: String,
+        reason: String,
     },
     /// A gateway without routes.
     #[error("gateway.routes is empty: the gateway would answer every request with 404")]

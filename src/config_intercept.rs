@@ -8,11 +8,11 @@
 //! table of `intercept` from them.
 
 use crate::config::Config;
-use crate::config_check::Source;
+use crate::config_check::{parse_host_port, Source};
 use crate::config_error::{ConfigError, ConfigProblem};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// `transparent:` — the outbound listener that intercepted connections arrive on.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -54,7 +54,8 @@ pub enum Unmatched {
 
 /// The interception rules of a config: every outbound is reachable, by an explicit
 /// `listen`, by `intercept` addresses, or both; `intercept` needs the `transparent`
-/// listener; no address is claimed twice, and each is a concrete `ip:port`.
+/// listener; no address is claimed twice, and each is a `host:port` or a concrete
+/// `ip:port`.
 pub(crate) fn check(
     config: &Config,
     src: &Source,
@@ -64,7 +65,7 @@ pub(crate) fn check(
     if let Some(t) = &config.transparent {
         listeners.push(("transparent.listen".into(), t.listen));
     }
-    let mut claimed: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut claimed: HashMap<String, usize> = HashMap::new();
     for (i, ob) in config.outbound.iter().enumerate() {
         let at = |key: &str| format!("outbound[{i}].{key}");
         let routed = config
@@ -78,23 +79,40 @@ pub(crate) fn check(
             let error = ConfigError::InterceptWithoutTransparent { index: i };
             out.push(src.problem(&at("intercept"), error));
         }
-        for (j, addr) in ob.intercept.iter().enumerate() {
+        for (j, text) in ob.intercept.iter().enumerate() {
             let field = format!("outbound[{i}].intercept[{j}]");
-            if addr.port() == 0 || addr.ip().is_unspecified() {
-                let error = ConfigError::VagueIntercept {
-                    field: field.clone(),
-                    addr: *addr,
-                };
-                out.push(src.problem(&field, error));
-            } else if let Some(&first) = claimed.get(addr) {
+            let target = match parse_host_port(text) {
+                Ok(t) => t,
+                Err(reason) => {
+                    let error = ConfigError::BadIntercept {
+                        field: field.clone(),
+                        value: text.clone(),
+                        reason,
+                    };
+                    out.push(src.problem(&field, error));
+                    continue;
+                }
+            };
+            if let Ok(ip) = target.host.parse::<IpAddr>() {
+                if ip.is_unspecified() {
+                    let error = ConfigError::VagueIntercept {
+                        field: field.clone(),
+                        addr: SocketAddr::new(ip, target.port),
+                    };
+                    out.push(src.problem(&field, error));
+                    continue;
+                }
+            }
+            let key = target.to_string().to_ascii_lowercase();
+            if let Some(&first) = claimed.get(&key) {
                 let error = ConfigError::DuplicateIntercept {
                     field: field.clone(),
-                    addr: *addr,
+                    addr: key,
                     first,
                 };
                 out.push(src.problem(&field, error));
             } else {
-                claimed.insert(*addr, i);
+                claimed.insert(key, i);
             }
         }
     }

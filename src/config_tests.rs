@@ -171,6 +171,7 @@ fn each_rule_reports_its_message_at_its_position() {
          "m.yaml:7:17: outbound[0].intercept[0]: 0.0.0.0:8081 is not a destination: give the IP and port the app dials"),
         (&format!("{base}    intercept: [\"10.0.0.1:80\", \"10.0.0.1:80\"]\ntransparent: {{}}\n"),
          "m.yaml:7:32: outbound[0].intercept[1]: 10.0.0.1:80 is already intercepted by outbound[0]"),
+        (&format!("{base}    intercept: [\"contact:99999\"]\ntransparent: {{}}\n"), "m.yaml:7:17: outbound[0].intercept[0]: `contact:99999`: port `99999` is not in 1..=65535"),
         (&format!("{base}transparent: {{listen: 127.0.0.1:15101}}\n"),
          "m.yaml:7:23: transparent.listen: 127.0.0.1:15101 collides with outbound[0].listen (127.0.0.1:15101)"),
         (&format!("{base}gateway:\n  tls: {{cert: c, key: k}}\n  api_keys: keys.yaml\n  routes: []\n"), "m.yaml:10:3: gateway.routes is empty: the gateway would answer every request with 404"),

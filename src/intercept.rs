@@ -11,11 +11,14 @@
 //! would connect meshd to itself. Every outcome is counted in
 //! `meshd_intercepted_connections_total{result}`.
 
-use crate::config::Unmatched;
+use crate::config::{HostPort, Unmatched};
+use crate::discovery::RefreshBounds;
+use crate::discovery_dns::Dns;
 use crate::outbound::Outbound;
 use crate::proxy::{self, Drain};
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -85,14 +88,30 @@ fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
     }
 }
 
+/// One `intercept` entry: a destination and the outbound that claims it.
+pub struct Claim {
+    /// `ip:port`, or `host:port` whose A/AAAA records are followed.
+    pub target: HostPort,
+    pub outbound: Arc<Outbound>,
+    /// How often a host name is looked up again (the outbound's `min_refresh` and
+    /// `max_refresh` bound the records' TTL).
+    pub refresh: RefreshBounds,
+}
+
 /// The transparent listener and what it hands connections to.
 pub struct Transparent {
     /// The listener's own address, to tell a redirected connection from a direct one.
-    pub own: SocketAddr,
-    /// Destination -> the outbound that claimed it in its `intercept`.
-    pub claimed: HashMap<SocketAddr, Arc<Outbound>>,
+    own: SocketAddr,
+    /// Every `intercept` entry of every outbound, in config order (the first claim of
+    /// an address wins).
+    claims: Vec<Claim>,
+    /// Destination -> the outbound that claimed it, rebuilt when a name resolves to new
+    /// addresses.
+    table: ArcSwap<HashMap<SocketAddr, Arc<Outbound>>>,
     /// What becomes of a destination nobody claims.
-    pub unmatched: Unmatched,
+    unmatched: Unmatched,
+    /// The resolver for host-name claims.
+    dns: Arc<Dns>,
 }
 
 fn count(result: &'static str) {
@@ -100,8 +119,93 @@ fn count(result: &'static str) {
 }
 
 impl Transparent {
-    /// Accepts intercepted connections until drained.
+    pub fn new(
+        own: SocketAddr,
+        claims: Vec<Claim>,
+        unmatched: Unmatched,
+        dns: Arc<Dns>,
+    ) -> Transparent {
+        Transparent {
+            own,
+            claims,
+            table: ArcSwap::from_pointee(HashMap::new()),
+            unmatched,
+            dns,
+        }
+    }
+
+    /// Looks up every host-name claim (keeping a name's last good addresses when a lookup
+    /// fails), rebuilds the table, and returns how long until the next lookup.
+    async fn resolve(&self, known: &mut HashMap<String, Vec<IpAddr>>) -> Duration {
+        let mut next = Duration::from_secs(60);
+        for c in &self.claims {
+            if c.target.host.parse::<IpAddr>().is_ok() {
+                continue;
+            }
+            match self.dns.lookup_ip(&c.target.host).await {
+                Ok((ips, ttl)) => {
+                    known.insert(c.target.host.clone(), ips);
+                    next = next.min(ttl.clamp(c.refresh.min, c.refresh.max));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "intercept {} (outbound {}): {e}; keeping the last addresses",
+                        c.target,
+                        c.outbound.name
+                    );
+                    next = next.min(c.refresh.min);
+                }
+            }
+        }
+        let mut table = HashMap::new();
+        for c in &self.claims {
+            let ips = match c.target.host.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) => known.get(&c.target.host).cloned().unwrap_or_default(),
+            };
+            for ip in ips {
+                table
+                    .entry(SocketAddr::new(ip, c.target.port))
+                    .or_insert_with(|| c.outbound.clone());
+            }
+        }
+        let old = self.table.load();
+        let same = old.len() == table.len()
+            && table
+                .iter()
+                .all(|(k, v)| old.get(k).is_some_and(|o| Arc::ptr_eq(o, v)));
+        if !same {
+            tracing::info!(
+                "transparent listener: {} intercepted destinations",
+                table.len()
+            );
+            self.table.store(Arc::new(table));
+        }
+        next
+    }
+
+    /// Accepts intercepted connections until drained; the table is built before the
+    /// first one and followed from then on.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        let mut known = HashMap::new();
+        let mut wait = self.resolve(&mut known).await;
+        if self
+            .claims
+            .iter()
+            .any(|c| c.target.host.parse::<IpAddr>().is_err())
+        {
+            let this = self.clone();
+            let stop = drain.stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = this.resolve(&mut known).await;
+                }
+            });
+        }
         loop {
             let (tcp, from) = tokio::select! {
                 _ = drain.stop.cancelled() => return,
@@ -116,7 +220,8 @@ impl Transparent {
             };
             let _ = tcp.set_nodelay(true);
             let original = original_destination(&tcp);
-            match route(original, self.own, &self.claimed, self.unmatched) {
+            let table = self.table.load();
+            match route(original, self.own, &table, self.unmatched) {
                 Route::Outbound(ob) => {
                     count("routed");
                     drain

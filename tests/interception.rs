@@ -59,6 +59,8 @@ struct Pods {
     _app: Proc,
     contact: Proc,
     payment: Proc,
+    /// The payment pod's DNS server, when the claim is by name.
+    _dns: Option<Proc>,
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -69,6 +71,12 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 impl Pods {
     fn start(unmatched: &str) -> Pods {
+        Pods::start_with(unmatched, false)
+    }
+
+    /// With `by_name`, payment intercepts `contact.mesh.test:8081`, which a dnsmasq in the
+    /// payment pod resolves to the contact pod's address.
+    fn start_with(unmatched: &str, by_name: bool) -> Pods {
         let (a, b, _ip_a, ip_b) = pair();
         let dir = tempfile::tempdir().unwrap();
         // The payment sidecar runs as another uid: it must reach the files and sockets.
@@ -123,11 +131,50 @@ impl Pods {
         );
         b.wait_ready(ADMIN, &contact);
 
+        let mut dns = None;
+        let intercept = if by_name {
+            let hosts = write(
+                dir.path(),
+                "dns-hosts",
+                &format!("{ip_b} contact.mesh.test\n"),
+            );
+            let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .expect("dnsmasq is missing: run the tests through tests/run.sh");
+            dns = Some(a.spawn(
+                "dnsmasq",
+                dnsmasq,
+                &[
+                    "--keep-in-foreground",
+                    "--log-facility=-",
+                    "--conf-file=/dev/null",
+                    "--pid-file=",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--port=5353",
+                    "--local=/mesh.test/",
+                    "--user=root",
+                    &format!("--addn-hosts={hosts}"),
+                ],
+                Some("read "),
+            ));
+            "contact.mesh.test:8081".to_string()
+        } else {
+            format!("{ip_b}:8081")
+        };
+        let discovery = if by_name {
+            "discovery:\n  nameservers: [\"127.0.0.1:5353\"]\n"
+        } else {
+            ""
+        };
         let payment_cfg = write(
             dir.path(),
             "payment.yaml",
             &format!(
-                "service: payment-service\nidentity:\n  workload_api: {}\n  expect: {PAYMENT}\noutbound:\n  - name: contact-service\n    intercept: [\"{ip_b}:8081\"]\n    protocol: grpc\n    endpoints: [\"{ip_b}:15006\"]\n    server_id: spiffe://jia.app/contact-service\ntransparent:\n  listen: 127.0.0.1:15001\n  unmatched: {unmatched}\nadmin:\n  listen: 127.0.0.1:{ADMIN}\n",
+                "service: payment-service\nidentity:\n  workload_api: {}\n  expect: {PAYMENT}\noutbound:\n  - name: contact-service\n    intercept: [\"{intercept}\"]\n    protocol: grpc\n    endpoints: [\"{ip_b}:15006\"]\n    server_id: spiffe://jia.app/contact-service\ntransparent:\n  listen: 127.0.0.1:15001\n  unmatched: {unmatched}\nadmin:\n  listen: 127.0.0.1:{ADMIN}\n{discovery}",
                 ca.socket("payment-service")
             ),
         );
@@ -157,6 +204,7 @@ impl Pods {
             _app: app,
             contact,
             payment,
+            _dns: dns,
         }
     }
 
@@ -235,6 +283,22 @@ fn the_app_dials_the_service_and_the_sidecar_carries_it_over_mtls() {
     assert!(!rules.contains("MESHD"), "left behind:\n{rules}");
     let (ok, text) = get_contact(&p.a, &service);
     assert!(!ok, "the call still went through after uninstall: {text}");
+}
+
+// Story: payment claims the contact service by name; the transparent listener resolves
+// the name (through the pod's DNS server) and routes the app's call to the address it
+// resolves to, as it does for a claim by IP.
+#[test]
+fn a_claim_by_name_follows_the_address_it_resolves_to() {
+    let p = Pods::start_with("deny", true);
+    p.meshd_in_a(&["iptables", "install", "--proxy-uid", PROXY_UID]);
+    let (ok, text) = get_contact(&p.a, &format!("{}:8081", p.ip_b));
+    assert!(
+        ok,
+        "the call to the resolved address failed: {text}\n{}",
+        p.payment.dump()
+    );
+    assert!(p.intercepted("routed") >= 1.0, "not counted as routed");
 }
 
 // Story: with `unmatched: deny` (the default), a destination no outbound intercepts is
