@@ -119,6 +119,11 @@ fn load_tls(config: &GatewayConfig) -> Result<rustls::ServerConfig, GatewayError
     Ok(server)
 }
 
+fn handshake_failed(reason: &'static str) {
+    metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "gateway", "reason" => reason)
+        .increment(1);
+}
+
 fn modified(paths: &[&Path]) -> Vec<Option<SystemTime>> {
     paths
         .iter()
@@ -222,9 +227,13 @@ impl Gateway {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!("gateway handshake from {from}: {e}");
+                        handshake_failed(crate::tls::failure_reason(&e));
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        handshake_failed("timeout");
+                        return;
+                    }
                 };
                 let ip = from.ip();
                 let handle = move |req| {

@@ -355,6 +355,16 @@ fn plaintext_and_unrouted_calls_get_nowhere() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    let counted = wait_until(Duration::from_secs(5), || {
+        e.metric(
+            "meshd_tls_handshake_failures_total",
+            &["direction=\"gateway\"", "reason=\"not_tls\""],
+        ) >= 1.0
+    });
+    assert!(
+        counted,
+        "the plaintext client's failed handshake was not counted"
+    );
     let proto_contact = "contact.proto";
     let ca = e.dir.path().join("gw.pem").display().to_string();
     let out = Command::new(tool("grpcurl"))
