@@ -204,19 +204,7 @@ impl Gateway {
     /// Accepts client connections until drained.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         tokio::spawn(self.clone().follow_files(drain.stop.clone()));
-        loop {
-            let (tcp, from) = tokio::select! {
-                _ = drain.stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("gateway accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, from)) = proxy::accept(&listener, &drain.stop, "gateway").await {
             let this = self.clone();
             let stop = drain.stop.clone();
             drain.tracker.spawn(async move {

@@ -62,19 +62,7 @@ struct Peer {
 impl Inbound {
     /// Accepts connections until drained.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = drain.stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("inbound accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, remote)) = proxy::accept(&listener, &drain.stop, "inbound").await {
             let this = self.clone();
             let stop = drain.stop.clone();
             drain

@@ -206,19 +206,9 @@ impl Transparent {
                 }
             });
         }
-        loop {
-            let (tcp, from) = tokio::select! {
-                _ = drain.stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("transparent listener accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, from)) =
+            proxy::accept(&listener, &drain.stop, "transparent listener").await
+        {
             let original = original_destination(&tcp);
             let table = self.table.load();
             match route(original, self.own, &table, self.unmatched) {

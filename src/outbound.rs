@@ -360,19 +360,8 @@ impl Outbound {
 
     /// Accepts connections from the app on the upstream's own listener until drained.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = drain.stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("outbound {} accept: {e}", self.name);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
+        let what = format!("outbound {}", self.name);
+        while let Some((tcp, _)) = proxy::accept(&listener, &drain.stop, &what).await {
             drain
                 .tracker
                 .spawn(self.clone().serve_connection(tcp, drain.stop.clone()));

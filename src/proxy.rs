@@ -259,6 +259,30 @@ pub struct Drain {
     pub tracker: tokio_util::task::TaskTracker,
 }
 
+/// The next connection on `listener` (Nagle off), or `None` once draining starts. An
+/// accept error (e.g. out of file descriptors) is logged and retried after 50 ms.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((tcp, from)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, from));
+                }
+                Err(e) => {
+                    tracing::warn!("{what} accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Serves one HTTP/2 connection until it ends: each stream is answered by `handle` in a
 /// task of its own. On drain it sends GOAWAY and lets in-flight streams finish.
 pub async fn serve_h2<I, H, F>(io: I, handle: H, stop: tokio_util::sync::CancellationToken)

@@ -209,6 +209,13 @@ log:
     fn metric(&self, name: &str, parts: &[&str]) -> f64 {
         self.gateway.metric(name, parts)
     }
+
+    /// The metric once it reaches `want` (a request is recorded when its response body
+    /// ends, which may be just after the client has its answer), or its last value.
+    fn settled(&self, name: &str, parts: &[&str], want: f64) -> f64 {
+        wait_until(Duration::from_secs(5), || self.metric(name, parts) >= want);
+        self.metric(name, parts)
+    }
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -255,9 +262,10 @@ fn only_valid_credentials_reach_the_service() {
         &e.get_payment(&["x-api-key: k-nobody".to_string()]),
         "unknown API key",
     );
-    let unauthenticated = e.metric(
+    let unauthenticated = e.settled(
         "gateway_requests_failed_total",
         &["service=\"payments\"", "reason=\"unauthenticated\""],
+        6.0,
     );
     assert_eq!(unauthenticated, 6.0);
 
@@ -269,14 +277,15 @@ fn only_valid_credentials_reach_the_service() {
     let text = e.get_payment(&[format!("x-api-key: {API_KEY}")]);
     assert!(text.contains("no payment p-1"), "{text}");
     assert_eq!(
-        e.metric(
+        e.settled(
             "gateway_requests_total",
-            &["service=\"payments\"", "status=\"5\""]
+            &["service=\"payments\"", "status=\"5\""],
+            2.0
         ),
         2.0
     );
     assert_eq!(
-        e.metric("gateway_requests_total", &["service=\"payments\""]),
+        e.settled("gateway_requests_total", &["service=\"payments\""], 8.0),
         8.0
     );
 

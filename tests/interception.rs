@@ -250,13 +250,14 @@ fn the_app_dials_the_service_and_the_sidecar_carries_it_over_mtls() {
     );
     assert!(text.contains("c1"), "{text}");
     assert!(p.intercepted("routed") >= 1.0, "not counted as routed");
-    let seen = p.b.metric(
-        ADMIN,
-        "meshd_requests_total",
-        &["direction=\"inbound\"", &format!("peer_id=\"{PAYMENT}\"")],
-    );
+    // Recorded when the response body ends, which may be just after grpcurl has it.
+    let peer = format!("peer_id=\"{PAYMENT}\"");
+    let seen = wait_until(Duration::from_secs(5), || {
+        let parts = ["direction=\"inbound\"", peer.as_str()];
+        p.b.metric(ADMIN, "meshd_requests_total", &parts) >= 1.0
+    });
     assert!(
-        seen >= 1.0,
+        seen,
         "contact's sidecar did not see payment-service:\n{}",
         p.contact.dump()
     );
