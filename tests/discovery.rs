@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::edge::dnsmasq_command;
 use common::meshd::{free_port, meshd_bin, wait_until, Proc};
 use common::replicas::{addr, ca, counts, delta, payment, send, start_replicas, Replica};
 use std::path::{Path, PathBuf};
@@ -21,29 +22,12 @@ struct Dnsmasq {
 
 impl Dnsmasq {
     fn start(dir: &Path, hosts: &str, srv: &[String]) -> Dnsmasq {
-        let bin = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("dnsmasq is missing: apt-get install -y dnsmasq-base");
         let port = free_port();
         let file = dir.join("dns-hosts");
         std::fs::write(&file, hosts).unwrap();
+        let (bin, args) = dnsmasq_command(port, &file);
         let mut cmd = Command::new(bin);
-        cmd.args([
-            "--keep-in-foreground",
-            "--log-facility=-",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--local=/mesh.test/",
-            "--local-ttl=1",
-            "--user=root",
-        ]);
-        cmd.arg(format!("--port={port}"));
-        cmd.arg(format!("--addn-hosts={}", file.display()));
+        cmd.args(args);
         for s in srv {
             cmd.arg(format!("--srv-host={s}"));
         }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::edge::{repo, tool};
+use common::edge::{dnsmasq_command, repo, tool};
 use common::meshd::{meshd_bin, wait_until, DevCa, Proc};
 use common::netns::{pair, Netns};
 use std::os::unix::fs::PermissionsExt;
@@ -138,29 +138,9 @@ impl Pods {
                 "dns-hosts",
                 &format!("{ip_b} contact.mesh.test\n"),
             );
-            let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-                .into_iter()
-                .find(|p| Path::new(p).exists())
-                .expect("dnsmasq is missing: run the tests through tests/run.sh");
-            dns = Some(a.spawn(
-                "dnsmasq",
-                dnsmasq,
-                &[
-                    "--keep-in-foreground",
-                    "--log-facility=-",
-                    "--conf-file=/dev/null",
-                    "--pid-file=",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    "--listen-address=127.0.0.1",
-                    "--port=5353",
-                    "--local=/mesh.test/",
-                    "--user=root",
-                    &format!("--addn-hosts={hosts}"),
-                ],
-                Some("read "),
-            ));
+            let (bin, args) = dnsmasq_command(5353, Path::new(&hosts));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            dns = Some(a.spawn("dnsmasq", bin, &args, Some("read ")));
             "contact.mesh.test:8081".to_string()
         } else {
             format!("{ip_b}:8081")

@@ -146,3 +146,31 @@ pub fn wait_counter(s: &Sidecar, name: &str, parts: &[&str], at_least: f64) -> f
     });
     last
 }
+
+/// A real dnsmasq answering for `mesh.test` only, from the hosts file `hosts` (TTL 1 s,
+/// SIGHUP reloads it), on 127.0.0.1:`port`: its program and arguments. It prints a line
+/// starting `read ` once the file is loaded.
+pub fn dnsmasq_command(port: u16, hosts: &Path) -> (&'static str, Vec<String>) {
+    let bin = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("dnsmasq is missing: run the tests through tests/run.sh, which installs it");
+    let mut args: Vec<String> = [
+        "--keep-in-foreground",
+        "--log-facility=-",
+        "--conf-file=/dev/null",
+        "--pid-file=",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--local=/mesh.test/",
+        "--local-ttl=1",
+        "--user=root",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(format!("--port={port}"));
+    args.push(format!("--addn-hosts={}", hosts.display()));
+    (bin, args)
+}
