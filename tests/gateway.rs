@@ -171,27 +171,30 @@ log:
 
     /// grpcurl over TLS (trusting the gateway's certificate) with extra headers.
     fn call(&self, method: &str, body: &str, headers: &[String]) -> (bool, String) {
-        let proto = repo("proto").display().to_string();
         let ca = self.dir.path().join("gw.pem").display().to_string();
+        let mut flags = vec!["-cacert", &ca, "-servername", "localhost"];
+        for h in headers {
+            flags.extend(["-H", h.as_str()]);
+        }
+        let target = format!("payment.v1.PaymentService/{method}");
+        self.grpcurl(&flags, "payment.proto", body, &target)
+    }
+
+    /// grpcurl to the gateway with connection `flags`, one call of `target`.
+    fn grpcurl(&self, flags: &[&str], proto: &str, body: &str, target: &str) -> (bool, String) {
+        let dir = repo("proto").display().to_string();
         let mut args = vec![
             "-max-time",
             "5",
-            "-cacert",
-            &ca,
-            "-servername",
-            "localhost",
             "-import-path",
-            &proto,
+            &dir,
             "-proto",
-            "payment.proto",
+            proto,
             "-d",
             body,
         ];
-        for h in headers {
-            args.extend(["-H", h.as_str()]);
-        }
-        let target = format!("payment.v1.PaymentService/{method}");
-        args.extend([self.addr.as_str(), target.as_str()]);
+        args.extend(flags);
+        args.extend([self.addr.as_str(), target]);
         let out = Command::new(tool("grpcurl")).args(&args).output().unwrap();
         let text = format!(
             "{}{}",
@@ -346,24 +349,9 @@ fn a_public_route_is_rate_limited_per_caller() {
 #[test]
 fn plaintext_and_unrouted_calls_get_nowhere() {
     let e = Edge::start();
-    let proto = repo("proto").display().to_string();
-    let out = Command::new(tool("grpcurl"))
-        .args([
-            "-max-time",
-            "5",
-            "-plaintext",
-            "-import-path",
-            &proto,
-            "-proto",
-            "payment.proto",
-            "-d",
-            "{}",
-            &e.addr,
-            "payment.v1.PaymentService/ListPricingZones",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let listing = "payment.v1.PaymentService/ListPricingZones";
+    let (ok, _) = e.grpcurl(&["-plaintext"], "payment.proto", "{}", listing);
+    assert!(!ok);
     let counted = wait_until(Duration::from_secs(5), || {
         e.metric(
             "meshd_tls_handshake_failures_total",
@@ -374,28 +362,14 @@ fn plaintext_and_unrouted_calls_get_nowhere() {
         counted,
         "the plaintext client's failed handshake was not counted"
     );
-    let proto_contact = "contact.proto";
     let ca = e.dir.path().join("gw.pem").display().to_string();
-    let out = Command::new(tool("grpcurl"))
-        .args([
-            "-max-time",
-            "5",
-            "-cacert",
-            &ca,
-            "-servername",
-            "localhost",
-            "-import-path",
-            &proto,
-            "-proto",
-            proto_contact,
-            "-d",
-            "{}",
-            &e.addr,
-            "contact.v1.ContactService/GetContact",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
+    let flags = ["-cacert", ca.as_str(), "-servername", "localhost"];
+    let (_, text) = e.grpcurl(
+        &flags,
+        "contact.proto",
+        "{}",
+        "contact.v1.ContactService/GetContact",
+    );
     assert!(
         text.contains("Code: Unimplemented") && text.contains("no gateway route"),
         "{text}"
