@@ -113,6 +113,8 @@ pub struct Topology {
     pub payment_admin: u16,
     /// The api-gateway sidecar's outbound listener for payment-service.
     pub gateway_out: u16,
+    /// The edge gateway's port (HTTPS, JWT) and its certificate and token files.
+    pub gateway: (u16, crate::demo_gateway::GatewayFiles),
     /// The intruder sidecar's outbound listener for payment-service.
     pub intruder_out: u16,
     /// Every sidecar: name, admin address and a one-line description of its listeners.
@@ -359,6 +361,8 @@ impl Demo {
         let payment_admin = ports.pick("the payment sidecar's admin", Some(15000))?;
         let payment_app_port = ports.pick("the payment app", Some(8081))?;
         let gateway_out = ports.pick("the api-gateway sidecar's outbound", Some(15100))?;
+        let gateway_port = ports.pick("the edge gateway", Some(8080))?;
+        let gateway_files = crate::demo_gateway::write_files(&dir)?;
         let mut specs = Vec::new();
         let mut payment_out = Vec::new();
         let mut opts = DemoOptions::default();
@@ -383,6 +387,7 @@ impl Demo {
                 admin: ports.pick(&format!("the {short} sidecar's admin"), None)?,
                 inbound: Some((inbound, app)),
                 outbound: vec![],
+                gateway: None,
             });
         }
         let payment_app =
@@ -393,6 +398,7 @@ impl Demo {
             admin: payment_admin,
             inbound: Some((payment_inbound, payment_app)),
             outbound: payment_out,
+            gateway: None,
         });
         let intruder_out = ports.pick("the intruder sidecar's outbound", None)?;
         for (name, out) in [("api-gateway", gateway_out), (INTRUDER, intruder_out)] {
@@ -402,6 +408,7 @@ impl Demo {
                 admin: ports.pick(&format!("the {name} sidecar's admin"), None)?,
                 inbound: None,
                 outbound: vec![("payment-service".into(), out, payment_inbound)],
+                gateway: (name == "api-gateway").then(|| (gateway_port, gateway_files.clone())),
             });
         }
         for spec in specs {
@@ -419,6 +426,7 @@ impl Demo {
             payment_inbound,
             payment_admin,
             gateway_out,
+            gateway: (gateway_port, gateway_files),
             intruder_out,
             sidecars: self
                 .children

@@ -6,6 +6,7 @@
 //! because `meshd run` installs process-wide metrics and logging.
 
 use crate::demo::{log_path, socket_path, spiffe_id};
+use crate::demo_gateway::GatewayFiles;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ pub struct SidecarSpec {
     pub inbound: Option<(u16, SocketAddr)>,
     /// Upstream service name, local listen port, the upstream sidecar's inbound port.
     pub outbound: Vec<(String, u16, u16)>,
+    /// The edge gateway's port and files (the api-gateway sidecar only).
+    pub gateway: Option<(u16, GatewayFiles)>,
 }
 
 impl SidecarSpec {
@@ -70,6 +73,9 @@ impl SidecarSpec {
                 );
             }
         }
+        if let Some((port, files)) = &self.gateway {
+            y += &crate::demo_gateway::config_yaml(*port, files);
+        }
         y += &format!(
             "admin:\n  listen: 127.0.0.1:{}\nruntime:\n  worker_threads: 1\n\
              log:\n  access: deny\n  level: warn\nlifecycle:\n  drain_timeout: 2s\n",
@@ -88,6 +94,11 @@ impl SidecarSpec {
             let short = name.trim_end_matches("-service");
             lines.push(format!(
                 "outbound 127.0.0.1:{listen} -> {short} sidecar 127.0.0.1:{upstream} (mTLS)"
+            ));
+        }
+        if let Some((port, _)) = &self.gateway {
+            lines.push(format!(
+                "gateway  127.0.0.1:{port} (HTTPS, JWT) -> payment sidecar (mTLS)"
             ));
         }
         lines
@@ -241,6 +252,7 @@ mod tests {
                 admin: 15000,
                 inbound: Some((15006, "127.0.0.1:8081".parse().unwrap())),
                 outbound: vec![("contact-service".into(), 15101, 40001)],
+                gateway: None,
             },
             SidecarSpec {
                 name: "api-gateway".into(),
@@ -248,6 +260,7 @@ mod tests {
                 admin: 40002,
                 inbound: None,
                 outbound: vec![("payment-service".into(), 15100, 15006)],
+                gateway: Some((40003, crate::demo_gateway::write_files(dir.path()).unwrap())),
             },
         ];
         for spec in specs {
@@ -266,6 +279,11 @@ mod tests {
                 cfg.identity.expect.as_deref(),
                 Some(spiffe_id(&spec.id).as_str())
             );
+            if let Some(g) = cfg.gateway {
+                assert!(g.listen.ip().is_loopback());
+                let (report, ok) = crate::config::check_report(&path, &Env::default());
+                assert!(ok && !report.contains("warning"), "{report}");
+            }
         }
     }
 }

@@ -448,6 +448,15 @@ fn print_next(t: &Topology, once: bool) {
     };
     say!("  # a payment as the api-gateway (through its sidecar):");
     say!("    {}", grpcurl(t.gateway_out));
+    let (port, files) = &t.gateway;
+    say!("  # the same through the edge gateway (HTTPS, with a JWT):");
+    say!(
+        "    grpcurl -cacert {} -servername localhost -H \"authorization: Bearer $(cat {})\" \
+         -import-path {proto} -proto payment.proto -d '{CREATE_JSON}' \
+         127.0.0.1:{port} payment.v1.PaymentService/CreatePayment",
+        shell_word(&files.cert.display().to_string()),
+        shell_word(&files.token.display().to_string()),
+    );
     say!("  # the same as the intruder: PermissionDenied");
     say!("    {}", grpcurl(t.intruder_out));
     say!("  # identity, policy, an authorization question, metrics:");

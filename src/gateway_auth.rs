@@ -179,6 +179,32 @@ impl ApiKeys {
     }
 }
 
+/// base64url without padding, as JWKS key coordinates are written (RFC 7518).
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The JWKS document (one key, `kid`) of a P-256 public key given as its uncompressed
+/// point (`04 || x || y`, 65 bytes); `None` for anything else.
+pub fn p256_jwks(point: &[u8], kid: &str) -> Option<String> {
+    if point.len() != 65 || point[0] != 4 {
+        return None;
+    }
+    let key = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+        "x": base64url(&point[1..33]), "y": base64url(&point[33..]),
+    });
+    Some(serde_json::json!({ "keys": [key] }).to_string())
+}
+
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
     if hex.len() != 64 {

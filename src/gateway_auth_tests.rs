@@ -8,27 +8,11 @@ use std::time::Duration;
 const ISSUER: &str = "https://auth.jia.app";
 const KEY: &str = "k-alice";
 
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 /// Credentials from files in `dir`, and a function that signs claims with the JWKS key.
 fn setup(dir: &Path) -> (Credentials, impl Fn(serde_json::Value) -> String) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let p = key.public_key_raw();
-    let jwks = format!(
-        r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k1","x":"{}","y":"{}"}}]}}"#,
-        b64url(&p[1..33]),
-        b64url(&p[33..])
-    );
+    let jwks = p256_jwks(p, "k1").unwrap();
     std::fs::write(dir.join("jwks.json"), jwks).unwrap();
     let hash: String = ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())
         .as_ref()

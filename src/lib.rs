@@ -17,6 +17,7 @@ pub mod config_intercept;
 pub mod config_resilience;
 pub mod demo;
 pub mod demo_apps;
+mod demo_gateway;
 mod demo_payment;
 mod demo_sidecars;
 mod demo_tour;

@@ -138,7 +138,8 @@ fn stop(mut demo: Proc) {
 }
 
 // Story: a newcomer pastes the printed grpcurl and curl commands into a shell while the
-// demo runs; the allowed call answers with the identity chain, the intruder's is denied.
+// demo runs; the allowed call answers with the identity chain, through the api-gateway's
+// sidecar and through the edge gateway with the demo's JWT; the intruder's is denied.
 #[test]
 fn printed_commands_work() {
     let _one = lock();
@@ -149,7 +150,7 @@ fn printed_commands_work() {
         .map(|l| l.trim())
         .filter(|l| l.starts_with("grpcurl ") || l.starts_with("curl "))
         .collect();
-    assert_eq!(commands.len(), 6, "{}", demo.dump());
+    assert_eq!(commands.len(), 7, "{}", demo.dump());
     let grpcurl = Command::new("grpcurl").arg("-version").output();
     assert!(
         grpcurl.is_ok(),
@@ -159,7 +160,11 @@ fn printed_commands_work() {
         let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
-        if cmd.contains("grpcurl")
+        if cmd.contains("grpcurl") && cmd.contains("-cacert") {
+            // Through the edge gateway, with the demo's token.
+            assert!(out.status.success(), "{cmd}\n{text}");
+            assert!(text.contains("identityChain"), "{cmd}\n{text}");
+        } else if cmd.contains("grpcurl")
             && cmd.contains(&format!(
                 "127.0.0.1:{} ",
                 port_of(&lines, "api-gateway sidecar")

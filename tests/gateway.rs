@@ -14,19 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const ISSUER: &str = "https://auth.jia.app";
 const API_KEY: &str = "k-alice-5bd0c1a2";
 
-/// base64url without padding (JWKS coordinates).
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -87,11 +74,7 @@ impl Edge {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let point = key.public_key_raw();
         assert_eq!(point.len(), 65, "an uncompressed P-256 point");
-        let jwks = format!(
-            r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig","x":"{}","y":"{}"}}]}}"#,
-            b64url(&point[1..33]),
-            b64url(&point[33..])
-        );
+        let jwks = meshd::gateway_auth::p256_jwks(point, "k1").unwrap();
         std::fs::write(d.join("jwks.json"), jwks).unwrap();
         let signer =
             jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
