@@ -17,9 +17,9 @@ use crate::discovery_dns::Dns;
 use crate::outbound::Outbound;
 use crate::proxy::{self, Drain};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -43,6 +43,9 @@ pub enum Refusal {
     NotRedirected,
     /// The kernel kept no original destination (no NAT entry, or not IPv4).
     NoOriginalDestination,
+    /// It is meshd's own passthrough connection, redirected back: the rules do not let
+    /// meshd's uid through, and relaying it again would loop.
+    Loop,
 }
 
 impl Refusal {
@@ -52,19 +55,25 @@ impl Refusal {
             Refusal::Unmatched => "unmatched",
             Refusal::NotRedirected => "not_redirected",
             Refusal::NoOriginalDestination => "no_original_destination",
+            Refusal::Loop => "loop",
         }
     }
 }
 
-/// Decides where an intercepted connection goes, from its original destination (`None`
-/// when the kernel kept none), the transparent listener's own address, the table of
-/// claimed destinations and the `unmatched` setting.
+/// Decides where an intercepted connection goes, from whether it is meshd's own relayed
+/// connection coming back, its original destination (`None` when the kernel kept none),
+/// the transparent listener's own address, the table of claimed destinations and the
+/// `unmatched` setting.
 pub fn route<T: Clone>(
+    from_self: bool,
     original: Option<SocketAddr>,
     own: SocketAddr,
     claimed: &HashMap<SocketAddr, T>,
     unmatched: Unmatched,
 ) -> Route<T> {
+    if from_self {
+        return Route::Refuse(Refusal::Loop);
+    }
     let Some(dst) = original else {
         return Route::Refuse(Refusal::NoOriginalDestination);
     };
@@ -112,6 +121,8 @@ pub struct Transparent {
     unmatched: Unmatched,
     /// The resolver for host-name claims.
     dns: Arc<Dns>,
+    /// The local ports of meshd's own passthrough connections while they are open.
+    relaying: Mutex<HashSet<u16>>,
 }
 
 fn count(result: &'static str) {
@@ -131,7 +142,36 @@ impl Transparent {
             table: ArcSwap::from_pointee(HashMap::new()),
             unmatched,
             dns,
+            relaying: Mutex::default(),
         }
+    }
+
+    /// Connects to `dst` for a passthrough, from a port recorded in `relaying` before the
+    /// SYN leaves, so that the connection is recognised if the rules send it back here.
+    async fn relay_connect(&self, dst: SocketAddr) -> std::io::Result<(TcpStream, u16)> {
+        let socket = match dst {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_nodelay(true)?;
+        let unspecified: IpAddr = match dst {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        socket.bind(SocketAddr::new(unspecified, 0))?;
+        let port = socket.local_addr()?.port();
+        self.relaying_mut().insert(port);
+        match socket.connect(dst).await {
+            Ok(up) => Ok((up, port)),
+            Err(e) => {
+                self.relaying_mut().remove(&port);
+                Err(e)
+            }
+        }
+    }
+
+    fn relaying_mut(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        self.relaying.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Looks up every host-name claim (keeping a name's last good addresses when a lookup
@@ -211,7 +251,8 @@ impl Transparent {
         {
             let original = original_destination(&tcp);
             let table = self.table.load();
-            match route(original, self.own, &table, self.unmatched) {
+            let from_self = self.relaying_mut().contains(&from.port());
+            match route(from_self, original, self.own, &table, self.unmatched) {
                 Route::Outbound(ob) => {
                     count("routed");
                     drain
@@ -220,10 +261,12 @@ impl Transparent {
                 }
                 Route::Passthrough(dst) => {
                     count("passthrough");
+                    let this = self.clone();
                     drain.tracker.spawn(async move {
-                        match proxy::tcp_connect(dst).await {
-                            Ok(up) => {
+                        match this.relay_connect(dst).await {
+                            Ok((up, port)) => {
                                 proxy::pipe(tcp, up, "passthrough").await;
+                                this.relaying_mut().remove(&port);
                             }
                             Err(e) => tracing::warn!("passthrough to {dst} (from {from}): {e}"),
                         }
@@ -241,6 +284,8 @@ impl Transparent {
                                 "made to the transparent listener itself, not redirected by iptables",
                             Refusal::NoOriginalDestination =>
                                 "the kernel kept no original destination",
+                            Refusal::Loop =>
+                                "it is meshd's own passthrough connection, redirected back: run meshd as the uid given to `meshd iptables install --proxy-uid`",
                         }
                     );
                 }
@@ -320,8 +365,13 @@ mod tests {
             ),
         ];
         for (dst, unmatched, want) in table {
-            let got = route(dst.map(addr), own, &claimed, unmatched);
+            let got = route(false, dst.map(addr), own, &claimed, unmatched);
             assert_eq!(got, want, "{dst:?} with {unmatched:?}");
+        }
+        // meshd's own relayed connection, back again: refused whatever its destination.
+        for dst in ["10.96.0.12:8081", "93.184.216.34:443"] {
+            let got = route(true, Some(addr(dst)), own, &claimed, Unmatched::Passthrough);
+            assert_eq!(got, Refuse(Refusal::Loop), "{dst}");
         }
     }
 }

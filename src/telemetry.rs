@@ -92,7 +92,7 @@ fn describe() {
     );
     describe_counter!(
         "meshd_intercepted_connections_total",
-        "Connections taken by the transparent listener, by result (routed, passthrough, unmatched, not_redirected, no_original_destination)."
+        "Connections taken by the transparent listener, by result (routed, passthrough, unmatched, not_redirected, no_original_destination, loop)."
     );
     describe_counter!(
         "meshd_tcp_bytes_total",

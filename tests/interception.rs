@@ -356,6 +356,28 @@ fn passthrough_relays_an_unclaimed_destination_as_plain_tcp() {
     assert_eq!(p.intercepted("unmatched"), 0.0);
 }
 
+// Story: the rules name a uid meshd does not run as, so meshd's own passthrough
+// connection is redirected back to it. meshd recognises it and closes it instead of
+// relaying it again (which would loop until the pod ran out of sockets), says why, and
+// keeps serving.
+#[test]
+fn a_passthrough_redirected_back_to_meshd_is_refused_not_looped() {
+    let p = Pods::start("passthrough");
+    p.meshd_in_a(&["iptables", "install", "--proxy-uid", "4242"]);
+    let url = format!("http://{}:9999/", p.ip_b);
+    let out = p.a.run("curl", &["-s", "-m", "5", &url]);
+    assert!(!out.status.success(), "the looped connection got an answer");
+    let counted = wait_until(Duration::from_secs(5), || p.intercepted("loop") >= 1.0);
+    assert!(counted, "the loop was not refused:\n{}", p.payment.dump());
+    assert!(
+        p.payment.dump().contains("--proxy-uid"),
+        "{}",
+        p.payment.dump()
+    );
+    assert_eq!(p.intercepted("loop"), 1.0, "more than one hop went round");
+    assert_eq!(p.a.admin_get(ADMIN, "/live").0, 200);
+}
+
 // Story: `--inbound-ports 8081` in the contact pod sends whatever arrives for the app's
 // port to the mTLS inbound: a plaintext client that finds the port meets a TLS handshake
 // it cannot pass, and contact's sidecar counts the failure.
