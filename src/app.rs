@@ -235,16 +235,26 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     if let Some(t) = &config.transparent {
-        let listener = bind(t.listen, "transparent outbound").await?;
-        let own = listener.local_addr()?;
+        let mut listeners = vec![bind(t.listen, "transparent outbound").await?];
+        match TcpListener::bind(t.listen_v6).await {
+            Ok(l) => listeners.push(l),
+            Err(e) => tracing::info!("transparent outbound: not on {} ({e})", t.listen_v6),
+        }
+        let own: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         tracing::info!(
-            "transparent outbound listening on {own} ({} intercept entries, unmatched: {:?})",
+            "transparent outbound listening on {own:?} ({} intercept entries, unmatched: {:?})",
             claims.len(),
             t.unmatched
         );
         let claims = std::mem::take(&mut claims);
         let transparent = Arc::new(Transparent::new(own, claims, t.unmatched, dns.clone()));
-        tokio::spawn(transparent.serve(listener, drain.clone()));
+        transparent.start(&drain).await;
+        for listener in listeners {
+            tokio::spawn(transparent.clone().serve(listener, drain.clone()));
+        }
     }
 
     if let Some(g) = &config.gateway {

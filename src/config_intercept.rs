@@ -21,6 +21,10 @@ pub struct TransparentConfig {
     /// Where the iptables REDIRECT sends the app's outbound TCP (`--outbound-port`).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Where the ip6tables REDIRECT sends it: IPv6 loopback, same port. Left unbound
+    /// (and logged) when the pod has no IPv6 loopback.
+    #[serde(default = "default_listen_v6")]
+    pub listen_v6: SocketAddr,
     /// What happens to a connection whose original destination no outbound claims.
     #[serde(default)]
     pub unmatched: Unmatched,
@@ -30,6 +34,7 @@ impl Default for TransparentConfig {
     fn default() -> Self {
         TransparentConfig {
             listen: default_listen(),
+            listen_v6: default_listen_v6(),
             unmatched: Unmatched::default(),
         }
     }
@@ -37,6 +42,10 @@ impl Default for TransparentConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15001))
+}
+
+fn default_listen_v6() -> SocketAddr {
+    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001))
 }
 
 /// The fate of an intercepted connection to a destination no outbound's `intercept` names.
@@ -64,6 +73,7 @@ pub(crate) fn check(
 ) {
     if let Some(t) = &config.transparent {
         listeners.push(("transparent.listen".into(), t.listen));
+        listeners.push(("transparent.listen_v6".into(), t.listen_v6));
     }
     let mut claimed: HashMap<String, usize> = HashMap::new();
     for (i, ob) in config.outbound.iter().enumerate() {

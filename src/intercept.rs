@@ -62,12 +62,12 @@ impl Refusal {
 
 /// Decides where an intercepted connection goes, from whether it is meshd's own relayed
 /// connection coming back, its original destination (`None` when the kernel kept none),
-/// the transparent listener's own address, the table of claimed destinations and the
+/// the transparent listener's own addresses, the table of claimed destinations and the
 /// `unmatched` setting.
 pub fn route<T: Clone>(
     from_self: bool,
     original: Option<SocketAddr>,
-    own: SocketAddr,
+    own: &[SocketAddr],
     claimed: &HashMap<SocketAddr, T>,
     unmatched: Unmatched,
 ) -> Route<T> {
@@ -77,7 +77,9 @@ pub fn route<T: Clone>(
     let Some(dst) = original else {
         return Route::Refuse(Refusal::NoOriginalDestination);
     };
-    if dst == own || (dst.port() == own.port() && dst.ip().is_loopback()) {
+    let to_listener =
+        |o: &SocketAddr| *o == dst || (o.port() == dst.port() && dst.ip().is_loopback());
+    if own.iter().any(to_listener) {
         return Route::Refuse(Refusal::NotRedirected);
     }
     match (claimed.get(&dst), unmatched) {
@@ -109,8 +111,9 @@ pub struct Claim {
 
 /// The transparent listener and what it hands connections to.
 pub struct Transparent {
-    /// The listener's own address, to tell a redirected connection from a direct one.
-    own: SocketAddr,
+    /// The listeners' own addresses (IPv4 and IPv6 loopback), to tell a redirected
+    /// connection from a direct one.
+    own: Vec<SocketAddr>,
     /// Every `intercept` entry of every outbound, in config order (the first claim of
     /// an address wins).
     claims: Vec<Claim>,
@@ -131,7 +134,7 @@ fn count(result: &'static str) {
 
 impl Transparent {
     pub fn new(
-        own: SocketAddr,
+        own: Vec<SocketAddr>,
         claims: Vec<Claim>,
         unmatched: Unmatched,
         dns: Arc<Dns>,
@@ -224,9 +227,9 @@ impl Transparent {
         next
     }
 
-    /// Accepts intercepted connections until drained; the table is built before the
-    /// first one and followed from then on.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+    /// Builds the table (looking up host-name claims) and follows the names from then on;
+    /// awaited before the listeners take their first connection.
+    pub async fn start(self: &Arc<Self>, drain: &Drain) {
         let mut known = HashMap::new();
         let mut wait = self.resolve(&mut known).await;
         if self
@@ -246,13 +249,17 @@ impl Transparent {
                 }
             });
         }
+    }
+
+    /// Accepts intercepted connections on one listener until drained.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         while let Some((tcp, from)) =
             proxy::accept(&listener, &drain.stop, "transparent listener").await
         {
             let original = original_destination(&tcp);
             let table = self.table.load();
             let from_self = self.relaying_mut().contains(&from.port());
-            match route(from_self, original, self.own, &table, self.unmatched) {
+            match route(from_self, original, &self.own, &table, self.unmatched) {
                 Route::Outbound(ob) => {
                     count("routed");
                     drain
@@ -306,7 +313,7 @@ mod tests {
     /// each row is one intercepted connection with the route it must take.
     #[test]
     fn each_destination_takes_its_route() {
-        let own = addr("127.0.0.1:15001");
+        let own = [addr("127.0.0.1:15001"), addr("[::1]:15001")];
         let claimed: HashMap<SocketAddr, &str> = [
             (addr("10.96.0.12:8081"), "contact"),
             (addr("10.96.0.13:8081"), "family"),
@@ -359,18 +366,29 @@ mod tests {
                 Refuse(Refusal::NotRedirected),
             ),
             (
+                Some("[::1]:15001"),
+                Unmatched::Passthrough,
+                Refuse(Refusal::NotRedirected),
+            ),
+            (
                 None,
                 Unmatched::Passthrough,
                 Refuse(Refusal::NoOriginalDestination),
             ),
         ];
         for (dst, unmatched, want) in table {
-            let got = route(false, dst.map(addr), own, &claimed, unmatched);
+            let got = route(false, dst.map(addr), &own, &claimed, unmatched);
             assert_eq!(got, want, "{dst:?} with {unmatched:?}");
         }
         // meshd's own relayed connection, back again: refused whatever its destination.
         for dst in ["10.96.0.12:8081", "93.184.216.34:443"] {
-            let got = route(true, Some(addr(dst)), own, &claimed, Unmatched::Passthrough);
+            let got = route(
+                true,
+                Some(addr(dst)),
+                &own,
+                &claimed,
+                Unmatched::Passthrough,
+            );
             assert_eq!(got, Refuse(Refusal::Loop), "{dst}");
         }
     }

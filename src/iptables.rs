@@ -7,7 +7,8 @@
 //! `iptables-restore --noflush`, which applies it at once or not at all. `uninstall`
 //! removes the jumps and the `MESHD_*` chains and checks that none is left.
 //!
-//! What the rules do, in the `nat` table (IPv4):
+//! What the rules do, in the `nat` table of iptables and (when the pod has IPv6, or with
+//! `--ipv6 true`) of ip6tables:
 //! - every TCP connection the pod opens goes to `MESHD_OUTPUT`, which lets through the
 //!   sidecar's own connections (by its uid, and gid when given: without this they would
 //!   loop back into it), loopback destinations (the app's calls to the sidecar's explicit
@@ -20,8 +21,51 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
+
+/// IPv4 (`iptables`) or IPv6 (`ip6tables`): the same rules are installed for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn program(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+/// Whether this network namespace has IPv6 (the kernel lists its addresses).
+pub fn ipv6_enabled() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
 
 /// The chains meshd owns; nothing else in the table is touched.
 const CHAINS: [&str; 3] = ["MESHD_OUTPUT", "MESHD_REDIRECT", "MESHD_INBOUND"];
@@ -53,30 +97,37 @@ pub enum IptablesError {
     Leftover(String),
 }
 
-/// An IPv4 network in CIDR notation, e.g. `10.0.0.0/8`.
+/// A network in CIDR notation, IPv4 (`10.0.0.0/8`) or IPv6 (`fd00::/8`); a bare address
+/// is one host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Net {
-    pub addr: Ipv4Addr,
+pub struct IpNet {
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
-impl std::str::FromStr for Ipv4Net {
+impl std::str::FromStr for IpNet {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (ip, prefix) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = ip
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IPv4 network such as 10.0.0.0/8"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to 32"))?;
-        Ok(Ipv4Net { addr, prefix })
+        let bad = || format!("`{s}` is not a network such as 10.0.0.0/8 or fd00::/8");
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(IpNet { addr, prefix })
     }
 }
 
-impl std::fmt::Display for Ipv4Net {
+impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
@@ -97,13 +148,24 @@ pub struct Rules {
     pub inbound_ports: Vec<u16>,
     /// Destination ports the app reaches directly.
     pub exclude_outbound_ports: Vec<u16>,
-    /// Destination networks the app reaches directly.
-    pub exclude_outbound_cidrs: Vec<Ipv4Net>,
+    /// Destination networks the app reaches directly (each in its family's rules).
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Whether the IPv6 rules are installed too.
+    pub ipv6: bool,
 }
 
 impl Rules {
-    /// The rules as `iptables-restore --noflush` input for the `nat` table.
-    pub fn script(&self) -> String {
+    /// The families these rules are installed for.
+    pub fn families(&self) -> Vec<Family> {
+        let mut f = vec![Family::V4];
+        if self.ipv6 {
+            f.push(Family::V6);
+        }
+        f
+    }
+
+    /// The rules of one family as `iptables-restore --noflush` input for the `nat` table.
+    pub fn script(&self, family: Family) -> String {
         let mut s = String::from("*nat\n");
         for chain in CHAINS {
             let _ = writeln!(s, ":{chain} - [0:0]");
@@ -121,13 +183,15 @@ impl Rules {
         if let Some(gid) = self.proxy_gid {
             let _ = writeln!(s, "-A MESHD_OUTPUT -m owner --gid-owner {gid} -j RETURN");
         }
-        s.push_str("-A MESHD_OUTPUT -d 127.0.0.0/8 -j RETURN\n");
+        let _ = writeln!(s, "-A MESHD_OUTPUT -d {} -j RETURN", family.loopback());
         s.push_str("-A MESHD_OUTPUT -o lo -j RETURN\n");
         for port in &self.exclude_outbound_ports {
             let _ = writeln!(s, "-A MESHD_OUTPUT -p tcp --dport {port} -j RETURN");
         }
         for net in &self.exclude_outbound_cidrs {
-            let _ = writeln!(s, "-A MESHD_OUTPUT -d {net} -j RETURN");
+            if Family::of(net.addr) == family {
+                let _ = writeln!(s, "-A MESHD_OUTPUT -d {net} -j RETURN");
+            }
         }
         s.push_str("-A MESHD_OUTPUT -j MESHD_REDIRECT\n");
         for port in &self.inbound_ports {
@@ -144,10 +208,27 @@ impl Rules {
         s
     }
 
-    /// Removes earlier meshd rules, then loads these in one `iptables-restore`.
+    /// Every family's script, each under a comment naming the command that loads it.
+    pub fn print(&self) -> String {
+        self.families()
+            .into_iter()
+            .map(|f| format!("# {} --noflush\n{}", f.restore(), self.script(f)))
+            .collect::<Vec<_>>()
+            .join("")
+    }
+
+    /// Removes earlier meshd rules, then loads these, one `iptables-restore` (and one
+    /// `ip6tables-restore`) each, which applies all of it or nothing.
     pub fn install(&self) -> Result<(), IptablesError> {
-        uninstall()?;
-        let program = "iptables-restore";
+        for family in self.families() {
+            uninstall(family)?;
+            self.restore(family)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self, family: Family) -> Result<(), IptablesError> {
+        let program = family.restore();
         let mut child = Command::new(program)
             .arg("--noflush")
             .stdin(Stdio::piped())
@@ -156,7 +237,7 @@ impl Rules {
             .spawn()
             .map_err(|error| IptablesError::Spawn { program, error })?;
         if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(self.script().as_bytes());
+            let _ = stdin.write_all(self.script(family).as_bytes());
         }
         let out = child
             .wait_with_output()
@@ -204,9 +285,13 @@ pub struct RuleArgs {
     /// Destination ports (comma-separated) the app reaches without the sidecar.
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
-    /// Destination IPv4 networks (comma-separated CIDRs) the app reaches without the sidecar.
+    /// Destination networks (comma-separated CIDRs, IPv4 or IPv6) the app reaches without
+    /// the sidecar.
     #[arg(long, value_delimiter = ',')]
-    pub exclude_outbound_cidrs: Vec<Ipv4Net>,
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Install the IPv6 rules too (default: when the pod has IPv6).
+    #[arg(long, default_value_t = ipv6_enabled(), action = clap::ArgAction::Set)]
+    pub ipv6: bool,
 }
 
 impl From<RuleArgs> for Rules {
@@ -219,6 +304,7 @@ impl From<RuleArgs> for Rules {
             inbound_ports: a.inbound_ports,
             exclude_outbound_ports: a.exclude_outbound_ports,
             exclude_outbound_cidrs: a.exclude_outbound_cidrs,
+            ipv6: a.ipv6,
         }
     }
 }
@@ -226,23 +312,26 @@ impl From<RuleArgs> for Rules {
 /// Carries out one `meshd iptables` command; returns what to print.
 pub fn main(command: IptablesCommand) -> Result<String, IptablesError> {
     match command {
-        IptablesCommand::Print(args) => Ok(Rules::from(args).script()),
+        IptablesCommand::Print(args) => Ok(Rules::from(args).print()),
         IptablesCommand::Install(args) => {
             let rules = Rules::from(args);
             rules.install()?;
-            Ok(format!("meshd iptables: installed\n{}", rules.script()))
+            Ok(format!("meshd iptables: installed\n{}", rules.print()))
         }
         IptablesCommand::Uninstall => {
-            uninstall()?;
+            uninstall(Family::V4)?;
+            if ipv6_enabled() {
+                uninstall(Family::V6)?;
+            }
             Ok("meshd iptables: no meshd rules left".into())
         }
     }
 }
 
-/// Runs `iptables -t nat ARGS`; `Ok(false)` when iptables refused (the rule or chain is
-/// not there), an error when it could not run at all.
-fn nat(args: &[&str]) -> Result<bool, IptablesError> {
-    let program = "iptables";
+/// Runs `iptables -t nat ARGS` (or ip6tables); `Ok(false)` when it refused (the rule or
+/// chain is not there), an error when it could not run at all.
+fn nat(family: Family, args: &[&str]) -> Result<bool, IptablesError> {
+    let program = family.program();
     let status = Command::new(program)
         .args(["-w", "-t", "nat"])
         .args(args)
@@ -253,16 +342,16 @@ fn nat(args: &[&str]) -> Result<bool, IptablesError> {
     Ok(status.success())
 }
 
-/// The meshd lines of `iptables -t nat -S`.
-fn listed() -> Result<String, IptablesError> {
-    let program = "iptables";
+/// The meshd lines of `iptables -t nat -S` (or ip6tables).
+fn listed(family: Family) -> Result<String, IptablesError> {
+    let program = family.program();
     let out = Command::new(program)
         .args(["-w", "-t", "nat", "-S"])
         .output()
         .map_err(|error| IptablesError::Spawn { program, error })?;
     if !out.status.success() {
         return Err(IptablesError::Failed {
-            command: "iptables -t nat -S".into(),
+            command: format!("{program} -t nat -S"),
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
@@ -276,24 +365,24 @@ fn listed() -> Result<String, IptablesError> {
 
 /// Takes out every jump to a meshd chain and the chains themselves; a rule or chain that
 /// is not there is fine. Fails if anything of meshd's is left.
-pub fn uninstall() -> Result<(), IptablesError> {
+pub fn uninstall(family: Family) -> Result<(), IptablesError> {
     for jump in JUMPS {
         let mut args = vec!["-D"];
         args.extend(jump);
         // The same jump may have been added more than once by hand.
         for _ in 0..16 {
-            if !nat(&args)? {
+            if !nat(family, &args)? {
                 break;
             }
         }
     }
     for chain in CHAINS {
-        nat(&["-F", chain])?;
+        nat(family, &["-F", chain])?;
     }
     for chain in CHAINS {
-        nat(&["-X", chain])?;
+        nat(family, &["-X", chain])?;
     }
-    match listed()? {
+    match listed(family)? {
         left if left.is_empty() => Ok(()),
         left => Err(IptablesError::Leftover(left)),
     }
@@ -312,6 +401,7 @@ mod tests {
             inbound_ports: vec![],
             exclude_outbound_ports: vec![],
             exclude_outbound_cidrs: vec![],
+            ipv6: false,
         }
     }
 
@@ -333,7 +423,22 @@ mod tests {
 -A PREROUTING -p tcp -j MESHD_INBOUND
 COMMIT
 ";
-        assert_eq!(rules().script(), want);
+        assert_eq!(rules().script(Family::V4), want);
+        let v6 = rules().script(Family::V6);
+        assert_eq!(v6, want.replace("127.0.0.0/8", "::1/128"));
+        assert_eq!(
+            rules().print(),
+            format!("# iptables-restore --noflush\n{want}")
+        );
+        let both = Rules {
+            ipv6: true,
+            ..rules()
+        }
+        .print();
+        assert!(
+            both.ends_with(&format!("# ip6tables-restore --noflush\n{v6}")),
+            "{both}"
+        );
     }
 
     /// Each option adds its own line, and the exclusions come before the redirect.
@@ -344,10 +449,22 @@ COMMIT
             outbound_port: 16001,
             inbound_ports: vec![8081, 9090],
             exclude_outbound_ports: vec![22],
-            exclude_outbound_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            exclude_outbound_cidrs: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "fd00::/8".parse().unwrap(),
+            ],
             ..rules()
         };
-        let s = r.script();
+        let s = r.script(Family::V4);
+        assert!(
+            !s.contains("fd00::/8"),
+            "an IPv6 network in the IPv4 rules:\n{s}"
+        );
+        let v6 = r.script(Family::V6);
+        assert!(
+            v6.contains("-A MESHD_OUTPUT -d fd00::/8 -j RETURN") && !v6.contains("10.0.0.0/8"),
+            "{v6}"
+        );
         let redirect = s.find("-A MESHD_OUTPUT -j MESHD_REDIRECT").unwrap();
         for line in [
             "-A MESHD_OUTPUT -m owner --gid-owner 1338 -j RETURN",
@@ -373,12 +490,14 @@ COMMIT
         let ok = [
             ("10.0.0.0/8", "10.0.0.0/8"),
             ("192.168.1.7", "192.168.1.7/32"),
+            ("fd00::/8", "fd00::/8"),
+            ("::1", "::1/128"),
         ];
         for (text, shown) in ok {
-            assert_eq!(text.parse::<Ipv4Net>().unwrap().to_string(), shown);
+            assert_eq!(text.parse::<IpNet>().unwrap().to_string(), shown);
         }
-        for bad in ["10.0.0.0/33", "fd00::/8", "ten/8", "10.0.0.0/x", ""] {
-            let e = bad.parse::<Ipv4Net>().unwrap_err();
+        for bad in ["10.0.0.0/33", "fd00::/129", "ten/8", "10.0.0.0/x", ""] {
+            let e = bad.parse::<IpNet>().unwrap_err();
             assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
         }
     }

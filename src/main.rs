@@ -61,7 +61,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: std::net::SocketAddr,
     },
-    /// The pod's interception rules (iptables nat table, IPv4): install, uninstall, print.
+    /// The pod's interception rules (iptables and ip6tables nat tables): install, uninstall, print.
     #[command(subcommand)]
     Iptables(meshd::iptables::IptablesCommand),
 }

@@ -8,7 +8,7 @@ mod common;
 
 use common::edge::{dnsmasq_command, repo, tool};
 use common::meshd::{meshd_bin, wait_until, DevCa, Proc};
-use common::netns::{pair, Netns};
+use common::netns::{ipv6_of, pair, Netns};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -47,6 +47,18 @@ fn get_contact(ns: &Netns, addr: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// How payment's outbound claims the contact app's address.
+#[derive(PartialEq, Clone, Copy)]
+enum Claim {
+    /// `10.233.N.2:8081`
+    Ipv4,
+    /// `[fd00:233:N::2]:8081`, through the IPv6 rules and listener.
+    Ipv6,
+    /// `contact.mesh.test:8081`, which a dnsmasq in the payment pod resolves to the IPv4
+    /// address.
+    Name,
+}
+
 /// The two pods: the dev CA (in no namespace: its unix sockets are reachable from both),
 /// contact's app (loopback only) and inbound sidecar in `b`, payment's sidecar in `a`,
 /// running as `PROXY_UID`, with only a transparent listener for contact.
@@ -71,12 +83,12 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 impl Pods {
     fn start(unmatched: &str) -> Pods {
-        Pods::start_with(unmatched, false)
+        Pods::start_with(unmatched, Claim::Ipv4)
     }
 
-    /// With `by_name`, payment intercepts `contact.mesh.test:8081`, which a dnsmasq in the
-    /// payment pod resolves to the contact pod's address.
-    fn start_with(unmatched: &str, by_name: bool) -> Pods {
+    /// Payment claims the contact app's address as `claim` says.
+    fn start_with(unmatched: &str, claim: Claim) -> Pods {
+        let by_name = claim == Claim::Name;
         let (a, b, _ip_a, ip_b) = pair();
         let dir = tempfile::tempdir().unwrap();
         // The payment sidecar runs as another uid: it must reach the files and sockets.
@@ -142,6 +154,8 @@ impl Pods {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             dns = Some(a.spawn("dnsmasq", bin, &args, Some("read ")));
             "contact.mesh.test:8081".to_string()
+        } else if claim == Claim::Ipv6 {
+            format!("[{}]:8081", ipv6_of(&ip_b))
         } else {
             format!("{ip_b}:8081")
         };
@@ -271,7 +285,7 @@ fn the_app_dials_the_service_and_the_sidecar_carries_it_over_mtls() {
 // resolves to, as it does for a claim by IP.
 #[test]
 fn a_claim_by_name_follows_the_address_it_resolves_to() {
-    let p = Pods::start_with("deny", true);
+    let p = Pods::start_with("deny", Claim::Name);
     p.meshd_in_a(&["iptables", "install", "--proxy-uid", PROXY_UID]);
     let (ok, text) = get_contact(&p.a, &format!("{}:8081", p.ip_b));
     assert!(
@@ -280,6 +294,28 @@ fn a_claim_by_name_follows_the_address_it_resolves_to() {
         p.payment.dump()
     );
     assert!(p.intercepted("routed") >= 1.0, "not counted as routed");
+}
+
+// Story: the app dials the contact pod's IPv6 address; the ip6tables rules send it to the
+// transparent listener on [::1]:15001, which reads the IPv6 original destination and
+// carries the call like any other.
+#[test]
+fn an_ipv6_destination_is_intercepted_too() {
+    let p = Pods::start_with("deny", Claim::Ipv6);
+    let installed = p.meshd_in_a(&["iptables", "install", "--proxy-uid", PROXY_UID]);
+    assert!(installed.contains("ip6tables-restore"), "{installed}");
+    let service = format!("[{}]:8081", ipv6_of(&p.ip_b));
+    let (ok, text) = get_contact(&p.a, &service);
+    assert!(ok, "the IPv6 call failed: {text}\n{}", p.payment.dump());
+    assert!(p.intercepted("routed") >= 1.0, "not counted as routed");
+    let rules = p.a.must("ip6tables", &["-w", "-t", "nat", "-S"]);
+    assert!(
+        rules.contains("-A MESHD_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "{rules}"
+    );
+    p.meshd_in_a(&["iptables", "uninstall"]);
+    let rules = p.a.must("ip6tables", &["-w", "-t", "nat", "-S"]);
+    assert!(!rules.contains("MESHD"), "left behind:\n{rules}");
 }
 
 // Story: with `unmatched: deny` (the default), a destination no outbound intercepts is

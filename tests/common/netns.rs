@@ -111,8 +111,15 @@ impl Drop for Netns {
     }
 }
 
-/// Two namespaces joined by a veth link: `a` is 10.233.N.1/24, `b` is 10.233.N.2/24, both
-/// with loopback up. N and the names differ per call and per test process.
+/// The IPv6 address of a namespace of [`pair`], from its IPv4 one: 10.233.N.X is
+/// fd00:233:N::X.
+pub fn ipv6_of(ip: &str) -> String {
+    let parts: Vec<&str> = ip.split('.').collect();
+    format!("fd00:233:{}::{}", parts[2], parts[3])
+}
+
+/// Two namespaces joined by a veth link: `a` is 10.233.N.1/24 and fd00:233:N::1/64, `b`
+/// is 10.233.N.2/24 and fd00:233:N::2/64 ([`ipv6_of`]), both with loopback up. N and the names differ per call and per test process.
 pub fn pair() -> (Netns, Netns, String, String) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -139,6 +146,9 @@ pub fn pair() -> (Netns, Netns, String, String) {
     for (ns, dev, ip) in [(&a, &va, &ip_a), (&b, &vb, &ip_b)] {
         ns.must("ip", &["link", "set", "lo", "up"]);
         ns.must("ip", &["addr", "add", &format!("{ip}/24"), "dev", dev]);
+        // nodad: usable at once, without duplicate address detection's wait.
+        let v6 = format!("{}/64", ipv6_of(ip));
+        ns.must("ip", &["-6", "addr", "add", &v6, "dev", dev, "nodad"]);
         ns.must("ip", &["link", "set", dev, "up"]);
     }
     (a, b, ip_a, ip_b)
