@@ -119,6 +119,41 @@ fn load_tls(config: &GatewayConfig) -> Result<rustls::ServerConfig, GatewayError
     Ok(server)
 }
 
+/// `meshd check`: the gateway's certificate, JWKS and API keys file, read as `meshd run`
+/// would read them. One line per file: `ok`, or the error naming the file.
+pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let mut good = true;
+    let mut report = |what: String, result: Result<(), String>| {
+        good &= result.is_ok();
+        lines.push(match result {
+            Ok(()) => format!("{what}: ok"),
+            Err(e) => e,
+        });
+    };
+    report(
+        format!("{} (gateway.tls)", config.tls.cert.display()),
+        load_tls(config).map(|_| ()).map_err(|e| e.to_string()),
+    );
+    if let Some(jwt) = &config.jwt {
+        report(
+            format!("{} (gateway.jwt.jwks)", jwt.jwks.display()),
+            JwtKeys::load(jwt)
+                .map(|_| ())
+                .map_err(|e| format!("gateway.jwt.jwks: {e}")),
+        );
+    }
+    if let Some(keys) = &config.api_keys {
+        report(
+            format!("{} (gateway.api_keys)", keys.display()),
+            ApiKeys::load(keys)
+                .map(|_| ())
+                .map_err(|e| format!("gateway.api_keys: {e}")),
+        );
+    }
+    (lines, good)
+}
+
 fn handshake_failed(reason: &'static str) {
     metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "gateway", "reason" => reason)
         .increment(1);
@@ -271,13 +306,23 @@ impl Gateway {
         call.user_id = user.clone();
         if let Some(limiter) = &route.limiter {
             let key = user.unwrap_or_else(|| format!("ip:{ip}"));
-            if limiter.check_key(&key).is_err() {
+            if let Err(not_until) = limiter.check_key(&key) {
+                use governor::clock::Clock;
                 call.refused = Some("rate_limited");
                 metrics::counter!("gateway_rate_limit_hits_total", "service" => route.name.clone())
                     .increment(1);
-                let err =
-                    ProxyError::RateLimited(format!("rate limit of route {} reached", route.name));
-                return self.refuse(&req, protocol, call, err);
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                // Whole seconds, rounded up: a client that waits that long gets a token.
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let err = ProxyError::RateLimited(format!(
+                    "rate limit of route {} reached; retry in {}ms",
+                    route.name,
+                    wait.as_millis()
+                ));
+                let mut resp = self.refuse(&req, protocol, call, err);
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return resp;
             }
         }
         let headers = req.headers_mut();

@@ -102,6 +102,13 @@ fn check(config_path: Option<PathBuf>, policies: Vec<PathBuf>) -> ExitCode {
         println!("{report}");
         ok &= good;
         if let Ok(cfg) = Config::load(path, &env()) {
+            if let Some(g) = &cfg.gateway {
+                let (lines, good) = meshd::gateway::check_files(g);
+                for l in lines {
+                    println!("{l}");
+                }
+                ok &= good;
+            }
             if let Some(p) = cfg.inbound.and_then(|i| i.policy) {
                 policies.push(p);
             }

@@ -124,11 +124,15 @@ log:
             .arg(write(d, "gateway.yaml", &yaml))
             .output()
             .unwrap();
-        assert!(
-            check.status.success(),
-            "{}",
-            String::from_utf8_lossy(&check.stdout)
-        );
+        let report = String::from_utf8_lossy(&check.stdout);
+        assert!(check.status.success(), "{report}");
+        for file in [
+            "(gateway.tls): ok",
+            "(gateway.jwt.jwks): ok",
+            "(gateway.api_keys): ok",
+        ] {
+            assert!(report.contains(file), "{file} not in {report}");
+        }
         let gateway = Sidecar::start("gateway", d, &yaml, admin);
         gateway.wait_ready();
         Edge {
@@ -314,7 +318,10 @@ fn a_public_route_is_rate_limited_per_caller() {
             assert!(text.contains("zones"), "{text}");
             ok += 1;
         } else {
-            assert!(text.contains("Code: ResourceExhausted"), "{text}");
+            assert!(
+                text.contains("Code: ResourceExhausted") && text.contains("retry in"),
+                "{text}"
+            );
             limited += 1;
         }
     }
@@ -361,4 +368,39 @@ fn plaintext_and_unrouted_calls_get_nowhere() {
         e.metric("gateway_requests_failed_total", &["reason=\"no_route\""]),
         1.0
     );
+}
+
+// Story: `meshd check` reads the gateway's files as `meshd run` would: a missing
+// certificate, a JWKS that is not one and an API keys entry without a proper hash are each
+// reported with the file, and the exit status is 1.
+#[test]
+fn check_names_each_bad_gateway_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "jwks.json", r#"{"keys": "none"}"#);
+    write(d, "keys.yaml", "- {user: a, sha256: 1234}\n");
+    let yaml = format!(
+        "service: api-gateway\noutbound:\n  - name: p\n    endpoints: [\"127.0.0.1:1\"]\n    server_id: spiffe://jia.app/p\ngateway:\n  tls: {{cert: {d}/none.pem, key: {d}/none-key.pem}}\n  jwt: {{issuer: i, audiences: [a], jwks: {d}/jwks.json}}\n  api_keys: {d}/keys.yaml\n  routes: [{{name: r, prefix: /, upstream: p}}]\n",
+        d = d.display()
+    );
+    let out = Command::new(common::meshd::meshd_bin())
+        .args(["check", "--config"])
+        .arg(write(d, "gw.yaml", &yaml))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    for want in [
+        format!("gateway.tls: {}/none.pem", d.display()),
+        format!(
+            "gateway.jwt.jwks: {}/jwks.json: not a JWKS document",
+            d.display()
+        ),
+        format!(
+            "gateway.api_keys: {}/keys.yaml: [0] (a): sha256 must be 64 hex digits",
+            d.display()
+        ),
+    ] {
+        assert!(report.contains(&want), "{want} not in:\n{report}");
+    }
 }
