@@ -249,7 +249,6 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             claims.len(),
             t.unmatched
         );
-        let claims = std::mem::take(&mut claims);
         let transparent = Arc::new(Transparent::new(own, claims, t.unmatched, dns.clone()));
         transparent.start(&drain).await;
         for listener in listeners {
