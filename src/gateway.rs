@@ -1,5 +1,5 @@
-//! The edge gateway: the one port clients outside the mesh call (HTTPS, HTTP/2: gRPC
-//! and h2 clients). It checks who is calling, limits how often, and hands the request to
+//! The edge gateway: the one port clients outside the mesh call (HTTPS: HTTP/2 for gRPC
+//! and h2 clients, HTTP/1.1 bridged onto the same HTTP/2 handling). It checks who is calling, limits how often, and hands the request to
 //! an outbound, which carries it over mTLS with the gateway's SVID to the service's
 //! sidecar, whose policy then decides on the gateway's SPIFFE ID.
 //!
@@ -115,8 +115,80 @@ fn load_tls(config: &GatewayConfig) -> Result<rustls::ServerConfig, GatewayError
         .with_no_client_auth()
         .with_single_cert(chain, key_der)
         .map_err(|e| bad(key, format!("{e} (certificate {})", cert.display())))?;
-    server.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
+    server.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Ok(server)
+}
+
+/// Headers of HTTP/1.1 that mean nothing (or are forbidden) in HTTP/2.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// Serves an HTTP/1.1 client (one that did not offer `h2`): its requests are sent, over
+/// an in-memory pipe, to the same HTTP/2 handling an h2 client gets, so every check and
+/// the outbound see one kind of request. Costs a copy of each body; edge clients only.
+async fn serve_http1<I, H, F>(io: I, handle: H, stop: tokio_util::sync::CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<H2Body>) -> F + Send + 'static,
+    F: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (near, far) = tokio::io::duplex(64 << 10);
+    tokio::spawn(proxy::serve_h2(far, handle, stop.clone()));
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, hyper::body::Incoming>(TokioIo::new(near))
+        .await;
+    let (sender, conn) = match handshake {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!("gateway: HTTP/1.1 bridge: {e}");
+            return;
+        }
+    };
+    tokio::spawn(conn);
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let mut sender = sender.clone();
+        async move {
+            // HTTP/2 wants the authority in the URI; HTTP/1.1 sends it as Host.
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = format!("https://{host}{path}").parse() {
+                *req.uri_mut() = uri;
+            }
+            let headers = req.headers_mut();
+            for name in HOP_BY_HOP {
+                headers.remove(name);
+            }
+            if headers
+                .get(http::header::TE)
+                .is_some_and(|v| v != "trailers")
+            {
+                headers.remove(http::header::TE);
+            }
+            sender.send_request(req).await
+        }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// `meshd check`: the gateway's certificate, JWKS and API keys file, read as `meshd run`
@@ -263,7 +335,11 @@ impl Gateway {
                     let this = this.clone();
                     async move { this.handle(req, ip).await }
                 };
-                proxy::serve_h2(tls, handle, stop).await;
+                if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+                    proxy::serve_h2(tls, handle, stop).await;
+                } else {
+                    serve_http1(tls, handle, stop).await;
+                }
             });
         }
     }

@@ -404,3 +404,58 @@ fn check_names_each_bad_gateway_file() {
         assert!(report.contains(&want), "{want} not in:\n{report}");
     }
 }
+
+// Story: a client that speaks only HTTP/1.1 (curl --http1.1) gets the same gateway: no
+// token is 401 with WWW-Authenticate; with a token, a gRPC-framed POST reaches the payment
+// app, whose NotFound comes back in the grpc-status header.
+#[test]
+fn an_http1_client_gets_the_same_checks() {
+    let e = Edge::start();
+    let port = e.addr.rsplit(':').next().unwrap().to_string();
+    let ca = e.dir.path().join("gw.pem").display().to_string();
+    let url = format!("https://localhost:{port}/payment.v1.PaymentService/GetPayment");
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    // GetPaymentRequest{payment_id: "p-1"} in a gRPC frame.
+    let frame = e.dir.path().join("frame.bin");
+    std::fs::write(&frame, [0, 0, 0, 0, 5, 0x0a, 3, b'p', b'-', b'1']).unwrap();
+    let curl = |extra: &[&str]| {
+        let mut args = vec![
+            "-s",
+            "-i",
+            "--http1.1",
+            "-m",
+            "5",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+        ];
+        args.extend(extra);
+        args.push(&url);
+        let out = Command::new("curl").args(&args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    let text = curl(&[]);
+    assert!(text.starts_with("http/1.1 401"), "{text}");
+    assert!(text.contains("www-authenticate: bearer"), "{text}");
+    let auth = format!("authorization: Bearer {}", e.token(e.good_claims()));
+    let data = format!("@{}", frame.display());
+    let text = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-H",
+        &auth,
+        "--data-binary",
+        &data,
+    ]);
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("grpc-status: 5"), "{text}");
+    assert!(
+        text.contains("no payment p-1") || text.contains("no%20payment%20p-1"),
+        "{text}"
+    );
+}
