@@ -8,7 +8,7 @@ mod common;
 
 use common::edge::dnsmasq_command;
 use common::meshd::{free_port, meshd_bin, wait_until, Proc};
-use common::replicas::{addr, ca, counts, delta, payment, send, start_replicas, Replica};
+use common::replicas::{addr, ca, counts, payment, send, served_since, start_replicas, Replica};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -69,7 +69,7 @@ async fn dns_replicas_come_and_go_within_the_ttl() {
     let pid = pay.proc.pid();
 
     assert_eq!(send(outbound, 40, 2).await, 0);
-    let first = counts(&replicas);
+    let first = served_since(&replicas, &vec![0.0; replicas.len()], 40.0);
     assert_eq!(first[0] + first[1], 40.0, "{first:?}");
     assert!(first[0] > 0.0 && first[1] > 0.0, "{first:?}");
     assert_eq!(first[2], 0.0, "not in DNS yet: {first:?}");
@@ -94,7 +94,7 @@ async fn dns_replicas_come_and_go_within_the_ttl() {
     );
     let before = counts(&replicas);
     assert_eq!(send(outbound, 40, 2).await, 0);
-    let d = delta(&counts(&replicas), &before);
+    let d = served_since(&replicas, &before, 40.0);
     assert_eq!(d[0], 0.0, "removed replica got traffic: {d:?}");
     assert_eq!(d[1] + d[2], 40.0, "{d:?}");
     assert!(d[2] > 0.0, "new replica got none: {d:?}");
@@ -141,7 +141,7 @@ async fn srv_ports_and_weights_are_honoured() {
     let (pay, outbound) = payment(dir.path(), &ca, "payment", extra, Some(dns.port));
     pay.wait_ready();
     assert_eq!(send(outbound, 80, 1).await, 0);
-    let c = counts(&replicas);
+    let c = served_since(&replicas, &vec![0.0; replicas.len()], 80.0);
     assert_eq!(c, vec![60.0, 20.0], "weights 3:1 over SRV ports");
     let (_, body) = pay.get("/upstreams");
     assert!(body.contains(&format!("127.0.0.2:{p1}")) && body.contains("\"weight\": 3"));
@@ -176,7 +176,7 @@ async fn p2c_ewma_avoids_the_slow_replica_and_round_robin_does_not() {
     let n = 300;
     let before = counts(&replicas);
     assert_eq!(send(p2c_port, n, 4).await, 0);
-    let d = delta(&counts(&replicas), &before);
+    let d = served_since(&replicas, &before, n as f64);
     let slow_share = d[2] / n as f64;
     eprintln!("P2C-EWMA distribution over (fast, fast, slow): {d:?}");
     assert!(
@@ -186,7 +186,7 @@ async fn p2c_ewma_avoids_the_slow_replica_and_round_robin_does_not() {
 
     let before = counts(&replicas);
     assert_eq!(send(rr_port, n, 4).await, 0);
-    let d = delta(&counts(&replicas), &before);
+    let d = served_since(&replicas, &before, n as f64);
     assert_eq!(d, vec![100.0, 100.0, 100.0], "round robin is even");
     let (_, body) = p2c.get("/upstreams");
     assert!(body.contains("\"ewma_ms\""), "{body}");

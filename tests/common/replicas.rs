@@ -176,3 +176,17 @@ pub fn counts(replicas: &[Replica]) -> Vec<f64> {
 pub fn delta(after: &[f64], before: &[f64]) -> Vec<f64> {
     after.iter().zip(before).map(|(a, b)| a - b).collect()
 }
+
+/// The requests each replica served since `before`, once they add up to `total` (a
+/// request is counted when its response body ends, which can be just after the caller has
+/// its answer), or as they stand after 5 s.
+pub fn served_since(replicas: &[Replica], before: &[f64], total: f64) -> Vec<f64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let d = delta(&counts(replicas), before);
+        if d.iter().sum::<f64>() >= total || std::time::Instant::now() > deadline {
+            return d;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
