@@ -260,9 +260,9 @@ async fn posts_nobody_received_are_retried_on_the_live_endpoint() {
         assert_eq!(code, "200", "POST {i}: {r:?}");
         assert!(body.starts_with("POST /orders "), "{body}");
     }
-    let received = pair
-        .contact
-        .metric("meshd_requests_total", &["direction=\"inbound\""]);
+    // Counted when each response body ends, which can be just after curl has it.
+    let inbound = ["direction=\"inbound\""];
+    let received = wait_counter(&pair.contact, "meshd_requests_total", &inbound, 10.0);
     assert_eq!(received, 10.0, "each POST reached the app once");
     let retries = payment.metric("meshd_retries_total", &["service=\"contact-service\""]);
     assert!(

@@ -397,5 +397,9 @@ async fn replica_killed_mid_stream_fails_cleanly() {
 
     let before = replicas[other].served_calls();
     assert_eq!(send(out, 20, 2).await, 0, "new calls go elsewhere");
+    // Counted when each response body ends, which can be just after the caller has it.
+    wait_until(Duration::from_secs(5), || {
+        replicas[other].served_calls() - before >= 20.0
+    });
     assert_eq!(replicas[other].served_calls() - before, 20.0);
 }
