@@ -109,6 +109,13 @@ pub struct Claim {
     pub refresh: RefreshBounds,
 }
 
+impl Claim {
+    /// The claim's address when it is written as one; `None` for a host name.
+    fn ip(&self) -> Option<IpAddr> {
+        self.target.host.parse().ok()
+    }
+}
+
 /// The transparent listener and what it hands connections to.
 pub struct Transparent {
     /// The listeners' own addresses (IPv4 and IPv6 loopback), to tell a redirected
@@ -152,15 +159,17 @@ impl Transparent {
     /// Connects to `dst` for a passthrough, from a port recorded in `relaying` before the
     /// SYN leaves, so that the connection is recognised if the rules send it back here.
     async fn relay_connect(&self, dst: SocketAddr) -> std::io::Result<(TcpStream, u16)> {
-        let socket = match dst {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        let (socket, unspecified): (_, IpAddr) = match dst {
+            SocketAddr::V4(_) => (
+                tokio::net::TcpSocket::new_v4()?,
+                std::net::Ipv4Addr::UNSPECIFIED.into(),
+            ),
+            SocketAddr::V6(_) => (
+                tokio::net::TcpSocket::new_v6()?,
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+            ),
         };
         socket.set_nodelay(true)?;
-        let unspecified: IpAddr = match dst {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-        };
         socket.bind(SocketAddr::new(unspecified, 0))?;
         let port = socket.local_addr()?.port();
         self.relaying_mut().insert(port);
@@ -181,10 +190,7 @@ impl Transparent {
     /// fails), rebuilds the table, and returns how long until the next lookup.
     async fn resolve(&self, known: &mut HashMap<String, Vec<IpAddr>>) -> Duration {
         let mut next = Duration::from_secs(60);
-        for c in &self.claims {
-            if c.target.host.parse::<IpAddr>().is_ok() {
-                continue;
-            }
+        for c in self.claims.iter().filter(|c| c.ip().is_none()) {
             match self.dns.lookup_ip(&c.target.host).await {
                 Ok((ips, ttl)) => {
                     known.insert(c.target.host.clone(), ips);
@@ -202,9 +208,9 @@ impl Transparent {
         }
         let mut table = HashMap::new();
         for c in &self.claims {
-            let ips = match c.target.host.parse::<IpAddr>() {
-                Ok(ip) => vec![ip],
-                Err(_) => known.get(&c.target.host).cloned().unwrap_or_default(),
+            let ips = match c.ip() {
+                Some(ip) => vec![ip],
+                None => known.get(&c.target.host).cloned().unwrap_or_default(),
             };
             for ip in ips {
                 table
@@ -232,11 +238,7 @@ impl Transparent {
     pub async fn start(self: &Arc<Self>, drain: &Drain) {
         let mut known = HashMap::new();
         let mut wait = self.resolve(&mut known).await;
-        if self
-            .claims
-            .iter()
-            .any(|c| c.target.host.parse::<IpAddr>().is_err())
-        {
+        if self.claims.iter().any(|c| c.ip().is_none()) {
             let this = self.clone();
             let stop = drain.stop.clone();
             tokio::spawn(async move {

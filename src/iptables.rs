@@ -242,14 +242,7 @@ impl Rules {
         let out = child
             .wait_with_output()
             .map_err(|error| IptablesError::Spawn { program, error })?;
-        if !out.status.success() {
-            return Err(IptablesError::Failed {
-                command: format!("{program} --noflush"),
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+        succeeded(format!("{program} --noflush"), &out)
     }
 }
 
@@ -342,6 +335,18 @@ fn nat(family: Family, args: &[&str]) -> Result<bool, IptablesError> {
     Ok(status.success())
 }
 
+/// `Ok` when the command that gave `out` succeeded, else its status and stderr.
+fn succeeded(command: String, out: &std::process::Output) -> Result<(), IptablesError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(IptablesError::Failed {
+        command,
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
 /// The meshd lines of `iptables -t nat -S` (or ip6tables).
 fn listed(family: Family) -> Result<String, IptablesError> {
     let program = family.program();
@@ -349,13 +354,7 @@ fn listed(family: Family) -> Result<String, IptablesError> {
         .args(["-w", "-t", "nat", "-S"])
         .output()
         .map_err(|error| IptablesError::Spawn { program, error })?;
-    if !out.status.success() {
-        return Err(IptablesError::Failed {
-            command: format!("{program} -t nat -S"),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    succeeded(format!("{program} -t nat -S"), &out)?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("MESHD_"))
