@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::edge::{inbound_sidecar, outbound_sidecar, repo, run, wait_counter, Run};
+use common::edge::{
+    get_contact_args, inbound_sidecar, outbound_sidecar, repo, run, wait_counter, Run,
+};
 use common::meshd::{free_port, DemoApp, DevCa, Proc, Sidecar};
 use meshd::pb::contact::contact_service_client::ContactServiceClient;
 use meshd::pb::contact::GetContactRequest;
@@ -241,19 +243,8 @@ async fn a_stranger_svid_is_refused_and_a_federated_one_meets_the_policy() {
 
 /// grpcurl's `GetContact(c1)` against `addr` with `extra` connection flags.
 async fn grpcurl_get(addr: &str, extra: &[&str]) -> Run {
-    let proto = repo("proto").display().to_string();
-    let mut args = vec!["-max-time", "5"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[
-        "-import-path",
-        &proto,
-        "-proto",
-        "contact.proto",
-        "-d",
-        r#"{"contact_id":"c1"}"#,
-        addr,
-        "contact.v1.ContactService/GetContact",
-    ]);
+    let args = get_contact_args(extra, addr);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run("grpcurl", &args, LIMIT).await
 }
 

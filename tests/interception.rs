@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::edge::{dnsmasq_command, repo, tool};
+use common::edge::{dnsmasq_command, get_contact_args, tool};
 use common::meshd::{meshd_bin, wait_until, DevCa, Proc};
 use common::netns::{ipv6_of, pair, Netns};
 use std::os::unix::fs::PermissionsExt;
@@ -22,23 +22,9 @@ const ADMIN: u16 = 15000;
 /// grpcurl's `GetContact(c1)` from inside `ns` to `addr`, plaintext as the app dials it.
 fn get_contact(ns: &Netns, addr: &str) -> (bool, String) {
     let grpcurl = tool("grpcurl").display().to_string();
-    let proto = repo("proto").display().to_string();
-    let out = ns.run(
-        &grpcurl,
-        &[
-            "-plaintext",
-            "-max-time",
-            "5",
-            "-import-path",
-            &proto,
-            "-proto",
-            "contact.proto",
-            "-d",
-            r#"{"contact_id":"c1"}"#,
-            addr,
-            "contact.v1.ContactService/GetContact",
-        ],
-    );
+    let args = get_contact_args(&["-plaintext"], addr);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ns.run(&grpcurl, &args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

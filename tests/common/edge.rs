@@ -174,3 +174,21 @@ pub fn dnsmasq_command(port: u16, hosts: &Path) -> (&'static str, Vec<String>) {
     args.push(format!("--addn-hosts={}", hosts.display()));
     (bin, args)
 }
+
+/// grpcurl's arguments for `GetContact(c1)` against `addr`, after connection `flags`.
+pub fn get_contact_args(flags: &[&str], addr: &str) -> Vec<String> {
+    let proto = repo("proto").display().to_string();
+    let mut args: Vec<String> = ["-max-time", "5"].map(String::from).to_vec();
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.extend([
+        "-import-path".into(),
+        proto,
+        "-proto".into(),
+        "contact.proto".into(),
+        "-d".into(),
+        r#"{"contact_id":"c1"}"#.into(),
+        addr.into(),
+        "contact.v1.ContactService/GetContact".into(),
+    ]);
+    args
+}
