@@ -3,18 +3,18 @@
 //! for a stop signal (SIGTERM/SIGINT, `POST /shutdown`, or the app's exit).
 
 use crate::admin::{self, AdminState};
-use crate::balancer::{UpstreamView, Upstreams};
 use crate::config::Config;
+use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
-use crate::discovery_dns::Dns;
 use crate::gateway::Gateway;
-use crate::h2_pool::{Connector, H2Pool};
 use crate::identity::{parse_spiffe_id, IdentityStatus};
 use crate::inbound::Inbound;
-use crate::intercept::{Claim, Transparent};
 use crate::outbound::Outbound;
-use crate::policy_store::PolicyStore;
+use crate::outbound::{Claim, Transparent};
+use crate::outbound::{UpstreamView, Upstreams};
+use crate::policy::PolicyStore;
 use crate::proxy::Drain;
+use crate::proxy::{Connector, H2Pool};
 use crate::telemetry::{self, AccessLogger, LabelBounds, Labels};
 use crate::tls::TlsStore;
 use anyhow::{anyhow, Context};
@@ -96,7 +96,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     });
     let reload_files = Arc::new(Notify::new());
     if let Some(files) = config.identity.files.clone() {
-        tokio::spawn(crate::identity_files::run(
+        tokio::spawn(crate::identity::follow_files(
             files,
             expect.clone(),
             id_tx,
@@ -109,8 +109,8 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .workload_api
             .clone()
             .unwrap_or_else(|| "unix:///run/spire/sockets/agent.sock".into());
-        let addr = crate::workload_api::parse_address(&addr)?;
-        tokio::spawn(crate::workload_api::run(
+        let addr = crate::identity::parse_address(&addr)?;
+        tokio::spawn(crate::identity::follow_workload_api(
             addr,
             expect.clone(),
             id_tx,
@@ -214,7 +214,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         ob.start(&drain);
         by_name.insert(o.name.clone(), ob.clone());
         for text in &o.intercept {
-            let target = crate::config_check::parse_host_port(text)
+            let target = crate::config::parse_host_port(text)
                 .map_err(|e| anyhow!("outbound {} intercept `{text}`: {e}", o.name))?;
             claims.push(Claim {
                 target,

@@ -8,14 +8,14 @@
 //! and set XFCC -> forward to the app -> stream the response back, metered.
 
 use crate::config::Protocol;
-use crate::h2_body::H2Body;
-use crate::h2_pool::H2Pool;
-use crate::handshake_io::HandshakeIo;
 use crate::identity::SpiffeId;
+use crate::policy::PolicyStore;
 use crate::policy::{Request as AuthzRequest, Target};
-use crate::policy_store::PolicyStore;
+use crate::proxy::H2Body;
+use crate::proxy::H2Pool;
 use crate::proxy::{self, Drain, ProxyBody, ProxyError};
 use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
+use crate::tls::HandshakeIo;
 use crate::tls::{self, TlsStore};
 use http::{HeaderValue, Request, Response};
 use metrics::SharedString;

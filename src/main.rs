@@ -48,9 +48,9 @@ enum Command {
     /// or with --once exits 0 when every step passed and 1 otherwise.
     Demo(meshd::demo::DemoArgs),
     /// A demo gRPC app of the reference topology (plaintext, loopback).
-    DemoApp(meshd::demo_apps::DemoAppArgs),
+    DemoApp(meshd::demo::DemoAppArgs),
     /// Print a Kubernetes manifest with meshd added to every pod template.
-    Inject(meshd::inject::InjectArgs),
+    Inject(meshd::k8s::InjectArgs),
     /// Ask the local admin server for /ready or /live: exit 0 on 200 (the injected
     /// sidecar's exec probes).
     Probe {
@@ -63,7 +63,7 @@ enum Command {
     },
     /// The pod's interception rules (iptables and ip6tables nat tables): install, uninstall, print.
     #[command(subcommand)]
-    Iptables(meshd::iptables::IptablesCommand),
+    Iptables(meshd::k8s::IptablesCommand),
 }
 
 #[derive(Subcommand)]
@@ -119,7 +119,7 @@ fn check(config_path: Option<PathBuf>, policies: Vec<PathBuf>) -> ExitCode {
         return ExitCode::from(2);
     }
     for p in policies {
-        let (lines, good) = meshd::policy_cli::check_file(&p);
+        let (lines, good) = meshd::policy::check_file(&p);
         for l in lines {
             println!("{l}");
         }
@@ -154,13 +154,7 @@ fn main() -> ExitCode {
         Command::Check { config, policy } => check(config, policy),
         Command::Policy(PolicyCommand::Explain(a)) => {
             let http = a.http.as_ref().map(|v| (v[0].as_str(), v[1].as_str()));
-            match meshd::policy_cli::explain_cli(
-                &a.policy,
-                &a.from,
-                a.grpc.as_deref(),
-                http,
-                a.port,
-            ) {
+            match meshd::policy::explain_cli(&a.policy, &a.from, a.grpc.as_deref(), http, a.port) {
                 Ok(text) => {
                     println!("{text}");
                     ExitCode::SUCCESS
@@ -186,7 +180,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Inject(args) => match meshd::inject::inject_file(&args) {
+        Command::Inject(args) => match meshd::k8s::inject_file(&args) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -197,7 +191,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Probe { path, admin } => {
-            match meshd::probe::probe(admin, &path, std::time::Duration::from_secs(2)) {
+            match meshd::admin::probe(admin, &path, std::time::Duration::from_secs(2)) {
                 Ok(body) => {
                     println!("{body}");
                     ExitCode::SUCCESS
@@ -208,7 +202,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Iptables(cmd) => match meshd::iptables::main(cmd) {
+        Command::Iptables(cmd) => match meshd::k8s::iptables_main(cmd) {
             Ok(text) => {
                 println!("{}", text.trim_end());
                 ExitCode::SUCCESS
@@ -218,7 +212,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::DemoApp(args) => match meshd::demo_apps::main(args) {
+        Command::DemoApp(args) => match meshd::demo::demo_app_main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshd demo-app: {e}");

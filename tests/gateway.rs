@@ -74,7 +74,7 @@ impl Edge {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let point = key.public_key_raw();
         assert_eq!(point.len(), 65, "an uncompressed P-256 point");
-        let jwks = meshd::gateway_auth::p256_jwks(point, "k1").unwrap();
+        let jwks = meshd::gateway::p256_jwks(point, "k1").unwrap();
         std::fs::write(d.join("jwks.json"), jwks).unwrap();
         let signer =
             jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();

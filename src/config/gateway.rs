@@ -1,0 +1,192 @@
+//! The edge gateway, the config side (DESIGN.md §1, §2: `0.0.0.0:8080`, edge mode only):
+//! the HTTPS listener clients call, how they authenticate (JWT against a JWKS file, API
+//! keys against a file of their SHA-256 hashes), rate limits, and routes from a path prefix
+//! to an `outbound` entry, which carries the call over mTLS like any other.
+//!
+//! Flow: serde reads these with the rest of the config; [`check`] adds a problem per bad
+//! value to the config report (`file:line:column: message`); `app` builds the `gateway`
+//! from them.
+
+use crate::config::check::Source;
+use crate::config::error::{ConfigError, ConfigProblem};
+use crate::config::{duration_str, Config};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `gateway:` — meshd as the edge gateway.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The HTTPS (HTTP/2) listener clients call.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The server certificate clients see (not an SVID: clients outside the mesh check
+    /// it against the web PKI or their own CA).
+    pub tls: GatewayTls,
+    /// Bearer tokens: JWTs signed by a key of the JWKS file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    /// `x-api-key` values, checked against the SHA-256 hashes in this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<PathBuf>,
+    /// The limit per caller (user, else client IP) on every route without its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Path prefixes to upstreams; the longest matching prefix wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+/// The gateway's own certificate chain and key (PEM), reloaded when they change.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `gateway.jwt:` — which tokens are accepted.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// A token's `aud` must contain one of these.
+    pub audiences: Vec<String>,
+    /// The issuer's public keys, a JWKS document (`{"keys": [...]}`), reloaded when it
+    /// changes.
+    pub jwks: PathBuf,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "duration_str")]
+    pub leeway: Duration,
+    /// The claim that names the user (for logs, rate limits and `x-user-id`).
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+
+/// A token bucket: `per_second` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Which credentials a route accepts.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuth {
+    /// A valid JWT or API key, whichever the gateway has configured.
+    #[default]
+    Any,
+    /// A valid JWT only.
+    Jwt,
+    /// A valid API key only.
+    ApiKey,
+    /// No credentials needed (public routes; rate-limited per client IP).
+    None,
+}
+
+/// One route: requests whose path starts with `prefix` go to `upstream`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The `service` label of the gateway metrics.
+    pub name: String,
+    /// e.g. `/payment.v1.PaymentService/` for a gRPC service.
+    pub prefix: String,
+    /// The `outbound` entry (by name) that carries the request.
+    pub upstream: String,
+    #[serde(default)]
+    pub auth: RouteAuth,
+    /// This route's own limit, instead of the gateway's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// The gateway's rules: routes exist, have unique names and a prefix starting with `/`,
+/// name an outbound, and ask only for credentials the gateway checks; limits are not 0.
+pub(crate) fn check(
+    config: &Config,
+    src: &Source,
+    out: &mut Vec<ConfigProblem>,
+    listeners: &mut Vec<(String, SocketAddr)>,
+) {
+    let Some(g) = &config.gateway else {
+        return;
+    };
+    listeners.push(("gateway.listen".into(), g.listen));
+    if g.routes.is_empty() {
+        out.push(src.problem("gateway.routes", ConfigError::NoRoutes));
+    }
+    let limits = std::iter::once(("gateway.rate_limit".to_string(), g.rate_limit)).chain(
+        g.routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("gateway.routes[{i}].rate_limit"), r.rate_limit)),
+    );
+    for (field, limit) in limits {
+        if let Some(l) = limit {
+            if l.per_second == 0 || l.burst == 0 {
+                let error = ConfigError::ZeroTimeout {
+                    field: format!("{field}.per_second and burst"),
+                };
+                out.push(src.problem(&field, error));
+            }
+        }
+    }
+    let outbounds: HashSet<&str> = config.outbound.iter().map(|o| o.name.as_str()).collect();
+    let mut names = HashSet::new();
+    for (i, r) in g.routes.iter().enumerate() {
+        let at = |key: &str| format!("gateway.routes[{i}].{key}");
+        if !names.insert(r.name.as_str()) {
+            let error = ConfigError::DuplicateRoute {
+                name: r.name.clone(),
+            };
+            out.push(src.problem(&at("name"), error));
+        }
+        if !r.prefix.starts_with('/') {
+            let error = ConfigError::BadPrefix {
+                field: at("prefix"),
+                prefix: r.prefix.clone(),
+            };
+            out.push(src.problem(&at("prefix"), error));
+        }
+        if !outbounds.contains(r.upstream.as_str()) {
+            let error = ConfigError::UnknownUpstream {
+                field: at("upstream"),
+                upstream: r.upstream.clone(),
+            };
+            out.push(src.problem(&at("upstream"), error));
+        }
+        let missing = match r.auth {
+            RouteAuth::Jwt if g.jwt.is_none() => Some("gateway.jwt"),
+            RouteAuth::ApiKey if g.api_keys.is_none() => Some("gateway.api_keys"),
+            RouteAuth::Any if g.jwt.is_none() && g.api_keys.is_none() => {
+                Some("gateway.jwt or gateway.api_keys")
+            }
+            _ => None,
+        };
+        if let Some(needs) = missing {
+            let error = ConfigError::AuthWithoutCredentials {
+                field: at("auth"),
+                needs,
+            };
+            out.push(src.problem(&at("auth"), error));
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! The `meshd.yaml` configuration: its types, loading from a file plus the environment
+//! overrides of DESIGN.md §2, and validation whose errors name `file:line:column`.
+//!
+//! Flow: [`Config::load`] reads the file and deserializes it with `serde_yaml_ng` (unknown
+//! keys and bad types are errors carrying the parser's line and column), applies the
+//! environment overrides ([`Env`]; the environment wins over the file), fills the
+//! identity default, then `check::validate` collects EVERY semantic problem and
+//! locates each one in the source text. Nothing else in the crate reads the environment:
+//! `main` builds [`Env`] from `std::env::vars()` and hands it in. `meshd check` is
+//! [`crate::config::check::check_report`].
+
+mod check;
+mod env;
+mod error;
+mod gateway;
+mod intercept;
+mod resilience;
+pub use check::parse_host_port;
+
+use check::{Overrides, Source};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The default SPIFFE Workload API address when neither the file nor the environment
+/// names one and no file-based identity is configured (DESIGN.md §2).
+pub const DEFAULT_WORKLOAD_API: &str = "unix:///run/spire/sockets/agent.sock";
+
+/// The whole configuration of one meshd process (sidecar or gateway).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The service this sidecar fronts, e.g. `payment-service`; used in logs and metrics.
+    pub service: String,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub inbound: Option<InboundConfig>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+    /// The edge gateway (JWT, API keys, rate limits); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayConfig>,
+    /// The transparent outbound listener (iptables REDIRECT target); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<TransparentConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+}
+
+/// Where the sidecar's own identity comes from.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// SPIFFE Workload API address (`unix:///path` or `unix:/path`); default
+    /// `$SPIFFE_ENDPOINT_SOCKET`, else `unix:///run/spire/sockets/agent.sock`.
+    #[serde(default)]
+    pub workload_api: Option<String>,
+    /// File-based identity instead of the Workload API.
+    #[serde(default)]
+    pub files: Option<IdentityFiles>,
+    /// The SPIFFE ID this sidecar must have; another ID never becomes ready.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+/// PEM files for a file-based identity, reloaded when any of them changes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// Declared application protocol of a listener; never sniffed.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Grpc,
+    Http,
+    Tcp,
+}
+
+impl Protocol {
+    /// Whether requests are proxied as HTTP/2 (gRPC and HTTP) rather than as bytes.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+/// The mTLS listener that fronts the local app.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    #[serde(default = "default_inbound_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_inbound_forward")]
+    pub forward: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The authorization policy file for this service.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+}
+
+impl Default for InboundConfig {
+    /// The §2 defaults: `0.0.0.0:15006` forwarding gRPC to `127.0.0.1:8081`, no policy.
+    fn default() -> Self {
+        InboundConfig {
+            listen: default_inbound_listen(),
+            forward: default_inbound_forward(),
+            protocol: Protocol::default(),
+            policy: None,
+        }
+    }
+}
+
+/// One upstream service the app calls through a local plaintext listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    pub name: String,
+    /// The plaintext listener the app dials for this upstream; may be left out when the
+    /// app's connections reach it by `intercept` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Original destinations (the service addresses the app dials: `ip:port`, or
+    /// `host:port` whose A/AAAA records are followed, e.g. a Service's name for its
+    /// ClusterIP) whose intercepted connections the transparent listener hands to this
+    /// upstream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intercept: Vec<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub endpoints: Endpoints,
+    /// The SPIFFE ID the upstream must present; any other ID is refused.
+    pub server_id: String,
+    #[serde(default = "default_timeout", with = "duration_str")]
+    pub timeout: Duration,
+    /// Which failed requests are sent again, and the budget that bounds them.
+    #[serde(default)]
+    pub retries: RetryConfig,
+    /// Active health checks of every endpoint; off when absent.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive ejection of endpoints whose requests keep failing.
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
+    /// Circuit-breaking limits on requests in progress and waiting for a connection.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// How requests (or TCP connections) are spread over the endpoints.
+    #[serde(default)]
+    pub balancer: BalancerPolicy,
+    /// Shortest wait between two DNS lookups (a record's TTL below it is raised to it).
+    #[serde(default = "default_min_refresh", with = "duration_str")]
+    pub min_refresh: Duration,
+    /// Longest wait between two lookups (a longer TTL is cut to it; static and file
+    /// endpoints with host names are re-resolved at this period).
+    #[serde(default = "default_max_refresh", with = "duration_str")]
+    pub max_refresh: Duration,
+}
+
+/// Load-balancing policy of an upstream.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerPolicy {
+    /// Power of two choices over peak-EWMA latency times in-flight requests (linkerd2).
+    #[default]
+    P2cEwma,
+    /// Weighted round robin.
+    RoundRobin,
+    /// Power of two choices over in-flight requests per weight (Envoy's least_request).
+    LeastRequest,
+}
+
+/// `endpoints:` is either a static list of `host:port` or one resolver URI; see
+/// [`parse_endpoints`] for what each may hold.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Endpoints {
+    Static(Vec<String>),
+    Uri(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// DNS servers as `ip:port`; default: the system's resolv.conf.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 1 for a one-core sidecar.
+    #[serde(default = "default_workers")]
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: default_workers(),
+        }
+    }
+}
+
+/// Which requests get an access-log line.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    Off,
+    #[default]
+    Deny,
+    All,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub access: AccessLog,
+    /// The level of meshd's own logs at start (`info`, `debug`, an EnvFilter directive).
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: AccessLog::default(),
+            level: default_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// How long in-flight requests may finish after SIGTERM or `POST /shutdown`.
+    #[serde(default = "default_drain", with = "duration_str")]
+    pub drain_timeout: Duration,
+    /// Drain and exit when this process exits (Kubernetes Jobs).
+    #[serde(default)]
+    pub exit_with_app: Option<u32>,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            drain_timeout: default_drain(),
+            exit_with_app: None,
+        }
+    }
+}
+
+fn default_inbound_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_inbound_forward() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_refresh() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_workers() -> usize {
+    2
+}
+fn default_level() -> String {
+    "info".to_string()
+}
+
+/// Durations written as `250ms`, `5s`, `1m`.
+pub mod duration_str {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    /// Parses inside the visitor so a bad value is reported at the value's position.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct DurationVisitor;
+        impl serde::de::Visitor<'_> for DurationVisitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration such as 250ms, 5s, 1m")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+                super::parse_duration(text).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(DurationVisitor)
+    }
+}
+
+/// Parses `250ms`, `5s`, `1m`, `1h` (a number and a unit, nothing else).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration `{text}` needs a unit: ms, s, m or h"))?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration `{text}` must start with a whole number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "duration `{text}` has unknown unit `{unit}` (use ms, s, m or h)"
+        )),
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoints {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Endpoints, D::Error> {
+        struct EndpointsVisitor;
+        impl<'de> serde::de::Visitor<'de> for EndpointsVisitor {
+            type Value = Endpoints;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of `host:port` strings or one URI string (dns:///, dns+srv:///, file:///)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Endpoints, E> {
+                Ok(Endpoints::Uri(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Endpoints, A::Error> {
+                let mut list = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    list.push(item);
+                }
+                Ok(Endpoints::Static(list))
+            }
+        }
+        d.deserialize_any(EndpointsVisitor)
+    }
+}
+
+pub use crate::config::check::{check_report, parse_endpoints, EndpointsSpec, HostPort};
+pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
+pub use crate::config::gateway::{
+    GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
+};
+pub use crate::config::intercept::{TransparentConfig, Unmatched};
+pub use crate::config::resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
+
+/// The process environment, captured once by `main` (`std::env::vars().collect()`).
+/// Empty values count as unset, as Kubernetes manifests often template them empty.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Env(pub HashMap<String, String>);
+
+impl Env {
+    /// The value of `name`, or `None` when it is unset or empty.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+impl FromIterator<(String, String)> for Env {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Env {
+        Env(iter.into_iter().collect())
+    }
+}
+
+impl Config {
+    /// Loads `path` with `env` overrides and validates it; warnings are logged.
+    pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigErrors> {
+        let (config, warnings) = Config::load_checked(path, env)?;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(config)
+    }
+
+    /// Like [`Config::load`] but hands the warnings back instead of logging them.
+    pub fn load_checked(
+        path: &Path,
+        env: &Env,
+    ) -> Result<(Config, Vec<ConfigProblem>), ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigProblem {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                severity: Severity::Error,
+                error: ConfigError::Read(e.to_string()),
+            }])
+        })?;
+        Config::from_text(path, &text, env)
+    }
+
+    /// Parses, overrides and validates `text` as if read from `path` (for tests and
+    /// callers that already hold the text). Returns the config and its warnings.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        env: &Env,
+    ) -> Result<(Config, Vec<ConfigProblem>), ConfigErrors> {
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigErrors(vec![ConfigProblem {
+                file: path.to_path_buf(),
+                line,
+                column,
+                severity: Severity::Error,
+                error: ConfigError::Syntax(strip_position(&e.to_string())),
+            }])
+        })?;
+        let file_conflict =
+            config.identity.files.is_some() && config.identity.workload_api.is_some();
+        let mut overrides = Overrides::default();
+        let mut problems = crate::config::env::apply(&mut config, env, &mut overrides);
+        if config.identity.files.is_none() && config.identity.workload_api.is_none() {
+            config.identity.workload_api = Some(DEFAULT_WORKLOAD_API.to_string());
+        }
+        let source = Source::new(path, text, &overrides);
+        problems.extend(check::validate(&config, file_conflict, &source));
+        problems.sort_by_key(|p| (p.line, p.column));
+        if problems.iter().any(|p| p.severity == Severity::Error) {
+            return Err(ConfigErrors(problems));
+        }
+        if let Some(Ok(canonical)) = config
+            .identity
+            .workload_api
+            .as_deref()
+            .map(crate::identity::parse_address)
+        {
+            config.identity.workload_api = Some(canonical);
+        }
+        Ok((config, problems))
+    }
+
+    /// The effective config as JSON for the admin `/config` endpoint. File paths stay;
+    /// any key named in [`SECRET_KEYS`] (at any depth) becomes `"<redacted>"`, so secret
+    /// fields added later (gateway API keys, JWT secrets) are covered by naming them there.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_else(
+            |e| serde_json::json!({ "error": format!("cannot render config: {e}") }),
+        );
+        redact(&mut value);
+        value
+    }
+}
+
+/// Config keys whose values are secrets and never leave the process.
+pub const SECRET_KEYS: &[&str] = &[
+    "api_key",
+    "api_keys",
+    "secret",
+    "password",
+    "token",
+    "jwt_secret",
+];
+
+fn redact(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if SECRET_KEYS.contains(&key.as_str()) {
+                    *v = serde_json::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Drops serde_yaml_ng's own ` at line L column C…` suffix; the position is reported separately.
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s {
+            "grpc" => Ok(Protocol::Grpc),
+            "http" => Ok(Protocol::Http),
+            "tcp" => Ok(Protocol::Tcp),
+            _ => Err("expected grpc, http or tcp".into()),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+impl FromStr for AccessLog {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AccessLog, String> {
+        match s {
+            "off" => Ok(AccessLog::Off),
+            "deny" => Ok(AccessLog::Deny),
+            "all" => Ok(AccessLog::All),
+            _ => Err("expected off, deny or all".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,292 @@
+//! The sidecars of `meshd demo` as child processes: each one's config is generated from a
+//! [`SidecarSpec`] (everything on loopback, identity from the dev CA's socket, the embedded
+//! policy), started as `meshd run --config F --exit-with <demo pid>` with its output in
+//! `logs/<name>-sidecar.log`, awaited on its admin `/ready`, and stopped with `POST
+//! /shutdown` (killed when it does not drain in time). A separate process per sidecar,
+//! because `meshd run` installs process-wide metrics and logging.
+
+use crate::demo::gateway::GatewayFiles;
+use crate::demo::{log_path, socket_path, spiffe_id};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long every sidecar gets to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a sidecar may drain after `POST /shutdown` before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Environment variables that would override the generated sidecar configs.
+const OVERRIDES: [&str; 6] = [
+    "SPIFFE_ENDPOINT_SOCKET",
+    "SERVICE_MESH_SPIFFE_ID",
+    "MTLS_CERT_FILE",
+    "MTLS_KEY_FILE",
+    "MTLS_CA_FILE",
+    "GRPC_ADDRESS",
+];
+
+/// One sidecar's shape, from which its config file is written.
+#[derive(Debug, Clone)]
+pub struct SidecarSpec {
+    /// Short name, e.g. `payment`, `api-gateway`.
+    pub name: String,
+    /// The identity path and service name, e.g. `payment-service`.
+    pub id: String,
+    pub admin: u16,
+    /// Inbound listen port and the app it forwards to; the policy is `policies/<id>.yaml`.
+    pub inbound: Option<(u16, SocketAddr)>,
+    /// Upstream service name, local listen port, the upstream sidecar's inbound port.
+    pub outbound: Vec<(String, u16, u16)>,
+    /// The edge gateway's port and files (the api-gateway sidecar only).
+    pub gateway: Option<(u16, GatewayFiles)>,
+}
+
+impl SidecarSpec {
+    /// The `meshd.yaml` of this sidecar, everything on loopback.
+    pub fn yaml(&self, dir: &Path) -> String {
+        let q = |t: String| serde_json::to_string(&t).unwrap_or(t);
+        let mut y = format!(
+            "service: {id}\nidentity:\n  workload_api: {sock}\n  expect: {sid}\n",
+            id = self.id,
+            sock = q(format!("unix://{}", socket_path(dir, &self.id).display())),
+            sid = spiffe_id(&self.id),
+        );
+        if let Some((listen, forward)) = self.inbound {
+            let policy = dir.join("policies").join(format!("{}.yaml", self.id));
+            y += &format!(
+                "inbound:\n  listen: 127.0.0.1:{listen}\n  forward: {forward}\n  \
+                 protocol: grpc\n  policy: {}\n",
+                q(policy.display().to_string())
+            );
+        }
+        if !self.outbound.is_empty() {
+            y += "outbound:\n";
+            for (name, listen, upstream) in &self.outbound {
+                y += &format!(
+                    "  - name: {name}\n    listen: 127.0.0.1:{listen}\n    protocol: grpc\n    \
+                     endpoints: [\"127.0.0.1:{upstream}\"]\n    server_id: {sid}\n    \
+                     timeout: 5s\n",
+                    sid = spiffe_id(name)
+                );
+            }
+        }
+        if let Some((port, files)) = &self.gateway {
+            y += &crate::demo::gateway::config_yaml(*port, files);
+        }
+        y += &format!(
+            "admin:\n  listen: 127.0.0.1:{}\nruntime:\n  worker_threads: 1\n\
+             log:\n  access: deny\n  level: warn\nlifecycle:\n  drain_timeout: 2s\n",
+            self.admin
+        );
+        y
+    }
+
+    /// The summary lines of its listeners.
+    pub fn listeners(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some((listen, forward)) = self.inbound {
+            lines.push(format!("inbound  127.0.0.1:{listen} -> app {forward}"));
+        }
+        for (name, listen, upstream) in &self.outbound {
+            let short = name.trim_end_matches("-service");
+            lines.push(format!(
+                "outbound 127.0.0.1:{listen} -> {short} sidecar 127.0.0.1:{upstream} (mTLS)"
+            ));
+        }
+        if let Some((port, _)) = &self.gateway {
+            lines.push(format!(
+                "gateway  127.0.0.1:{port} (HTTPS, JWT) -> payment sidecar (mTLS)"
+            ));
+        }
+        lines
+    }
+}
+
+/// A sidecar child process.
+pub struct Child {
+    pub spec: SidecarSpec,
+    pub process: tokio::process::Child,
+    pub pid: u32,
+}
+
+/// Writes the sidecar's config and starts `meshd run` with its output in a log file.
+pub fn spawn_sidecar(dir: &Path, spec: SidecarSpec) -> Result<Child, String> {
+    let config = dir
+        .join("config")
+        .join(format!("{}-sidecar.yaml", spec.name));
+    let log = log_path(dir, &spec.name);
+    let fail = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
+    std::fs::create_dir_all(dir.join("config")).map_err(|e| fail(dir, e))?;
+    std::fs::write(&config, spec.yaml(dir)).map_err(|e| fail(&config, e))?;
+    let out = std::fs::File::create(&log).map_err(|e| fail(&log, e))?;
+    let err = out.try_clone().map_err(|e| fail(&log, e))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the meshd executable to start sidecars: {e}"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--exit-with")
+        .arg(std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("MESHD_") || OVERRIDES.contains(&k.as_ref()) {
+            cmd.env_remove(&key);
+        }
+    }
+    let process = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the {} sidecar: {e}", spec.name))?;
+    let pid = process.id().unwrap_or(0);
+    Ok(Child { spec, process, pid })
+}
+
+/// Waits until the sidecar's `/ready` answers 200; on failure says why, with its log.
+pub async fn wait_ready(dir: &Path, child: &mut Child, deadline: Instant) -> Result<(), String> {
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, child.spec.admin));
+    let mut last = String::from("no answer from its admin server");
+    loop {
+        if let Ok(Some(status)) = child.process.try_wait() {
+            return Err(format!(
+                "the {} sidecar exited ({status}) before it was ready; the end of {}:\n{}",
+                child.spec.name,
+                log_path(dir, &child.spec.name).display(),
+                log_tail(&log_path(dir, &child.spec.name), 15)
+            ));
+        }
+        match http(admin, "GET", "/ready").await {
+            Some((200, _)) => return Ok(()),
+            Some((code, body)) => last = format!("/ready said {code} {}", body.trim()),
+            None => {}
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the {} sidecar was not ready in {}s ({last}); the end of {}:\n{}",
+                child.spec.name,
+                READY_TIMEOUT.as_secs(),
+                log_path(dir, &child.spec.name).display(),
+                log_tail(&log_path(dir, &child.spec.name), 15)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks a sidecar to drain (`POST /shutdown`); kills it after [`STOP_GRACE`].
+pub async fn stop_sidecar(child: &mut Child) -> Option<String> {
+    if let Ok(Some(_)) = child.process.try_wait() {
+        return None;
+    }
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, child.spec.admin));
+    let _ = http(admin, "POST", "/shutdown").await;
+    match tokio::time::timeout(STOP_GRACE, child.process.wait()).await {
+        Ok(_) => None,
+        Err(_) => {
+            let _ = child.process.kill().await;
+            Some(format!(
+                "the {} sidecar (pid {}) did not drain in 5 s and was killed",
+                child.spec.name, child.pid
+            ))
+        }
+    }
+}
+
+/// The last `n` lines of a file (or why it cannot be read).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(n)..];
+            if tail.is_empty() {
+                "  (empty)".into()
+            } else {
+                tail.iter().map(|l| format!("  {l}\n")).collect()
+            }
+        }
+        Err(e) => format!("  (cannot read it: {e})"),
+    }
+}
+
+/// A plain HTTP/1.1 request to an admin server; `(status, body)`, or `None` when it does
+/// not answer within 5 s.
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        Some((status, body.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Env};
+
+    #[test]
+    fn generated_configs_pass_meshd_check() {
+        // Every generated sidecar config is one `meshd run` accepts, loopback only.
+        let dir = tempfile::tempdir().unwrap();
+        let specs = [
+            SidecarSpec {
+                name: "payment".into(),
+                id: "payment-service".into(),
+                admin: 15000,
+                inbound: Some((15006, "127.0.0.1:8081".parse().unwrap())),
+                outbound: vec![("contact-service".into(), 15101, 40001)],
+                gateway: None,
+            },
+            SidecarSpec {
+                name: "api-gateway".into(),
+                id: "api-gateway".into(),
+                admin: 40002,
+                inbound: None,
+                outbound: vec![("payment-service".into(), 15100, 15006)],
+                gateway: Some((
+                    40003,
+                    crate::demo::gateway::write_files(dir.path()).unwrap(),
+                )),
+            },
+        ];
+        for spec in specs {
+            let path = dir.path().join(format!("{}.yaml", spec.name));
+            std::fs::write(&path, spec.yaml(dir.path())).unwrap();
+            let cfg = Config::load(&path, &Env::default()).unwrap();
+            assert!(cfg.admin.listen.ip().is_loopback());
+            if let Some(ib) = cfg.inbound {
+                assert!(ib.listen.ip().is_loopback());
+            }
+            assert!(cfg
+                .outbound
+                .iter()
+                .all(|o| o.listen.is_some_and(|l| l.ip().is_loopback())));
+            assert_eq!(
+                cfg.identity.expect.as_deref(),
+                Some(spiffe_id(&spec.id).as_str())
+            );
+            if let Some(g) = cfg.gateway {
+                assert!(g.listen.ip().is_loopback());
+                let (report, ok) = crate::config::check_report(&path, &Env::default());
+                assert!(ok && !report.contains("warning"), "{report}");
+            }
+        }
+    }
+}

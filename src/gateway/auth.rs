@@ -1,0 +1,278 @@
+//! The gateway's credentials: bearer JWTs checked against the issuer's JWKS file, and API
+//! keys checked against a file of their SHA-256 hashes (the keys themselves are never
+//! stored, logged or forwarded).
+//!
+//! Flow: [`Credentials::load`] reads both files (at start, and again when either changes;
+//! a bad file keeps the last good set); per request, [`authenticate`] is a plain function
+//! of the route's `auth`, the credentials and the request headers: the user, or why not.
+
+use crate::config::{JwtConfig, RouteAuth};
+use http::HeaderMap;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Why a request is not authenticated, or why a credentials file was refused. No message
+/// carries a token or a key.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Neither `Authorization: Bearer` nor `x-api-key` was sent.
+    #[error("credentials required ({0})")]
+    Missing(&'static str),
+    /// The route does not take the kind of credential that was sent.
+    #[error("this route accepts {0} only")]
+    WrongKind(&'static str),
+    /// The token did not verify: signature, issuer, audience, expiry, unknown key.
+    #[error("invalid token: {0}")]
+    BadToken(String),
+    /// The API key is not in the keys file.
+    #[error("unknown API key")]
+    UnknownKey,
+    /// A credentials file could not be read.
+    #[error("{path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A credentials file is malformed; the reason names the entry.
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+}
+
+/// One verification key of the JWKS.
+struct JwtKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithm: Algorithm,
+}
+
+/// The JWT settings with the keys of the JWKS file.
+pub struct JwtKeys {
+    keys: Vec<JwtKey>,
+    config: JwtConfig,
+}
+
+impl JwtKeys {
+    /// Reads the JWKS; every key must be an EC (P-256, P-384), RSA or Ed25519 public key.
+    pub fn load(config: &JwtConfig) -> Result<JwtKeys, AuthError> {
+        let path = &config.jwks;
+        let bad = |reason: String| AuthError::BadFile {
+            path: path.clone(),
+            reason,
+        };
+        let text = read(path)?;
+        let set: JwkSet =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a JWKS document ({e})")))?;
+        if set.keys.is_empty() {
+            return Err(bad("the JWKS has no keys".into()));
+        }
+        let mut keys = Vec::new();
+        for (i, jwk) in set.keys.iter().enumerate() {
+            let algorithm = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                (AlgorithmParameters::OctetKey(_), _) => {
+                    return Err(bad(format!(
+                        "keys[{i}]: a symmetric key does not belong in a JWKS"
+                    )))
+                }
+                (_, Some(ka)) => ka.to_string().parse::<Algorithm>().map_err(|_| {
+                    bad(format!("keys[{i}]: alg {ka} is not a signature algorithm"))
+                })?,
+                (AlgorithmParameters::EllipticCurve(ec), None) => match ec.curve {
+                    EllipticCurve::P256 => Algorithm::ES256,
+                    EllipticCurve::P384 => Algorithm::ES384,
+                    _ => return Err(bad(format!("keys[{i}]: unsupported curve"))),
+                },
+                (AlgorithmParameters::RSA(_), None) => Algorithm::RS256,
+                (AlgorithmParameters::OctetKeyPair(_), None) => Algorithm::EdDSA,
+            };
+            if matches!(
+                algorithm,
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+            ) {
+                return Err(bad(format!("keys[{i}]: HMAC algorithms are refused")));
+            }
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(format!("keys[{i}]: {e}")))?;
+            keys.push(JwtKey {
+                kid: jwk.common.key_id.clone(),
+                key,
+                algorithm,
+            });
+        }
+        Ok(JwtKeys {
+            keys,
+            config: config.clone(),
+        })
+    }
+
+    /// Verifies a compact JWT; the user is its `user_claim`.
+    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        let bad = |m: String| AuthError::BadToken(m);
+        let header = jsonwebtoken::decode_header(token).map_err(|e| bad(e.to_string()))?;
+        let key = match &header.kid {
+            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            None if self.keys.len() == 1 => self.keys.first(),
+            None => None,
+        }
+        .ok_or_else(|| bad("no key of the JWKS has the token's kid".into()))?;
+        let mut v = Validation::new(key.algorithm);
+        v.set_issuer(&[&self.config.issuer]);
+        v.set_audience(&self.config.audiences);
+        v.leeway = self.config.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &v)
+            .map_err(|e| bad(e.to_string()))?;
+        match data.claims.get(&self.config.user_claim) {
+            Some(serde_json::Value::String(u)) if !u.is_empty() => Ok(u.clone()),
+            _ => Err(bad(format!("no `{}` claim", self.config.user_claim))),
+        }
+    }
+}
+
+/// API keys by the SHA-256 of the key.
+pub struct ApiKeys {
+    by_hash: HashMap<[u8; 32], String>,
+}
+
+/// One entry of the keys file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyEntry {
+    user: String,
+    /// Lower- or upper-case hex of SHA-256(key).
+    sha256: String,
+}
+
+impl ApiKeys {
+    /// Reads a YAML list of `{user, sha256}`.
+    pub fn load(path: &Path) -> Result<ApiKeys, AuthError> {
+        let bad = |reason: String| AuthError::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let entries: Vec<ApiKeyEntry> =
+            serde_yaml_ng::from_str(&read(path)?).map_err(|e| bad(e.to_string()))?;
+        let mut by_hash = HashMap::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            let hash = parse_sha256(&e.sha256)
+                .ok_or_else(|| bad(format!("[{i}] ({}): sha256 must be 64 hex digits", e.user)))?;
+            if e.user.is_empty() {
+                return Err(bad(format!("[{i}]: user must not be empty")));
+            }
+            if by_hash.insert(hash, e.user.clone()).is_some() {
+                return Err(bad(format!(
+                    "[{i}] ({}): the same key is listed twice",
+                    e.user
+                )));
+            }
+        }
+        Ok(ApiKeys { by_hash })
+    }
+
+    /// The user a key belongs to. The key is hashed first, so the lookup's timing says
+    /// nothing about the keys.
+    pub fn user(&self, key: &str) -> Option<&str> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let hash: [u8; 32] = digest.as_ref().try_into().ok()?;
+        self.by_hash.get(&hash).map(String::as_str)
+    }
+}
+
+/// base64url without padding, as JWKS key coordinates are written (RFC 7518).
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The JWKS document (one key, `kid`) of a P-256 public key given as its uncompressed
+/// point (`04 || x || y`, 65 bytes); `None` for anything else.
+pub fn p256_jwks(point: &[u8], kid: &str) -> Option<String> {
+    if point.len() != 65 || point[0] != 4 {
+        return None;
+    }
+    let key = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+        "x": base64url(&point[1..33]), "y": base64url(&point[33..]),
+    });
+    Some(serde_json::json!({ "keys": [key] }).to_string())
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn read(path: &Path) -> Result<String, AuthError> {
+    std::fs::read_to_string(path).map_err(|error| AuthError::Read {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+/// The gateway's current credentials.
+pub struct Credentials {
+    pub jwt: Option<JwtKeys>,
+    pub api_keys: Option<ApiKeys>,
+}
+
+/// Decides who is calling: `Ok(Some(user))`, `Ok(None)` on a public route (`auth: none`)
+/// without credentials, or why the request is refused. Credentials sent to a public
+/// route are still checked: a bad token is refused rather than ignored.
+pub fn authenticate(
+    auth: RouteAuth,
+    creds: &Credentials,
+    headers: &HeaderMap,
+) -> Result<Option<String>, AuthError> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let jwt_ok = matches!(auth, RouteAuth::Any | RouteAuth::Jwt | RouteAuth::None);
+    let key_ok = matches!(auth, RouteAuth::Any | RouteAuth::ApiKey | RouteAuth::None);
+    match (bearer, api_key) {
+        (Some(token), _) if jwt_ok => match &creds.jwt {
+            Some(keys) => keys.verify(token).map(Some),
+            None => Err(AuthError::BadToken("the gateway takes no JWTs".into())),
+        },
+        (_, Some(key)) if key_ok => match &creds.api_keys {
+            Some(keys) => keys
+                .user(key)
+                .map(|u| Some(u.to_string()))
+                .ok_or(AuthError::UnknownKey),
+            None => Err(AuthError::UnknownKey),
+        },
+        (Some(_), _) => Err(AuthError::WrongKind("API keys")),
+        (_, Some(_)) => Err(AuthError::WrongKind("JWTs")),
+        (None, None) => match auth {
+            RouteAuth::None => Ok(None),
+            RouteAuth::Jwt => Err(AuthError::Missing("Authorization: Bearer <JWT>")),
+            RouteAuth::ApiKey => Err(AuthError::Missing("x-api-key")),
+            RouteAuth::Any => Err(AuthError::Missing(
+                "Authorization: Bearer <JWT> or x-api-key",
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

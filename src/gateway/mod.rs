@@ -1,0 +1,492 @@
+//! The edge gateway: the one port clients outside the mesh call (HTTPS: HTTP/2 for gRPC
+//! and h2 clients, HTTP/1.1 bridged onto the same HTTP/2 handling). It checks who is calling, limits how often, and hands the request to
+//! an outbound, which carries it over mTLS with the gateway's SVID to the service's
+//! sidecar, whose policy then decides on the gateway's SPIFFE ID.
+//!
+//! Flow per request: [`route`] (longest path prefix; none: gRPC UNIMPLEMENTED / 404) ->
+//! `gateway_auth::authenticate` (no valid credentials: UNAUTHENTICATED / 401) -> the
+//! route's rate limit, per user or, for anonymous calls, per client IP (spent:
+//! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> credentials stripped,
+//! `x-user-id` and `x-forwarded-for` set (anything the client sent under those names is
+//! dropped) -> `Outbound::handle_as`. Every request, refused or proxied, ends in one
+//! record: `gateway_requests_total`, `gateway_request_duration_seconds`,
+//! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
+//! user_agent.
+//!
+//! The certificate, the JWKS and the API keys file are read again when they change
+//! (checked every 2 s); a bad file keeps the last good one and is logged.
+
+mod auth;
+pub use auth::p256_jwks;
+
+use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
+use crate::gateway::auth::{authenticate, ApiKeys, AuthError, Credentials, JwtKeys};
+use crate::outbound::Outbound;
+use crate::proxy::H2Body;
+use crate::proxy::{self, Drain, ProxyBody, ProxyError};
+use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
+use arc_swap::ArcSwap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::{HeaderValue, Request, Response};
+use metrics::SharedString;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpListener;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The certificate or key file is missing or malformed.
+    #[error("gateway.tls: {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
+    /// The JWKS or the API keys file is missing or malformed.
+    #[error("gateway: {0}")]
+    Credentials(#[from] AuthError),
+    /// A route names an outbound that does not exist (`meshd check` says so first).
+    #[error("gateway route {route}: no outbound is named {upstream}")]
+    UnknownUpstream { route: String, upstream: String },
+}
+
+/// One route, ready to serve.
+pub struct Route {
+    /// The `service` label.
+    pub name: SharedString,
+    pub prefix: String,
+    pub auth: RouteAuth,
+    /// The outbound that carries the route's requests.
+    pub upstream: Arc<Outbound>,
+    /// The route's token buckets, keyed by user or `ip:ADDR`; none without a limit.
+    pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+}
+
+/// The route for a path: the longest matching prefix.
+pub fn route<'a, R>(routes: &'a [R], prefix: impl Fn(&R) -> &str, path: &str) -> Option<&'a R> {
+    routes
+        .iter()
+        .filter(|r| path.starts_with(prefix(r)))
+        .max_by_key(|r| prefix(r).len())
+}
+
+fn limiter(limit: RateLimit) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
+    let per_second = NonZeroU32::new(limit.per_second)?;
+    let burst = NonZeroU32::new(limit.burst)?;
+    Some(Arc::new(RateLimiter::keyed(
+        Quota::per_second(per_second).allow_burst(burst),
+    )))
+}
+
+/// The edge gateway's routes, credentials and certificate.
+pub struct Gateway {
+    routes: Vec<Route>,
+    /// The current JWT keys and API keys, swapped when their files change.
+    creds: ArcSwap<Credentials>,
+    /// The current TLS server config, swapped when the certificate changes.
+    tls: ArcSwap<rustls::ServerConfig>,
+    config: GatewayConfig,
+    log: Arc<AccessLogger>,
+}
+
+fn load_credentials(config: &GatewayConfig) -> Result<Credentials, AuthError> {
+    Ok(Credentials {
+        jwt: config.jwt.as_ref().map(JwtKeys::load).transpose()?,
+        api_keys: config.api_keys.as_deref().map(ApiKeys::load).transpose()?,
+    })
+}
+
+fn load_tls(config: &GatewayConfig) -> Result<rustls::ServerConfig, GatewayError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = (&config.tls.cert, &config.tls.key);
+    let bad = |path: &Path, reason: String| GatewayError::Tls {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "no certificate in the file".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| bad(cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| bad(key, format!("{e} (certificate {})", cert.display())))?;
+    server.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    Ok(server)
+}
+
+/// Headers of HTTP/1.1 that mean nothing (or are forbidden) in HTTP/2.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// Serves an HTTP/1.1 client (one that did not offer `h2`): its requests are sent, over
+/// an in-memory pipe, to the same HTTP/2 handling an h2 client gets, so every check and
+/// the outbound see one kind of request. Costs a copy of each body; edge clients only.
+async fn serve_http1<I, H, F>(io: I, handle: H, stop: tokio_util::sync::CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<H2Body>) -> F + Send + 'static,
+    F: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (near, far) = tokio::io::duplex(64 << 10);
+    tokio::spawn(proxy::serve_h2(far, handle, stop.clone()));
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, hyper::body::Incoming>(TokioIo::new(near))
+        .await;
+    let (sender, conn) = match handshake {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!("gateway: HTTP/1.1 bridge: {e}");
+            return;
+        }
+    };
+    tokio::spawn(conn);
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let mut sender = sender.clone();
+        async move {
+            // HTTP/2 wants the authority in the URI; HTTP/1.1 sends it as Host.
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = format!("https://{host}{path}").parse() {
+                *req.uri_mut() = uri;
+            }
+            let headers = req.headers_mut();
+            for name in HOP_BY_HOP {
+                headers.remove(name);
+            }
+            if headers
+                .get(http::header::TE)
+                .is_some_and(|v| v != "trailers")
+            {
+                headers.remove(http::header::TE);
+            }
+            sender.send_request(req).await
+        }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// `meshd check`: the gateway's certificate, JWKS and API keys file, read as `meshd run`
+/// would read them. One line per file: `ok`, or the error naming the file.
+pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let mut good = true;
+    let mut report = |what: String, result: Result<(), String>| {
+        good &= result.is_ok();
+        lines.push(match result {
+            Ok(()) => format!("{what}: ok"),
+            Err(e) => e,
+        });
+    };
+    report(
+        format!("{} (gateway.tls)", config.tls.cert.display()),
+        load_tls(config).map(|_| ()).map_err(|e| e.to_string()),
+    );
+    if let Some(jwt) = &config.jwt {
+        report(
+            format!("{} (gateway.jwt.jwks)", jwt.jwks.display()),
+            JwtKeys::load(jwt)
+                .map(|_| ())
+                .map_err(|e| format!("gateway.jwt.jwks: {e}")),
+        );
+    }
+    if let Some(keys) = &config.api_keys {
+        report(
+            format!("{} (gateway.api_keys)", keys.display()),
+            ApiKeys::load(keys)
+                .map(|_| ())
+                .map_err(|e| format!("gateway.api_keys: {e}")),
+        );
+    }
+    (lines, good)
+}
+
+fn handshake_failed(reason: &'static str) {
+    metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "gateway", "reason" => reason)
+        .increment(1);
+}
+
+fn modified(paths: &[&Path]) -> Vec<Option<SystemTime>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+impl Gateway {
+    /// Builds the gateway: reads the certificate and the credentials, and finds each
+    /// route's outbound.
+    pub fn new(
+        config: &GatewayConfig,
+        outbounds: &HashMap<String, Arc<Outbound>>,
+        log: Arc<AccessLogger>,
+    ) -> Result<Gateway, GatewayError> {
+        let tls = load_tls(config)?;
+        let creds = load_credentials(config)?;
+        let shared = config.rate_limit.and_then(limiter);
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            let upstream = outbounds.get(&r.upstream).cloned().ok_or_else(|| {
+                GatewayError::UnknownUpstream {
+                    route: r.name.clone(),
+                    upstream: r.upstream.clone(),
+                }
+            })?;
+            routes.push(Route {
+                name: SharedString::from(r.name.clone()),
+                prefix: r.prefix.clone(),
+                auth: r.auth,
+                upstream,
+                limiter: r.rate_limit.map_or(shared.clone(), limiter),
+            });
+        }
+        Ok(Gateway {
+            routes,
+            creds: ArcSwap::from_pointee(creds),
+            tls: ArcSwap::from_pointee(tls),
+            config: config.clone(),
+            log,
+        })
+    }
+
+    /// Reloads the certificate and the credentials when their files change; forgets
+    /// idle rate-limit keys.
+    async fn follow_files(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut paths: Vec<&Path> = vec![&self.config.tls.cert, &self.config.tls.key];
+        paths.extend(self.config.jwt.as_ref().map(|j| j.jwks.as_path()));
+        paths.extend(self.config.api_keys.as_deref());
+        let mut seen = modified(&paths);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for r in &self.routes {
+                if let Some(l) = &r.limiter {
+                    l.retain_recent();
+                }
+            }
+            let now = modified(&paths);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match load_tls(&self.config) {
+                Ok(tls) => self.tls.store(Arc::new(tls)),
+                Err(e) => tracing::warn!("{e}; keeping the last good certificate"),
+            }
+            match load_credentials(&self.config) {
+                Ok(creds) => self.creds.store(Arc::new(creds)),
+                Err(e) => tracing::warn!("gateway: {e}; keeping the last good credentials"),
+            }
+        }
+    }
+
+    /// Accepts client connections until drained.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        tokio::spawn(self.clone().follow_files(drain.stop.clone()));
+        while let Some((tcp, from)) = proxy::accept(&listener, &drain.stop, "gateway").await {
+            let this = self.clone();
+            let stop = drain.stop.clone();
+            drain.tracker.spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(this.tls.load_full());
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!("gateway handshake from {from}: {e}");
+                        handshake_failed(crate::tls::failure_reason(&e));
+                        return;
+                    }
+                    Err(_) => {
+                        handshake_failed("timeout");
+                        return;
+                    }
+                };
+                let ip = from.ip();
+                let handle = move |req| {
+                    let this = this.clone();
+                    async move { this.handle(req, ip).await }
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+                    proxy::serve_h2(tls, handle, stop).await;
+                } else {
+                    serve_http1(tls, handle, stop).await;
+                }
+            });
+        }
+    }
+
+    /// One request from a client (see the module docs for the steps).
+    async fn handle(&self, mut req: Request<H2Body>, ip: IpAddr) -> Response<ProxyBody> {
+        let grpc = proxy::is_grpc(&req);
+        let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
+        let user_agent = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut call = Box::new(GatewayCall {
+            service: telemetry::OTHER,
+            user_id: None,
+            ip: ip.to_string(),
+            user_agent,
+            refused: None,
+        });
+        let path = req.uri().path().to_string();
+        let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &path) else {
+            call.refused = Some("no_route");
+            let err = ProxyError::NoRoute(format!("no gateway route for {path}"));
+            return self.refuse(&req, protocol, call, err);
+        };
+        call.service = route.name.clone();
+        let user = match authenticate(route.auth, &self.creds.load(), req.headers()) {
+            Ok(user) => user,
+            Err(e) => {
+                call.refused = Some("unauthenticated");
+                return self.refuse(
+                    &req,
+                    protocol,
+                    call,
+                    ProxyError::Unauthenticated(e.to_string()),
+                );
+            }
+        };
+        call.user_id = user.clone();
+        if let Some(limiter) = &route.limiter {
+            let key = user.unwrap_or_else(|| format!("ip:{ip}"));
+            if let Err(not_until) = limiter.check_key(&key) {
+                use governor::clock::Clock;
+                call.refused = Some("rate_limited");
+                metrics::counter!("gateway_rate_limit_hits_total", "service" => route.name.clone())
+                    .increment(1);
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                // Whole seconds, rounded up: a client that waits that long gets a token.
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let err = ProxyError::RateLimited(format!(
+                    "rate limit of route {} reached; retry in {}ms",
+                    route.name,
+                    wait.as_millis()
+                ));
+                let mut resp = self.refuse(&req, protocol, call, err);
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return resp;
+            }
+        }
+        let headers = req.headers_mut();
+        for name in ["authorization", "x-api-key", "x-user-id", "x-forwarded-for"] {
+            headers.remove(name);
+        }
+        if let Some(v) = call
+            .user_id
+            .as_deref()
+            .and_then(|u| HeaderValue::from_str(u).ok())
+        {
+            headers.insert("x-user-id", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&call.ip) {
+            headers.insert("x-forwarded-for", v);
+        }
+        route.upstream.handle_as(req, Some(call)).await
+    }
+
+    /// Answers a request the gateway refused itself, counted and logged as denied.
+    fn refuse(
+        &self,
+        req: &Request<H2Body>,
+        protocol: Protocol,
+        call: Box<GatewayCall>,
+        err: ProxyError,
+    ) -> Response<ProxyBody> {
+        let grpc_method = proxy::grpc_path(req.uri().path())
+            .filter(|_| protocol == Protocol::Grpc)
+            .map(|(s, m)| format!("{s}/{m}"));
+        tracing::debug!(
+            "gateway refused {} from {}: {err}",
+            req.uri().path(),
+            call.ip
+        );
+        let mut record = RequestRecord::new(
+            "gateway",
+            telemetry::OTHER,
+            SharedString::const_str(""),
+            telemetry::OTHER,
+            grpc_method,
+            telemetry::method_name(req.method()),
+            SharedString::const_str(""),
+            Some(self.log.clone()),
+        );
+        record.denied = true;
+        let unauthenticated = matches!(err, ProxyError::Unauthenticated(_));
+        record.gateway = Some(call);
+        let mut resp = proxy::respond_locally(record, protocol, err);
+        if unauthenticated && protocol == Protocol::Http {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"meshd\""),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_prefix_wins() {
+        let routes = [
+            "/",
+            "/payment.v1.PaymentService/",
+            "/payment.v1.PaymentService/GetPayment",
+        ];
+        let table = [
+            ("/payment.v1.PaymentService/GetPayment", Some(2)),
+            ("/payment.v1.PaymentService/CreatePayment", Some(1)),
+            ("/healthz", Some(0)),
+        ];
+        for (path, want) in table {
+            let got =
+                route(&routes, |r| r, path).map(|r| routes.iter().position(|x| x == r).unwrap());
+            assert_eq!(got, want, "{path}");
+        }
+        let only = ["/payment.v1.PaymentService/"];
+        assert_eq!(
+            route(&only, |r| r, "/contact.v1.ContactService/GetContact"),
+            None
+        );
+        assert_eq!(route(&only, |r| r, "/payment.v1.PaymentServiceX/Get"), None);
+    }
+}

@@ -1,0 +1,323 @@
+//! The sidecar's own identity: SPIFFE IDs, X.509-SVIDs and trust bundles.
+//!
+//! Flow: a source (`workload_api` for SPIRE or the development CA, `identity_files` for
+//! PEM files) turns what it receives into an immutable [`IdentitySnapshot`] with
+//! [`Svid::from_der`] and [`BundleSet`], and publishes an [`IdentityStatus`] on a
+//! `watch` channel. `tls` builds its configs from each published snapshot; nothing on a
+//! request path ever waits on a source.
+
+mod files;
+mod workload_api;
+pub use files::follow_files;
+pub use workload_api::{follow_workload_api, parse_address, snapshot_from_context};
+
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use x509_parser::prelude::*;
+
+pub use spiffe::{SpiffeId, TrustDomain};
+
+/// Why a certificate, key or bundle could not become part of an identity.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IdentityError {
+    /// The SVID chain was empty.
+    #[error("SVID has no certificates")]
+    EmptyChain,
+    /// A certificate could not be parsed as X.509 DER.
+    #[error("{what} is not a valid X.509 certificate: {reason}")]
+    BadCertificate { what: String, reason: String },
+    /// The leaf has zero or several URI SANs.
+    #[error("SVID must have exactly one URI SAN, found {0}")]
+    UriSanCount(usize),
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("SVID URI SAN `{uri}` is not a valid SPIFFE ID: {reason}")]
+    BadSpiffeId { uri: String, reason: String },
+    /// The leaf is a CA certificate.
+    #[error("SVID leaf certificate must not be a CA")]
+    LeafIsCa,
+    /// The leaf lacks the digitalSignature key usage.
+    #[error("SVID leaf certificate lacks the digitalSignature key usage")]
+    NoDigitalSignature,
+    /// The certificate is past its not-after time.
+    #[error("SVID for {id} expired at {not_after}")]
+    Expired { id: String, not_after: String },
+    /// The private key is unparsable or does not belong to the leaf.
+    #[error("private key: {0}")]
+    BadKey(String),
+    /// The bundle has no CA certificate.
+    #[error("trust bundle for {0} holds no CA certificate")]
+    EmptyBundle(String),
+}
+
+/// One X.509-SVID: the own SPIFFE ID with its chain and key, ready for rustls.
+pub struct Svid {
+    /// The identity this SVID proves.
+    pub id: SpiffeId,
+    /// Chain and signing key prepared once, handed to every handshake.
+    pub certified_key: Arc<CertifiedKey>,
+    /// Leaf serial number, lowercase hex (shown at `/identity`, used to see rotations).
+    pub serial: String,
+    /// Leaf not-after: after it, no new handshake uses this SVID.
+    pub not_after: SystemTime,
+}
+
+impl fmt::Debug for Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id.to_string())
+            .field("serial", &self.serial)
+            .field("not_after", &unix_seconds(self.not_after))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Facts read from a leaf certificate that claims to be an X.509-SVID.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeafFacts {
+    pub id: SpiffeId,
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+/// Checks a leaf against the X.509-SVID standard (one URI SAN with a valid SPIFFE ID,
+/// not a CA, digitalSignature when key usage is present) and returns what it says.
+pub fn parse_svid_leaf(der: &[u8]) -> Result<LeafFacts, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate {
+        what: "SVID leaf".into(),
+        reason: e.to_string(),
+    })?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    if uris.len() != 1 {
+        return Err(IdentityError::UriSanCount(uris.len()));
+    }
+    let id = parse_spiffe_id(uris[0]).map_err(|reason| IdentityError::BadSpiffeId {
+        uri: uris[0].to_string(),
+        reason,
+    })?;
+    if cert.is_ca() {
+        return Err(IdentityError::LeafIsCa);
+    }
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if !ku.value.digital_signature() {
+            return Err(IdentityError::NoDigitalSignature);
+        }
+    }
+    let not_after =
+        UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    Ok(LeafFacts {
+        id,
+        serial: hex(cert.raw_serial()),
+        not_after,
+    })
+}
+
+/// Parses a SPIFFE ID strictly per the SPIFFE-ID standard: unlike a lenient parser it
+/// refuses an uppercase trust domain instead of lowering it.
+pub fn parse_spiffe_id(text: &str) -> Result<SpiffeId, String> {
+    let id = SpiffeId::new(text).map_err(|e| e.to_string())?;
+    if id.to_string() != text {
+        return Err("trust domain must be lowercase".to_string());
+    }
+    Ok(id)
+}
+
+impl Svid {
+    /// Builds an SVID from a DER chain (leaf first) and a PKCS#8/SEC1 key, checking the
+    /// leaf against the standard and the key against the leaf.
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        provider: &CryptoProvider,
+    ) -> Result<Svid, IdentityError> {
+        let leaf = chain.first().ok_or(IdentityError::EmptyChain)?;
+        let facts = parse_svid_leaf(leaf)?;
+        if facts.not_after <= SystemTime::now() {
+            return Err(IdentityError::Expired {
+                id: facts.id.to_string(),
+                not_after: humantime::format_rfc3339_seconds(facts.not_after).to_string(),
+            });
+        }
+        let certified_key = CertifiedKey::from_der(chain, key, provider)
+            .map_err(|e| IdentityError::BadKey(describe_key_error(&e)))?;
+        Ok(Svid {
+            id: facts.id,
+            certified_key: Arc::new(certified_key),
+            serial: facts.serial,
+            not_after: facts.not_after,
+        })
+    }
+}
+
+fn describe_key_error(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(_) => {
+            "the private key does not match the SVID certificate".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Trust bundles by trust domain: the own domain's and every federated one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BundleSet {
+    /// CA certificates (DER) that may sign SVIDs of each trust domain.
+    pub domains: BTreeMap<String, Vec<CertificateDer<'static>>>,
+}
+
+impl BundleSet {
+    /// Adds a trust domain's CA certificates; an empty list is an error.
+    pub fn insert(
+        &mut self,
+        trust_domain: &str,
+        cas: Vec<CertificateDer<'static>>,
+    ) -> Result<(), IdentityError> {
+        if cas.is_empty() {
+            return Err(IdentityError::EmptyBundle(trust_domain.to_string()));
+        }
+        for (i, ca) in cas.iter().enumerate() {
+            X509Certificate::from_der(ca).map_err(|e| IdentityError::BadCertificate {
+                what: format!("CA #{} of the {trust_domain} bundle", i + 1),
+                reason: e.to_string(),
+            })?;
+        }
+        self.domains.insert(trust_domain.to_string(), cas);
+        Ok(())
+    }
+
+    /// The CA certificates for a trust domain, if it is trusted at all.
+    pub fn for_domain(&self, trust_domain: &str) -> Option<&[CertificateDer<'static>]> {
+        self.domains.get(trust_domain).map(Vec::as_slice)
+    }
+
+    /// Trust domain names, sorted.
+    pub fn trust_domains(&self) -> Vec<String> {
+        self.domains.keys().cloned().collect()
+    }
+}
+
+/// What a source publishes at each rotation: immutable, shared by `Arc`.
+#[derive(Debug)]
+pub struct IdentitySnapshot {
+    pub svid: Svid,
+    pub bundles: BundleSet,
+    /// Counts published snapshots; the first is 1.
+    pub generation: u64,
+}
+
+/// The identity as the rest of the program sees it.
+#[derive(Debug, Clone)]
+pub enum IdentityStatus {
+    /// No usable SVID yet (agent unreachable, no identity issued, files unreadable).
+    Waiting { reason: String },
+    /// A valid SVID and bundle: handshakes may proceed.
+    Ready(Arc<IdentitySnapshot>),
+    /// The last SVID expired with no replacement: fail closed.
+    Expired { reason: String },
+    /// The SVID has another ID than `identity.expect`: never ready.
+    Mismatch { reason: String },
+}
+
+impl IdentityStatus {
+    /// The current snapshot when handshakes may use it.
+    pub fn snapshot(&self) -> Option<&Arc<IdentitySnapshot>> {
+        match self {
+            IdentityStatus::Ready(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// One line for `/ready` and logs when not ready.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            IdentityStatus::Ready(_) => None,
+            IdentityStatus::Waiting { reason }
+            | IdentityStatus::Expired { reason }
+            | IdentityStatus::Mismatch { reason } => Some(reason),
+        }
+    }
+}
+
+/// Checks the SVID's ID against `identity.expect`.
+pub fn check_expected(svid: &SpiffeId, expect: Option<&SpiffeId>) -> Result<(), String> {
+    match expect {
+        Some(want) if want != svid => Err(format!(
+            "SVID has SPIFFE ID {svid} but identity.expect is {want}; refusing to become ready"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Seconds since the Unix epoch (for metrics and `/identity`).
+pub fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The crypto provider every rustls config in meshd uses (ring), installed once.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            CryptoProvider::get_default()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_are_strict() {
+        let table = [
+            ("spiffe://jia.app/payment-service", true),
+            ("spiffe://jia.app", true),
+            ("spiffe://JIA.app/x", false),
+            ("spiffe://jia.app/a/../b", false),
+            ("spiffe://jia.app/a//b", false),
+            ("spiffe://jia.app:8080/x", false),
+            ("spiffe://user@jia.app/x", false),
+            ("spiffe://jia.app/x?q=1", false),
+            ("https://jia.app/x", false),
+            ("", false),
+        ];
+        for (text, ok) in table {
+            assert_eq!(parse_spiffe_id(text).is_ok(), ok, "{text}");
+        }
+    }
+
+    #[test]
+    fn expect_mismatch_names_both_ids() {
+        let a = parse_spiffe_id("spiffe://jia.app/a").unwrap();
+        let b = parse_spiffe_id("spiffe://jia.app/b").unwrap();
+        let msg = check_expected(&a, Some(&b)).unwrap_err();
+        assert!(msg.contains("spiffe://jia.app/a") && msg.contains("spiffe://jia.app/b"));
+        assert!(check_expected(&a, Some(&a)).is_ok());
+        assert!(check_expected(&a, None).is_ok());
+    }
+}
