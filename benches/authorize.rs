@@ -6,7 +6,8 @@
 //! 1 µs (measured per call, printed with p50/p99).
 
 use criterion::{criterion_group, Criterion};
-use meshd::identity::{parse_spiffe_id, SpiffeId};
+use meshd::config::parse_spiffe_id;
+use meshd::identity::SpiffeId;
 use meshd::policy::{parse_policy, Policy, Request, Target};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;

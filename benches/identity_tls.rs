@@ -10,8 +10,9 @@
 //! chain check accepts the client's SVID but refuses the same SVID against another CA.
 
 use criterion::{criterion_group, BatchSize, Criterion};
+use meshd::config::parse_spiffe_id;
 use meshd::dev_ca::DevCa;
-use meshd::identity::{parse_spiffe_id, parse_svid_leaf, BundleSet, IdentitySnapshot, Svid};
+use meshd::identity::{parse_svid_leaf, BundleSet, IdentitySnapshot, Svid};
 use meshd::proxy::spiffe_server_name;
 use meshd::tls::{client_config, client_verifier, peer_id, provider, server_config};
 use rustls::client::Resumption;

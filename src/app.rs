@@ -3,11 +3,12 @@
 //! for a stop signal (SIGTERM/SIGINT, `POST /shutdown`, or the app's exit).
 
 use crate::admin::{self, AdminState};
+use crate::config::parse_spiffe_id;
 use crate::config::Config;
 use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
 use crate::gateway::Gateway;
-use crate::identity::{parse_spiffe_id, IdentityStatus};
+use crate::identity::IdentityStatus;
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::outbound::{Claim, Transparent};
@@ -109,7 +110,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .workload_api
             .clone()
             .unwrap_or_else(|| "unix:///run/spire/sockets/agent.sock".into());
-        let addr = crate::identity::parse_address(&addr)?;
+        let addr = crate::config::parse_workload_api_address(&addr)?;
         tokio::spawn(crate::identity::follow_workload_api(
             addr,
             expect.clone(),
@@ -117,7 +118,6 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             background.clone(),
         ));
     }
-    tokio::spawn(identity_metrics(id_rx.clone()));
 
     // TLS.
     let mut upstream_ids = Vec::new();
@@ -374,19 +374,6 @@ async fn wait_for_stop(
                     }
                 }
             }
-        }
-    }
-}
-
-async fn identity_metrics(mut rx: watch::Receiver<IdentityStatus>) {
-    loop {
-        if let Some(s) = rx.borrow_and_update().snapshot() {
-            metrics::gauge!("meshd_svid_expiry_timestamp_seconds")
-                .set(crate::identity::unix_seconds(s.svid.not_after) as f64);
-            metrics::gauge!("meshd_bundle_trust_domains").set(s.bundles.domains.len() as f64);
-        }
-        if rx.changed().await.is_err() {
-            return;
         }
     }
 }

@@ -3,6 +3,8 @@
 # runs the whole suite in release mode (proxy tests push load).
 #
 #   tests/run.sh [EXTRA CARGO TEST ARGS...]     e.g. tests/run.sh --test spire_smoke
+#   tests/run.sh --soak N [ARGS...]             the suite N times in a row while stress-ng keeps
+#                                               every CPU busy; stops at the first failed round
 #
 # Installs only what is missing, so a second run goes straight to cargo:
 #   - SPIRE v1.13.3 (spire/install.sh, built with Go into the cache)
@@ -14,6 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESHD_CACHE=${MESHD_CACHE:-$HOME/.cache/meshd}
 say() { echo "tests/run.sh: $*" >&2; }
+
+soak=0
+if [ "${1:-}" = --soak ]; then
+  soak=${2:?"--soak needs a number of rounds"}
+  shift 2
+fi
 
 # 1. Debian packages: command -> package.
 apt_updated=
@@ -50,6 +58,7 @@ need_deb iperf3 iperf3
 need_deb socat socat
 need_deb ip iproute2
 need_deb iptables iptables
+[ "$soak" = 0 ] || need_deb stress-ng stress-ng
 
 # 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
 MESHD_SPIRE_BIN=$(spire/install.sh)
@@ -86,11 +95,32 @@ fi
 
 export PATH="$gobin:$MESHD_SPIRE_BIN:$PATH"
 
-# 4. The suite.
+# 4. The layering of src/ (no cargo needed), then the suite. --no-fail-fast: one failing
+# test binary does not hide the results of the others.
+tests/layering.sh
+
 # Optimised code for the load tests, but without link-time optimisation: LTO makes each of
 # the many test binaries link for a minute on a 2-core machine and adds nothing to what
 # the tests show (benches/e2e builds the shipped release profile for its figures).
 export CARGO_PROFILE_RELEASE_LTO=${CARGO_PROFILE_RELEASE_LTO:-false}
 export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-16}
-say "cargo test --release --all-targets $*"
-exec cargo test --release --all-targets "$@"
+if [ "$soak" = 0 ]; then
+  say "cargo test --release --all-targets --no-fail-fast $*"
+  exec cargo test --release --all-targets --no-fail-fast "$@"
+fi
+
+# The soak: build first (unloaded), then each round under a CPU load on every core.
+cargo test --release --all-targets --no-run "$@"
+stress-ng --cpu "$(nproc)" --quiet &
+stress_pid=$!
+trap 'kill "$stress_pid" 2>/dev/null || true; wait "$stress_pid" 2>/dev/null || true' EXIT
+for round in $(seq 1 "$soak"); do
+  say "soak round $round/$soak (stress-ng --cpu $(nproc), pid $stress_pid): cargo test --release --all-targets --no-fail-fast $*"
+  start=$(date +%s)
+  if ! cargo test --release --all-targets --no-fail-fast "$@"; then
+    say "soak round $round/$soak FAILED after $(($(date +%s) - start)) s"
+    exit 1
+  fi
+  say "soak round $round/$soak passed in $(($(date +%s) - start)) s"
+done
+say "soak: $soak rounds passed under load"

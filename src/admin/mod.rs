@@ -242,7 +242,7 @@ fn authz(query: &HashMap<String, String>, state: &AdminState) -> Response<Full<B
     let Some(from) = query.get("from") else {
         return text(StatusCode::BAD_REQUEST, "missing ?from=SPIFFE_ID\n");
     };
-    let peer = match crate::identity::parse_spiffe_id(from) {
+    let peer = match crate::config::parse_spiffe_id(from) {
         Ok(p) => p,
         Err(e) => {
             return text(

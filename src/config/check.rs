@@ -101,7 +101,7 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         out.push(src.in_file("identity.files", ConfigError::IdentityConflict));
     }
     if let Some(addr) = &config.identity.workload_api {
-        if let Err(e) = crate::identity::parse_address(addr) {
+        if let Err(e) = crate::config::parse_workload_api_address(addr) {
             out.push(src.problem(
                 "identity.workload_api",
                 ConfigError::WorkloadApi(e.to_string()),
@@ -200,11 +200,11 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
 }
 
 fn check_spiffe_id(src: &Source, field: &str, id: &str, out: &mut Vec<ConfigProblem>) {
-    if let Err(reason) = crate::identity::parse_spiffe_id(id) {
+    if let Err(reason) = crate::config::parse_spiffe_id(id) {
         let error = ConfigError::BadSpiffeId {
             field: field.into(),
             value: id.into(),
-            reason,
+            reason: reason.to_string(),
         };
         out.push(src.problem(field, error));
     }

@@ -15,10 +15,13 @@ mod error;
 mod gateway;
 mod intercept;
 mod resilience;
+mod spiffe_id;
 pub use check::parse_host_port;
 
+use crate::telemetry::AccessLog;
 use check::{Overrides, Source};
 use serde::{Deserialize, Deserializer, Serialize};
+pub use spiffe_id::{parse_spiffe_id, parse_workload_api_address, AddressError, SpiffeIdError};
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -234,16 +237,6 @@ impl Default for RuntimeConfig {
             worker_threads: default_workers(),
         }
     }
-}
-
-/// Which requests get an access-log line.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AccessLog {
-    Off,
-    #[default]
-    Deny,
-    All,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -475,7 +468,7 @@ impl Config {
             .identity
             .workload_api
             .as_deref()
-            .map(crate::identity::parse_address)
+            .map(parse_workload_api_address)
         {
             config.identity.workload_api = Some(canonical);
         }

@@ -7,8 +7,9 @@
 //! are rewritten at half the TTL and on SIGHUP. On exit the sockets are removed.
 
 use crate::config::parse_duration;
+use crate::config::parse_spiffe_id;
 use crate::dev_ca::{pem_block, DevCa, DevCaError, IssuedSvid, MIN_TTL};
-use crate::identity::{parse_spiffe_id, SpiffeId};
+use crate::identity::SpiffeId;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

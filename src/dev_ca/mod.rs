@@ -142,10 +142,10 @@ impl std::fmt::Debug for DevCa {
 impl DevCa {
     /// Creates a CA with a fresh self-signed root for `trust_domain` (e.g. `jia.app`).
     pub fn new(trust_domain: &str) -> Result<DevCa, DevCaError> {
-        let td_id = crate::identity::parse_spiffe_id(&format!("spiffe://{trust_domain}")).map_err(
+        let td_id = crate::config::parse_spiffe_id(&format!("spiffe://{trust_domain}")).map_err(
             |reason| DevCaError::BadTrustDomain {
                 name: trust_domain.to_string(),
-                reason,
+                reason: reason.to_string(),
             },
         )?;
         if td_id.path() != "" {

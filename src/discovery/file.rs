@@ -13,10 +13,10 @@
 //!   zone: eu-west-1a                     # optional
 //! ```
 
+use crate::config::parse_spiffe_id;
 use crate::config::{parse_endpoints, Endpoints, EndpointsSpec};
 use crate::discovery::dns::Dns;
 use crate::discovery::{resolve_host_ports, DiscoveredEndpoint, DiscoveryError};
-use crate::identity::parse_spiffe_id;
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 use std::path::Path;

@@ -6,9 +6,10 @@
 //! or when `reload` is notified (SIGHUP). A half-written or mismatched set keeps the
 //! previous identity and logs why.
 
+use crate::config::parse_spiffe_id;
 use crate::config::IdentityFiles;
 use crate::identity::{
-    check_expected, crypto_provider, parse_spiffe_id, BundleSet, IdentityError, IdentitySnapshot,
+    check_expected, crypto_provider, publish, BundleSet, IdentityError, IdentitySnapshot,
     IdentityStatus, SpiffeId, Svid,
 };
 use notify::{RecursiveMode, Watcher};
@@ -161,12 +162,12 @@ pub async fn follow_files(
                     if generation > 1 {
                         metrics::counter!("meshd_svid_rotations_total").increment(1);
                     }
-                    status.send_replace(IdentityStatus::Ready(Arc::new(snap)));
+                    publish(&status, IdentityStatus::Ready(Arc::new(snap)));
                 }
             }
             Err(reason) if reason.contains("identity.expect") => {
                 tracing::error!("{reason}");
-                status.send_replace(IdentityStatus::Mismatch { reason });
+                publish(&status, IdentityStatus::Mismatch { reason });
             }
             Err(reason) => {
                 // A live SVID stays in use; an expired one stays reported as expired
@@ -179,7 +180,7 @@ pub async fn follow_files(
                     tracing::warn!("keeping the previous identity state: {reason}");
                 } else {
                     tracing::warn!("no identity yet: {reason}");
-                    status.send_replace(IdentityStatus::Waiting { reason });
+                    publish(&status, IdentityStatus::Waiting { reason });
                 }
             }
         }
@@ -208,7 +209,7 @@ pub async fn follow_files(
                     files.cert.display()
                 );
                 tracing::error!("{reason}");
-                status.send_replace(IdentityStatus::Expired { reason });
+                publish(&status, IdentityStatus::Expired { reason });
                 // Wait for the files to change before trying again.
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -7,8 +7,8 @@
 //! publishes `Expired` (fail closed) until a new SVID arrives.
 
 use crate::identity::{
-    check_expected, crypto_provider, BundleSet, IdentityError, IdentitySnapshot, IdentityStatus,
-    SpiffeId, Svid,
+    check_expected, crypto_provider, publish, BundleSet, IdentityError, IdentitySnapshot,
+    IdentityStatus, SpiffeId, Svid,
 };
 use futures::StreamExt;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -17,26 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// Why a Workload API address is unusable.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum AddressError {
-    /// Not `unix:///absolute/path` or `unix:/absolute/path`.
-    #[error("Workload API address `{0}` must be unix:///absolute/path (or unix:/absolute/path)")]
-    NotUnixAbsolute(String),
-}
-
-/// Checks a Workload API address and returns it in the `unix:///path` form.
-pub fn parse_address(addr: &str) -> Result<String, AddressError> {
-    let path = addr
-        .strip_prefix("unix://")
-        .or_else(|| addr.strip_prefix("unix:"))
-        .ok_or_else(|| AddressError::NotUnixAbsolute(addr.to_string()))?;
-    if !path.starts_with('/') || path.len() < 2 {
-        return Err(AddressError::NotUnixAbsolute(addr.to_string()));
-    }
-    Ok(format!("unix://{path}"))
-}
 
 /// The backoff between attempts: doubles from 100 ms up to `cap`.
 #[derive(Debug, Clone)]
@@ -181,9 +161,12 @@ pub async fn follow_workload_api(
                 | IdentityStatus::Expired { .. }
                 | IdentityStatus::Mismatch { .. }
         ) {
-            status.send_replace(IdentityStatus::Waiting {
-                reason: msg.clone(),
-            });
+            publish(
+                &status,
+                IdentityStatus::Waiting {
+                    reason: msg.clone(),
+                },
+            );
         }
         report(c, &msg, &mut condition);
         let delay = backoff.next_delay();
@@ -249,16 +232,16 @@ async fn stream_once(
                         );
                         metrics::counter!("meshd_svid_rotations_total")
                             .increment(u64::from(!first));
-                        status.send_replace(IdentityStatus::Ready(Arc::new(snap)));
+                        publish(status, IdentityStatus::Ready(Arc::new(snap)));
                     }
                     Err(reason) if reason.contains("identity.expect") => {
                         tracing::error!("{reason}");
-                        status.send_replace(IdentityStatus::Mismatch { reason });
+                        publish(status, IdentityStatus::Mismatch { reason });
                     }
                     Err(reason) => {
                         tracing::warn!("keeping the previous identity: {reason}");
                         if matches!(*status.borrow(), IdentityStatus::Waiting { .. }) {
-                            status.send_replace(IdentityStatus::Waiting { reason });
+                            publish(status, IdentityStatus::Waiting { reason });
                         }
                     }
                 }
@@ -281,7 +264,7 @@ fn expire(status: &watch::Sender<IdentityStatus>) {
         _ => return,
     };
     tracing::error!("{reason}");
-    status.send_replace(IdentityStatus::Expired { reason });
+    publish(status, IdentityStatus::Expired { reason });
 }
 
 /// Sleeps until a wall-clock instant (an SVID's not-after); forever when there is none.
@@ -300,25 +283,6 @@ pub(crate) async fn sleep_until_system(at: Option<SystemTime>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses() {
-        let table = [
-            (
-                "unix:///run/spire/sockets/agent.sock",
-                Ok("unix:///run/spire/sockets/agent.sock"),
-            ),
-            ("unix:/tmp/a.sock", Ok("unix:///tmp/a.sock")),
-            ("unix:relative.sock", Err(())),
-            ("http://127.0.0.1:8081", Err(())),
-            ("/tmp/a.sock", Err(())),
-            ("unix://", Err(())),
-        ];
-        for (input, want) in table {
-            let got = parse_address(input).map_err(|_| ());
-            assert_eq!(got, want.map(str::to_string), "{input}");
-        }
-    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -298,7 +298,7 @@ impl Outbound {
         let err = match result {
             Ok(resp) => {
                 return proxy::respond_upstream(record, resp).map(|b| match b {
-                    Either::Left(m) => Either::Left(m.holding(admission)),
+                    Either::Left(m) => Either::Left(m.holding(Box::new(admission))),
                     local => local,
                 })
             }

@@ -15,7 +15,6 @@ mod health_check;
 mod resilience;
 mod transparent;
 pub use balancer::{UpstreamView, Upstreams};
-pub use resilience::Admission;
 pub use transparent::{Claim, Transparent};
 
 use crate::config::{OutboundConfig, Protocol};

@@ -6,7 +6,7 @@
 //! [`explain_cli`] turns the command-line target into a [`Target`] and renders the
 //! decision with [`explain`].
 
-use crate::identity::parse_spiffe_id;
+use crate::config::parse_spiffe_id;
 use crate::policy::parse::{load_policy, PolicyProblem};
 use crate::policy::{explain, Request, Target, DEFAULT_INBOUND_PORT};
 use std::path::Path;

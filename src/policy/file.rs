@@ -6,7 +6,7 @@
 //! (ports, lists that must not be empty), so an error carries the value's own line and
 //! column. `policy_parse` then builds the `Policy` from the raw rules.
 
-use crate::identity::parse_spiffe_id;
+use crate::config::parse_spiffe_id;
 use crate::policy::parse::PolicyError;
 use crate::policy::{Action, GrpcTarget, IdMatcher, Mode, PathMatch};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -193,7 +193,7 @@ impl FromStr for IdMatcher {
             text: text.to_string(),
             reason,
         };
-        let id = parse_spiffe_id(base).map_err(invalid)?;
+        let id = parse_spiffe_id(base).map_err(|e| invalid(e.to_string()))?;
         let trust_domain = id.trust_domain_name().to_string();
         let path = id.path().to_string();
         Ok(match (wildcard, path.is_empty()) {

@@ -18,7 +18,8 @@ mod store;
 pub use cli::{check_file, explain_cli};
 pub use store::PolicyStore;
 
-use crate::identity::{parse_spiffe_id, SpiffeId};
+use crate::config::parse_spiffe_id;
+use crate::identity::SpiffeId;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;

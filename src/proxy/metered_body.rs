@@ -9,6 +9,10 @@ use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+/// Something held for as long as a response body lives and dropped with it; the body
+/// knows nothing of it but its drop.
+pub type BodyGuard = Box<dyn std::any::Any + Send + Sync>;
+
 /// [`H2Body`] plus the record it completes.
 #[derive(Debug)]
 pub struct MeteredBody {
@@ -16,9 +20,9 @@ pub struct MeteredBody {
     inner: H2Body,
     /// Completed at the end of the stream; `Drop` completes it on cancellation.
     record: RequestRecord,
-    /// The request's place under the upstream's `limits.max_requests`, freed with the
-    /// body (outbound only).
-    admission: Option<crate::outbound::Admission>,
+    /// Whatever the caller keeps alive until the response ends (the outbound's place
+    /// under its upstream's `limits.max_requests`), dropped with the body.
+    guard: Option<BodyGuard>,
 }
 
 impl MeteredBody {
@@ -26,13 +30,14 @@ impl MeteredBody {
         MeteredBody {
             inner,
             record,
-            admission: None,
+            guard: None,
         }
     }
 
-    /// Keeps the request counted as in progress until this body ends or is dropped.
-    pub fn holding(mut self, admission: crate::outbound::Admission) -> MeteredBody {
-        self.admission = Some(admission);
+    /// Keeps `guard` alive until this body ends or is dropped (the request stays counted
+    /// as in progress that long).
+    pub fn holding(mut self, guard: BodyGuard) -> MeteredBody {
+        self.guard = Some(guard);
         self
     }
 }

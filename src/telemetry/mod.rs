@@ -8,14 +8,24 @@
 mod metric_cache;
 pub use metric_cache::increment;
 
-use crate::config::AccessLog;
 use arc_swap::ArcSwap;
 use metrics::SharedString;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
+
+/// Which requests get an access-log line (`log.access`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    Off,
+    #[default]
+    Deny,
+    All,
+}
 
 /// Histogram buckets in seconds, from 100 µs to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[

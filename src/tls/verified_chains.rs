@@ -94,7 +94,7 @@ mod tests {
     use std::time::Duration;
 
     fn id(path: &str) -> SpiffeId {
-        crate::identity::parse_spiffe_id(&format!("spiffe://jia.app/{path}")).unwrap()
+        crate::config::parse_spiffe_id(&format!("spiffe://jia.app/{path}")).unwrap()
     }
 
     fn at(secs: u64) -> UnixTime {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::identity::parse_spiffe_id;
+use crate::config::parse_spiffe_id;
 use crate::policy::{Request, RuleRef};
 use metrics::{
     Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
