@@ -51,6 +51,12 @@ while IFS= read -r file; do
     grep -oE '^[0-9]+:|crate::[a-z_0-9]+' | awk '/^[0-9]+:$/ { n = $0; next } { print n $0 }')
 done < <(find src -name '*.rs' | sort)
 
+# `use crate::{a, b}` hides which modules it names from the check above.
+if grouped=$(grep -rn 'crate::{' src --include='*.rs'); then
+  echo "$grouped" | sed 's/$/: name one module per use (crate::x::{...}) so tests\/layering.sh can read it/'
+  bad=1
+fi
+
 if [ "$bad" = 0 ]; then
   echo "tests/layering.sh: imports run one way (config -> identity -> tls -> policy -> discovery -> proxy -> inbound/outbound -> gateway -> admin -> app)"
 fi

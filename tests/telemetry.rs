@@ -278,8 +278,16 @@ async fn sigterm_drains_in_flight_requests() {
         let mut c = c.clone();
         calls.push(tokio::spawn(async move { c.get_contact(req()).await }));
     }
-    // The calls need a moment to reach the app, where each waits 1 s.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Every call has reached the contact sidecar (it authorized all 200) before the signal;
+    // each then waits 1 s in the app.
+    let arrived = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), || {
+            p.contact
+                .metric("meshd_authz_decisions_total", &["decision=\"allow\""])
+                >= 200.0
+        })
+    });
+    assert!(arrived, "the 200 calls did not reach the contact sidecar");
     let start = Instant::now();
     p.contact.proc.signal("TERM");
     let mut ok = 0;
