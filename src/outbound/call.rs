@@ -17,7 +17,7 @@ use crate::proxy::SendError;
 use crate::proxy::{self, ProxyBody, ProxyError, XFCC};
 use crate::proxy::{ReplayBody, Replayable};
 use crate::telemetry::{self, RequestRecord};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body_util::Either;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -65,19 +65,6 @@ fn classify(resp: &Response<H2Body>, grpc: bool) -> Outcome {
     } else {
         Outcome::Answered
     }
-}
-
-/// Formats a `grpc-timeout` value (at most 8 digits, as the spec asks), rounded up to
-/// the millisecond so the upstream's deadline never fires before meshd's own (which
-/// answers the app with DEADLINE_EXCEEDED naming the upstream).
-pub fn grpc_timeout_value(d: Duration) -> HeaderValue {
-    let ms = d.as_micros().div_ceil(1000);
-    let text = if ms < 100_000_000 {
-        format!("{}m", ms.max(1))
-    } else {
-        format!("{}S", d.as_secs().min(99_999_999))
-    };
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("1m"))
 }
 
 /// The request line and headers, kept to build each attempt.
@@ -243,7 +230,7 @@ impl Outbound {
         let remaining = deadline_at.saturating_duration_since(Instant::now());
         if req.headers().contains_key("grpc-timeout") {
             req.headers_mut()
-                .insert("grpc-timeout", grpc_timeout_value(remaining));
+                .insert("grpc-timeout", proxy::encode_grpc_timeout(remaining));
         }
         let send = async {
             let sender = match pool.ready_sender() {
@@ -329,24 +316,5 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         tracing::debug!("outbound {}: {err}", self.name);
         proxy::respond_locally(record, protocol, err)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_are_written_in_milliseconds() {
-        let table = [
-            (Duration::from_millis(250), "250m"),
-            (Duration::from_micros(199_001), "200m"),
-            (Duration::from_micros(10), "1m"),
-            (Duration::from_secs(5), "5000m"),
-            (Duration::from_secs(200_000), "200000S"),
-        ];
-        for (d, want) in table {
-            assert_eq!(grpc_timeout_value(d), want, "{d:?}");
-        }
     }
 }

@@ -1,9 +1,11 @@
 //! The `grpc-timeout` header and the deadline of a request.
 //!
 //! Flow: the app's `grpc-timeout` is parsed ([`parse_grpc_timeout`]) -> the request's
-//! deadline is the configured timeout or that value when shorter ([`request_deadline`]).
+//! deadline is the configured timeout or that value when shorter ([`request_deadline`])
+//! -> each attempt upstream carries the time left, written back in the header's format
+//! ([`encode_grpc_timeout`]).
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use std::time::Duration;
 
 /// Parses a `grpc-timeout` header value (`100m`, `5S`, ...).
@@ -34,10 +36,22 @@ pub fn request_deadline(configured: Duration, headers: &HeaderMap) -> Duration {
         .map_or(configured, |app| app.min(configured))
 }
 
+/// Formats a `grpc-timeout` value (at most 8 digits, as the spec asks), rounded up to
+/// the millisecond so the upstream's deadline never fires before meshd's own (which
+/// answers the app with DEADLINE_EXCEEDED naming the upstream).
+pub fn encode_grpc_timeout(d: Duration) -> HeaderValue {
+    let ms = d.as_micros().div_ceil(1000);
+    let text = if ms < 100_000_000 {
+        format!("{}m", ms.max(1))
+    } else {
+        format!("{}S", d.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("1m"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn grpc_timeouts() {
@@ -67,5 +81,19 @@ mod tests {
         assert_eq!(request_deadline(five, &h), Duration::from_millis(200));
         h.insert("grpc-timeout", HeaderValue::from_static("60S"));
         assert_eq!(request_deadline(five, &h), five);
+    }
+
+    #[test]
+    fn grpc_timeouts_are_written_in_milliseconds() {
+        let table = [
+            (Duration::from_millis(250), "250m"),
+            (Duration::from_micros(199_001), "200m"),
+            (Duration::from_micros(10), "1m"),
+            (Duration::from_secs(5), "5000m"),
+            (Duration::from_secs(200_000), "200000S"),
+        ];
+        for (d, want) in table {
+            assert_eq!(encode_grpc_timeout(d), want, "{d:?}");
+        }
     }
 }

@@ -31,7 +31,7 @@ mod xfcc;
 pub use connect::{spiffe_server_name, tcp_connect, tls_connect};
 pub use error::{grpc_message_encode, ProxyError};
 pub use grpc::{grpc_path, is_grpc, GRPC_STATUS};
-pub use grpc_timeout::{parse_grpc_timeout, request_deadline};
+pub use grpc_timeout::{encode_grpc_timeout, parse_grpc_timeout, request_deadline};
 pub use h2_body::H2Body;
 pub use h2_pool::{Connector, H2Pool, SendError};
 pub use h2_server::serve_h2;
