@@ -8,7 +8,7 @@
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
 //! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> credentials stripped,
 //! `x-user-id` and `x-forwarded-for` set (anything the client sent under those names is
-//! dropped) -> `Outbound::handle_as`. Every request, refused or proxied, ends in one
+//! dropped) -> `outbound::forward_as`. Every request, refused or proxied, ends in one
 //! record: `gateway_requests_total`, `gateway_request_duration_seconds`,
 //! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
 //! user_agent.
@@ -21,7 +21,7 @@ pub use auth::p256_jwks;
 
 use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
 use crate::gateway::auth::{authenticate, ApiKeys, AuthError, Credentials, JwtKeys};
-use crate::outbound::Outbound;
+use crate::outbound::{self, Outbound};
 use crate::proxy::H2Body;
 use crate::proxy::{self, Drain, ProxyBody, ProxyError};
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
@@ -418,7 +418,7 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&call.ip) {
             headers.insert("x-forwarded-for", v);
         }
-        route.upstream.handle_as(req, Some(call)).await
+        outbound::forward_as(&route.upstream, req, Some(call)).await
     }
 
     /// Answers a request the gateway refused itself, counted and logged as denied.
