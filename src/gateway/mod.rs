@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 
-/// Why the gateway could not start.
+/// Why the gateway could not start, or what `meshd check` finds wrong with its files.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// The certificate or key file is missing or malformed.
@@ -46,6 +46,12 @@ pub enum GatewayError {
     /// The JWKS or the API keys file is missing or malformed.
     #[error("gateway: {0}")]
     Credentials(#[from] AuthError),
+    /// `meshd check`: the JWKS is missing or malformed.
+    #[error("gateway.jwt.jwks: {0}")]
+    Jwks(AuthError),
+    /// `meshd check`: the API keys file is missing or malformed.
+    #[error("gateway.api_keys: {0}")]
+    ApiKeys(AuthError),
     /// A route names an outbound that does not exist (`meshd check` says so first).
     #[error("gateway route {route}: no outbound is named {upstream}")]
     UnknownUpstream { route: String, upstream: String },
@@ -199,23 +205,21 @@ where
 pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut good = true;
-    let mut report = |what: String, result: Result<(), String>| {
+    let mut report = |what: String, result: Result<(), GatewayError>| {
         good &= result.is_ok();
         lines.push(match result {
             Ok(()) => format!("{what}: ok"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         });
     };
     report(
         format!("{} (gateway.tls)", config.tls.cert.display()),
-        load_tls(config).map(|_| ()).map_err(|e| e.to_string()),
+        load_tls(config).map(|_| ()),
     );
     if let Some(jwt) = &config.jwt {
         report(
             format!("{} (gateway.jwt.jwks)", jwt.jwks.display()),
-            JwtKeys::load(jwt)
-                .map(|_| ())
-                .map_err(|e| format!("gateway.jwt.jwks: {e}")),
+            JwtKeys::load(jwt).map(|_| ()).map_err(GatewayError::Jwks),
         );
     }
     if let Some(keys) = &config.api_keys {
@@ -223,7 +227,7 @@ pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
             format!("{} (gateway.api_keys)", keys.display()),
             ApiKeys::load(keys)
                 .map(|_| ())
-                .map_err(|e| format!("gateway.api_keys: {e}")),
+                .map_err(GatewayError::ApiKeys),
         );
     }
     (lines, good)

@@ -241,7 +241,7 @@ async fn attempt(
                     .map_err(AttemptError::Limit)?;
                 pool.sender()
                     .await
-                    .map_err(|e| AttemptError::Send(SendError::NotProcessed(e)))?
+                    .map_err(|e| AttemptError::Send(e.into()))?
             }
         };
         pool.send_via(sender, req).await.map_err(AttemptError::Send)

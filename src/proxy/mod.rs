@@ -28,7 +28,7 @@ mod pipe;
 mod replay_body;
 mod respond;
 mod xfcc;
-pub use connect::{spiffe_server_name, tcp_connect, tls_connect};
+pub use connect::{spiffe_server_name, tcp_connect, tls_connect, ConnectError};
 pub use error::{grpc_message_encode, ProxyError};
 pub use grpc::{grpc_path, is_grpc, GRPC_STATUS};
 pub use grpc_timeout::{encode_grpc_timeout, parse_grpc_timeout, request_deadline};
