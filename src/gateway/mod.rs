@@ -8,7 +8,7 @@
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
 //! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> credentials stripped,
 //! `x-user-id` and `x-forwarded-for` set (anything the client sent under those names is
-//! dropped) -> `Outbound::handle_as`. Every request, refused or proxied, ends in one
+//! dropped) -> `outbound::forward_as`. Every request, refused or proxied, ends in one
 //! record: `gateway_requests_total`, `gateway_request_duration_seconds`,
 //! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
 //! user_agent.
@@ -21,7 +21,7 @@ pub use auth::p256_jwks;
 
 use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
 use crate::gateway::auth::{authenticate, ApiKeys, AuthError, Credentials, JwtKeys};
-use crate::outbound::Outbound;
+use crate::outbound::{self, Outbound};
 use crate::proxy::H2Body;
 use crate::proxy::{self, Drain, ProxyBody, ProxyError};
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 
-/// Why the gateway could not start.
+/// Why the gateway could not start, or what `meshd check` finds wrong with its files.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// The certificate or key file is missing or malformed.
@@ -46,6 +46,12 @@ pub enum GatewayError {
     /// The JWKS or the API keys file is missing or malformed.
     #[error("gateway: {0}")]
     Credentials(#[from] AuthError),
+    /// `meshd check`: the JWKS is missing or malformed.
+    #[error("gateway.jwt.jwks: {0}")]
+    Jwks(AuthError),
+    /// `meshd check`: the API keys file is missing or malformed.
+    #[error("gateway.api_keys: {0}")]
+    ApiKeys(AuthError),
     /// A route names an outbound that does not exist (`meshd check` says so first).
     #[error("gateway route {route}: no outbound is named {upstream}")]
     UnknownUpstream { route: String, upstream: String },
@@ -199,23 +205,21 @@ where
 pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut good = true;
-    let mut report = |what: String, result: Result<(), String>| {
+    let mut report = |what: String, result: Result<(), GatewayError>| {
         good &= result.is_ok();
         lines.push(match result {
             Ok(()) => format!("{what}: ok"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         });
     };
     report(
         format!("{} (gateway.tls)", config.tls.cert.display()),
-        load_tls(config).map(|_| ()).map_err(|e| e.to_string()),
+        load_tls(config).map(|_| ()),
     );
     if let Some(jwt) = &config.jwt {
         report(
             format!("{} (gateway.jwt.jwks)", jwt.jwks.display()),
-            JwtKeys::load(jwt)
-                .map(|_| ())
-                .map_err(|e| format!("gateway.jwt.jwks: {e}")),
+            JwtKeys::load(jwt).map(|_| ()).map_err(GatewayError::Jwks),
         );
     }
     if let Some(keys) = &config.api_keys {
@@ -223,7 +227,7 @@ pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
             format!("{} (gateway.api_keys)", keys.display()),
             ApiKeys::load(keys)
                 .map(|_| ())
-                .map_err(|e| format!("gateway.api_keys: {e}")),
+                .map_err(GatewayError::ApiKeys),
         );
     }
     (lines, good)
@@ -418,7 +422,7 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&call.ip) {
             headers.insert("x-forwarded-for", v);
         }
-        route.upstream.handle_as(req, Some(call)).await
+        outbound::forward_as(&route.upstream, req, Some(call)).await
     }
 
     /// Answers a request the gateway refused itself, counted and logged as denied.

@@ -1,4 +1,5 @@
-//! One request from the app to an upstream, with its attempts.
+//! One request (or TCP connection) from the app to an upstream, with its attempts: free
+//! functions over an [`Outbound`], whose own methods all live in `outbound/mod.rs`.
 //!
 //! Flow: admit the request (circuit breaker) -> compute its deadline (the upstream's
 //! `timeout`, or the app's shorter `grpc-timeout`) -> attempt: pick an endpoint, wait for
@@ -7,6 +8,8 @@
 //! to the endpoint's statistics and outlier detection -> when the outcome is safe to
 //! retry, attempts remain, the body can be replayed and the budget allows, wait a
 //! jittered back-off and attempt again on another endpoint; otherwise answer the app.
+//! A TCP connection ([`forward_tcp`]) is one mTLS connect, tried again on another
+//! endpoint when it fails and retries are on, then a byte pipe.
 
 use crate::config::Protocol;
 use crate::outbound::balancer::InFlight;
@@ -17,7 +20,7 @@ use crate::proxy::SendError;
 use crate::proxy::{self, ProxyBody, ProxyError, XFCC};
 use crate::proxy::{ReplayBody, Replayable};
 use crate::telemetry::{self, RequestRecord};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body_util::Either;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -67,19 +70,6 @@ fn classify(resp: &Response<H2Body>, grpc: bool) -> Outcome {
     }
 }
 
-/// Formats a `grpc-timeout` value (at most 8 digits, as the spec asks), rounded up to
-/// the millisecond so the upstream's deadline never fires before meshd's own (which
-/// answers the app with DEADLINE_EXCEEDED naming the upstream).
-pub fn grpc_timeout_value(d: Duration) -> HeaderValue {
-    let ms = d.as_micros().div_ceil(1000);
-    let text = if ms < 100_000_000 {
-        format!("{}m", ms.max(1))
-    } else {
-        format!("{}S", d.as_secs().min(99_999_999))
-    };
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("1m"))
-}
-
 /// The request line and headers, kept to build each attempt.
 struct Head {
     method: http::Method,
@@ -99,254 +89,264 @@ impl Head {
     }
 }
 
-impl Outbound {
-    /// Proxies one request from the app to the upstream.
-    pub async fn handle(&self, req: Request<H2Body>) -> Response<ProxyBody> {
-        self.handle_as(req, None).await
-    }
+/// Proxies one request from the app to the upstream.
+pub async fn forward(ob: &Outbound, req: Request<H2Body>) -> Response<ProxyBody> {
+    forward_as(ob, req, None).await
+}
 
-    /// Proxies one request to the upstream, for the app or (with `gateway`) for a caller
-    /// of the edge gateway, whose record then also feeds the `gateway_*` metrics.
-    pub async fn handle_as(
-        &self,
-        mut req: Request<H2Body>,
-        gateway: Option<Box<telemetry::GatewayCall>>,
-    ) -> Response<ProxyBody> {
-        let grpc = proxy::is_grpc(&req);
-        let (method_label, grpc_method) = match proxy::grpc_path(req.uri().path()) {
-            Some((svc, m)) if grpc => {
-                (self.labels.method_label(svc, m), Some(format!("{svc}/{m}")))
-            }
-            _ => (telemetry::OTHER, None),
-        };
-        let mut record = RequestRecord::new(
-            if gateway.is_some() {
-                "gateway"
-            } else {
-                "outbound"
-            },
-            self.labels.peer(&self.server_id_text),
-            self.server_id_text.clone(),
-            method_label,
-            grpc_method,
-            telemetry::method_name(req.method()),
-            metrics::SharedString::const_str(""),
-            Some(self.log.clone()),
-        );
-        record.gateway = gateway;
-        let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
-        let admission = match self.breaker.admit() {
-            Ok(a) => a,
-            Err(hit) => {
-                let msg = format!("upstream {}: circuit open: {hit}", self.name);
-                return self.fail(record, protocol, ProxyError::Unavailable(msg));
-            }
-        };
-        let started = Instant::now();
-        let deadline = proxy::request_deadline(self.config.timeout, req.headers());
-        req.headers_mut().remove(XFCC);
-        if self.config.retries.attempts == 0 {
-            // No retries: the request goes out as it came, with no copies.
-            let (ep, result) = match self.pick(&[]) {
-                Some(ep) => {
-                    let result = self
-                        .attempt(&ep, req.map(ReplayBody::direct), started + deadline)
-                        .await;
-                    (ep, result)
-                }
-                None => {
-                    let err = ProxyError::Unavailable(self.no_endpoints());
-                    return self.fail(record, protocol, err);
-                }
-            };
-            return self.answer(record, protocol, admission, ep, result, grpc, deadline);
+/// Proxies one request to the upstream, for the app or (with `gateway`) for a caller
+/// of the edge gateway, whose record then also feeds the `gateway_*` metrics.
+pub async fn forward_as(
+    ob: &Outbound,
+    mut req: Request<H2Body>,
+    gateway: Option<Box<telemetry::GatewayCall>>,
+) -> Response<ProxyBody> {
+    let grpc = proxy::is_grpc(&req);
+    let (method_label, grpc_method) = match proxy::grpc_path(req.uri().path()) {
+        Some((svc, m)) if grpc => (ob.labels.method_label(svc, m), Some(format!("{svc}/{m}"))),
+        _ => (telemetry::OTHER, None),
+    };
+    let mut record = RequestRecord::new(
+        if gateway.is_some() {
+            "gateway"
+        } else {
+            "outbound"
+        },
+        ob.labels.peer(&ob.server_id_text),
+        ob.server_id_text.clone(),
+        method_label,
+        grpc_method,
+        telemetry::method_name(req.method()),
+        metrics::SharedString::const_str(""),
+        Some(ob.log.clone()),
+    );
+    record.gateway = gateway;
+    let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
+    let admission = match ob.breaker.admit() {
+        Ok(a) => a,
+        Err(hit) => {
+            let msg = format!("upstream {}: circuit open: {hit}", ob.name);
+            return fail(ob, record, protocol, ProxyError::Unavailable(msg));
         }
-        // Boxed: the retry loop's state stays out of the per-stream task of calls
-        // without retries.
-        Box::pin(self.with_retries(req, record, protocol, admission, started, deadline)).await
+    };
+    let started = Instant::now();
+    let deadline = proxy::request_deadline(ob.config.timeout, req.headers());
+    req.headers_mut().remove(XFCC);
+    if ob.config.retries.attempts == 0 {
+        // No retries: the request goes out as it came, with no copies.
+        let (ep, result) = match ob.pick(&[]) {
+            Some(ep) => {
+                let result =
+                    attempt(ob, &ep, req.map(ReplayBody::direct), started + deadline).await;
+                (ep, result)
+            }
+            None => {
+                let err = ProxyError::Unavailable(ob.no_endpoints());
+                return fail(ob, record, protocol, err);
+            }
+        };
+        return answer(ob, record, protocol, admission, ep, result, grpc, deadline);
     }
+    // Boxed: the retry loop's state stays out of the per-stream task of calls
+    // without retries.
+    Box::pin(with_retries(
+        ob, req, record, protocol, admission, started, deadline,
+    ))
+    .await
+}
 
-    /// The attempts of one request with retries on (see the module docs).
-    async fn with_retries(
-        &self,
-        req: Request<H2Body>,
-        record: RequestRecord,
-        protocol: Protocol,
-        admission: Admission,
-        started: Instant,
-        deadline: Duration,
-    ) -> Response<ProxyBody> {
-        let grpc = protocol == Protocol::Grpc;
-        self.budget.deposit(started);
-        let (parts, body) = req.into_parts();
-        let head = Head {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
+/// The attempts of one request with retries on (see the module docs).
+async fn with_retries(
+    ob: &Outbound,
+    req: Request<H2Body>,
+    record: RequestRecord,
+    protocol: Protocol,
+    admission: Admission,
+    started: Instant,
+    deadline: Duration,
+) -> Response<ProxyBody> {
+    let grpc = protocol == Protocol::Grpc;
+    ob.budget.deposit(started);
+    let (parts, body) = req.into_parts();
+    let head = Head {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+    };
+    let replay = Replayable::new(body);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    loop {
+        let body = replay.attempt();
+        let Some(body) = body else {
+            // Cannot happen: a retry is only decided when the body can be replayed.
+            let err = ProxyError::Unavailable(format!("upstream {}: retry impossible", ob.name));
+            return fail(ob, record, protocol, err);
         };
-        let replay = Replayable::new(body);
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        loop {
-            let body = replay.attempt();
-            let Some(body) = body else {
-                // Cannot happen: a retry is only decided when the body can be replayed.
-                let err =
-                    ProxyError::Unavailable(format!("upstream {}: retry impossible", self.name));
-                return self.fail(record, protocol, err);
-            };
-            let Some(ep) = self.pick(&tried) else {
-                let err = ProxyError::Unavailable(self.no_endpoints());
-                return self.fail(record, protocol, err);
-            };
-            let result = self
-                .attempt(&ep, head.request(body), started + deadline)
-                .await;
-            let outcome = match &result {
-                Ok(resp) => classify(resp, grpc),
-                Err(e) => e.outcome(),
-            };
-            let n = tried.len() as u32 + 1;
-            let pause = resilience::backoff(
-                n,
-                self.config.retries.backoff,
-                self.config.retries.max_backoff,
-                rand::random(),
-            );
-            let retry = n <= self.config.retries.attempts
-                && resilience::retry_allowed(outcome, grpc, &head.method)
-                && replay.attempt_possible()
-                && Instant::now() + pause < started + deadline
-                && self.budget.try_withdraw(Instant::now());
-            if !retry {
-                return self.answer(record, protocol, admission, ep, result, grpc, deadline);
-            }
-            tried.push(ep.endpoint.meta.addr);
-            tracing::debug!(upstream = %self.name, endpoint = %ep.endpoint.meta.addr, "retrying after {outcome:?}");
-            self.observe(ep, outcome);
-            self.retries_total.increment(1);
-            tokio::time::sleep(pause).await;
-        }
-    }
-
-    /// One attempt on `ep`, bounded by `deadline_at`.
-    async fn attempt(
-        &self,
-        ep: &InFlight<Endpoint>,
-        mut req: Request<ReplayBody>,
-        deadline_at: Instant,
-    ) -> Result<Response<H2Body>, AttemptError> {
-        if ep.endpoint.tls.config.load().is_none() {
-            return Err(AttemptError::NoIdentity);
-        }
-        let pool = &ep.endpoint.pool;
-        let remaining = deadline_at.saturating_duration_since(Instant::now());
-        if req.headers().contains_key("grpc-timeout") {
-            req.headers_mut()
-                .insert("grpc-timeout", grpc_timeout_value(remaining));
-        }
-        let send = async {
-            let sender = match pool.ready_sender() {
-                Some(sender) => sender,
-                None => {
-                    let _waiting = self
-                        .breaker
-                        .wait_for_connection()
-                        .map_err(AttemptError::Limit)?;
-                    pool.sender()
-                        .await
-                        .map_err(|e| AttemptError::Send(SendError::NotProcessed(e)))?
-                }
-            };
-            pool.send_via(sender, req).await.map_err(AttemptError::Send)
+        let Some(ep) = ob.pick(&tried) else {
+            let err = ProxyError::Unavailable(ob.no_endpoints());
+            return fail(ob, record, protocol, err);
         };
-        match tokio::time::timeout(remaining, send).await {
-            // A trailers-only gRPC answer that came after the deadline (the upstream's
-            // own timer, started later, fired first): the deadline was exceeded, and
-            // the app hears so from meshd, as its own client would report it.
-            Ok(Ok(resp))
-                if Instant::now() >= deadline_at && resp.headers().contains_key("grpc-status") =>
-            {
-                Err(AttemptError::Timeout)
-            }
-            Ok(r) => r,
-            Err(_) => Err(AttemptError::Timeout),
-        }
-    }
-
-    /// Answers the app with the last attempt's result.
-    #[allow(clippy::too_many_arguments)]
-    fn answer(
-        &self,
-        mut record: RequestRecord,
-        protocol: Protocol,
-        admission: Admission,
-        ep: InFlight<Endpoint>,
-        result: Result<Response<H2Body>, AttemptError>,
-        grpc: bool,
-        deadline: Duration,
-    ) -> Response<ProxyBody> {
-        let addr = ep.endpoint.meta.addr;
-        record.upstream = ep.endpoint.addr_text.clone();
+        let result = attempt(ob, &ep, head.request(body), started + deadline).await;
         let outcome = match &result {
             Ok(resp) => classify(resp, grpc),
-            // meshd answered these itself; the endpoint did nothing wrong.
-            Err(AttemptError::Limit(_) | AttemptError::NoIdentity) => Outcome::Answered,
             Err(e) => e.outcome(),
         };
-        self.observe(ep, outcome);
-        let err = match result {
-            Ok(resp) => {
-                return proxy::respond_upstream(record, resp).map(|b| match b {
-                    Either::Left(m) => Either::Left(m.holding(Box::new(admission))),
-                    local => local,
-                })
-            }
-            Err(AttemptError::NoIdentity) => ProxyError::NoIdentity(format!(
-                "meshd has no valid SVID; not calling upstream {}",
-                self.name
-            )),
-            Err(AttemptError::Send(e)) => {
-                ProxyError::Unavailable(format!("upstream {} unavailable ({addr}): {e}", self.name))
-            }
-            Err(AttemptError::Limit(hit)) => {
-                ProxyError::Unavailable(format!("upstream {}: circuit open: {hit}", self.name))
-            }
-            Err(AttemptError::Timeout) => ProxyError::DeadlineExceeded(format!(
-                "upstream {} did not answer within {} ms",
-                self.name,
-                deadline.as_millis()
-            )),
-        };
-        self.fail(record, protocol, err)
-    }
-
-    fn fail(
-        &self,
-        record: RequestRecord,
-        protocol: Protocol,
-        err: ProxyError,
-    ) -> Response<ProxyBody> {
-        tracing::debug!("outbound {}: {err}", self.name);
-        proxy::respond_locally(record, protocol, err)
+        let n = tried.len() as u32 + 1;
+        let pause = resilience::backoff(
+            n,
+            ob.config.retries.backoff,
+            ob.config.retries.max_backoff,
+            rand::random(),
+        );
+        let retry = n <= ob.config.retries.attempts
+            && resilience::retry_allowed(outcome, grpc, &head.method)
+            && replay.attempt_possible()
+            && Instant::now() + pause < started + deadline
+            && ob.budget.try_withdraw(Instant::now());
+        if !retry {
+            return answer(ob, record, protocol, admission, ep, result, grpc, deadline);
+        }
+        tried.push(ep.endpoint.meta.addr);
+        tracing::debug!(upstream = %ob.name, endpoint = %ep.endpoint.meta.addr, "retrying after {outcome:?}");
+        ob.observe(ep, outcome);
+        ob.retries_total.increment(1);
+        tokio::time::sleep(pause).await;
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One attempt on `ep`, bounded by `deadline_at`.
+async fn attempt(
+    ob: &Outbound,
+    ep: &InFlight<Endpoint>,
+    mut req: Request<ReplayBody>,
+    deadline_at: Instant,
+) -> Result<Response<H2Body>, AttemptError> {
+    if ep.endpoint.tls.config.load().is_none() {
+        return Err(AttemptError::NoIdentity);
+    }
+    let pool = &ep.endpoint.pool;
+    let remaining = deadline_at.saturating_duration_since(Instant::now());
+    if req.headers().contains_key("grpc-timeout") {
+        req.headers_mut()
+            .insert("grpc-timeout", proxy::encode_grpc_timeout(remaining));
+    }
+    let send = async {
+        let sender = match pool.ready_sender() {
+            Some(sender) => sender,
+            None => {
+                let _waiting = ob
+                    .breaker
+                    .wait_for_connection()
+                    .map_err(AttemptError::Limit)?;
+                pool.sender()
+                    .await
+                    .map_err(|e| AttemptError::Send(e.into()))?
+            }
+        };
+        pool.send_via(sender, req).await.map_err(AttemptError::Send)
+    };
+    match tokio::time::timeout(remaining, send).await {
+        // A trailers-only gRPC answer that came after the deadline (the upstream's
+        // own timer, started later, fired first): the deadline was exceeded, and
+        // the app hears so from meshd, as its own client would report it.
+        Ok(Ok(resp))
+            if Instant::now() >= deadline_at && resp.headers().contains_key("grpc-status") =>
+        {
+            Err(AttemptError::Timeout)
+        }
+        Ok(r) => r,
+        Err(_) => Err(AttemptError::Timeout),
+    }
+}
 
-    #[test]
-    fn grpc_timeouts_are_written_in_milliseconds() {
-        let table = [
-            (Duration::from_millis(250), "250m"),
-            (Duration::from_micros(199_001), "200m"),
-            (Duration::from_micros(10), "1m"),
-            (Duration::from_secs(5), "5000m"),
-            (Duration::from_secs(200_000), "200000S"),
-        ];
-        for (d, want) in table {
-            assert_eq!(grpc_timeout_value(d), want, "{d:?}");
+/// Answers the app with the last attempt's result.
+#[allow(clippy::too_many_arguments)]
+fn answer(
+    ob: &Outbound,
+    mut record: RequestRecord,
+    protocol: Protocol,
+    admission: Admission,
+    ep: InFlight<Endpoint>,
+    result: Result<Response<H2Body>, AttemptError>,
+    grpc: bool,
+    deadline: Duration,
+) -> Response<ProxyBody> {
+    let addr = ep.endpoint.meta.addr;
+    record.upstream = ep.endpoint.addr_text.clone();
+    let outcome = match &result {
+        Ok(resp) => classify(resp, grpc),
+        // meshd answered these itself; the endpoint did nothing wrong.
+        Err(AttemptError::Limit(_) | AttemptError::NoIdentity) => Outcome::Answered,
+        Err(e) => e.outcome(),
+    };
+    ob.observe(ep, outcome);
+    let err = match result {
+        Ok(resp) => {
+            return proxy::respond_upstream(record, resp).map(|b| match b {
+                Either::Left(m) => Either::Left(m.holding(Box::new(admission))),
+                local => local,
+            })
+        }
+        Err(AttemptError::NoIdentity) => ProxyError::NoIdentity(format!(
+            "meshd has no valid SVID; not calling upstream {}",
+            ob.name
+        )),
+        Err(AttemptError::Send(e)) => {
+            ProxyError::Unavailable(format!("upstream {} unavailable ({addr}): {e}", ob.name))
+        }
+        Err(AttemptError::Limit(hit)) => {
+            ProxyError::Unavailable(format!("upstream {}: circuit open: {hit}", ob.name))
+        }
+        Err(AttemptError::Timeout) => ProxyError::DeadlineExceeded(format!(
+            "upstream {} did not answer within {} ms",
+            ob.name,
+            deadline.as_millis()
+        )),
+    };
+    fail(ob, record, protocol, err)
+}
+
+/// Answers the app locally with `err` (logged at debug, naming the upstream).
+fn fail(
+    ob: &Outbound,
+    record: RequestRecord,
+    protocol: Protocol,
+    err: ProxyError,
+) -> Response<ProxyBody> {
+    tracing::debug!("outbound {}: {err}", ob.name);
+    proxy::respond_locally(record, protocol, err)
+}
+
+/// Connects the app's TCP connection to an endpoint; a failed connect is retried on
+/// another endpoint (nothing was sent yet) when retries are on.
+pub async fn forward_tcp(ob: &Outbound, app: tokio::net::TcpStream) {
+    let mut tried = Vec::new();
+    let now = Instant::now();
+    ob.budget.deposit(now);
+    loop {
+        let Some(ep) = ob.pick(&tried) else {
+            tracing::warn!("outbound {}", ob.no_endpoints());
+            return;
+        };
+        let addr = ep.endpoint.meta.addr;
+        match proxy::tls_connect(addr, &ep.endpoint.tls).await {
+            Ok(up) => {
+                ep.record(true);
+                proxy::pipe(app, up, "outbound").await;
+                return;
+            }
+            Err(e) => {
+                ob.observe(ep, Outcome::NotProcessed);
+                tracing::warn!("outbound {}: {e}", ob.name);
+                tried.push(addr);
+                if tried.len() > ob.config.retries.attempts as usize
+                    || !ob.budget.try_withdraw(Instant::now())
+                {
+                    return;
+                }
+                ob.retries_total.increment(1);
+            }
         }
     }
 }

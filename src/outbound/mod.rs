@@ -6,8 +6,14 @@
 //! ejected by outlier detection, not failing active health checks) -> pooled mTLS HTTP/2
 //! connection (or a new mTLS stream for tcp) -> response streamed back, metered; a failed
 //! attempt that is safe to repeat is retried on another endpoint within the retry budget
-//! (`outbound_call`). Failures become gRPC UNAVAILABLE / DEADLINE_EXCEEDED (HTTP 503 / 504)
+//! (`call`). Failures become gRPC UNAVAILABLE / DEADLINE_EXCEEDED (HTTP 503 / 504)
 //! naming the upstream. Each endpoint has its own health-check task (`health_check`).
+//!
+//! Where things live: [`Outbound`] and all its methods (construction, the endpoint set
+//! discovery keeps current, picking and observing endpoints, the listener) are here; the
+//! forwarding of one request or TCP connection through it is `call`'s free functions
+//! ([`forward_as`]), balancing is `balancer`, breaker, retries and outlier detection are
+//! `resilience`.
 
 mod balancer;
 mod call;
@@ -15,6 +21,7 @@ mod health_check;
 mod resilience;
 mod transparent;
 pub use balancer::{UpstreamView, Upstreams};
+pub use call::forward_as;
 pub use transparent::{Claim, Transparent};
 
 use crate::config::{OutboundConfig, Protocol};
@@ -387,44 +394,11 @@ impl Outbound {
             let this = self.clone();
             let handle = move |req| {
                 let this = this.clone();
-                async move { this.handle(req).await }
+                async move { call::forward(&this, req).await }
             };
             proxy::serve_h2(tcp, handle, stop).await;
         } else {
-            self.forward_tcp(tcp).await;
-        }
-    }
-
-    /// Connects the app's TCP connection to an endpoint; a failed connect is retried on
-    /// another endpoint (nothing was sent yet) when retries are on.
-    async fn forward_tcp(&self, app: tokio::net::TcpStream) {
-        let mut tried = Vec::new();
-        let now = Instant::now();
-        self.budget.deposit(now);
-        loop {
-            let Some(ep) = self.pick(&tried) else {
-                tracing::warn!("outbound {}", self.no_endpoints());
-                return;
-            };
-            let addr = ep.endpoint.meta.addr;
-            match proxy::tls_connect(addr, &ep.endpoint.tls).await {
-                Ok(up) => {
-                    ep.record(true);
-                    proxy::pipe(app, up, "outbound").await;
-                    return;
-                }
-                Err(e) => {
-                    self.observe(ep, Outcome::NotProcessed);
-                    tracing::warn!("outbound {}: {e}", self.name);
-                    tried.push(addr);
-                    if tried.len() > self.config.retries.attempts as usize
-                        || !self.budget.try_withdraw(Instant::now())
-                    {
-                        return;
-                    }
-                    self.retries_total.increment(1);
-                }
-            }
+            call::forward_tcp(&self, tcp).await;
         }
     }
 }

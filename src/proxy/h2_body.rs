@@ -36,6 +36,23 @@ impl Drop for ResetUnlessAnswered {
     }
 }
 
+/// Why a body was not sent to its end (logged at debug).
+#[derive(Debug, thiserror::Error)]
+enum BodyPipeError {
+    /// The peer reset the stream.
+    #[error("peer reset the stream: {0}")]
+    PeerReset(Reason),
+    /// The stream or its connection failed.
+    #[error("{0}")]
+    Stream(#[from] h2::Error),
+    /// h2 closed the stream before the body was sent.
+    #[error("stream closed while sending")]
+    Closed,
+    /// The body itself failed (the stream was reset with its reason).
+    #[error("{0}")]
+    Body(Box<dyn StdError + Send + Sync>),
+}
+
 /// The largest first data frame handed to h2 without waiting for send capacity.
 const FIRST_FRAME_EAGER: usize = 16 << 10;
 
@@ -78,13 +95,13 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BodyPipeError>> {
         loop {
             // Registered first, so that a reset wakes the task while it waits below.
             if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
                 return Poll::Ready(Err(match reason {
-                    Ok(reason) => format!("peer reset the stream: {reason}"),
-                    Err(e) => e.to_string(),
+                    Ok(reason) => BodyPipeError::PeerReset(reason),
+                    Err(e) => BodyPipeError::Stream(e),
                 }));
             }
             if self.waiting.is_some() {
@@ -92,17 +109,15 @@ where
                     match ready!(self.stream.poll_capacity(cx)) {
                         Some(Ok(0)) => {}
                         Some(Ok(_)) => break,
-                        Some(Err(e)) => return Poll::Ready(Err(e.to_string())),
-                        None => return Poll::Ready(Err("stream closed while sending".into())),
+                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                        None => return Poll::Ready(Err(BodyPipeError::Closed)),
                     }
                 }
                 let Some((data, eos)) = self.waiting.take() else {
                     continue;
                 };
                 self.sent_data = true;
-                self.stream
-                    .send_data(data, eos)
-                    .map_err(|e| e.to_string())?;
+                self.stream.send_data(data, eos)?;
                 if eos {
                     return Poll::Ready(Ok(()));
                 }
@@ -123,9 +138,7 @@ where
                         let eager = !self.sent_data && data.len() <= FIRST_FRAME_EAGER;
                         if data.is_empty() || eager {
                             self.sent_data |= eager;
-                            self.stream
-                                .send_data(data, eos)
-                                .map_err(|e| e.to_string())?;
+                            self.stream.send_data(data, eos)?;
                             if eos {
                                 return Poll::Ready(Ok(()));
                             }
@@ -138,9 +151,7 @@ where
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             self.stream.reserve_capacity(0);
-                            self.stream
-                                .send_trailers(trailers)
-                                .map_err(|e| e.to_string())?;
+                            self.stream.send_trailers(trailers)?;
                             return Poll::Ready(Ok(()));
                         }
                     }
@@ -148,12 +159,10 @@ where
                 Some(Err(e)) => {
                     let e: Box<dyn StdError + Send + Sync> = e.into();
                     self.stream.send_reset(reset_reason(&*e));
-                    return Poll::Ready(Err(e.to_string()));
+                    return Poll::Ready(Err(BodyPipeError::Body(e)));
                 }
                 None => {
-                    self.stream
-                        .send_data(Bytes::new(), true)
-                        .map_err(|e| e.to_string())?;
+                    self.stream.send_data(Bytes::new(), true)?;
                     return Poll::Ready(Ok(()));
                 }
             }

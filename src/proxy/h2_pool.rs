@@ -16,6 +16,7 @@
 //! (callgrind; `benches/e2e/README.md`, optimisation log).
 
 use crate::proxy::h2_body::{BodyPipe, H2Body};
+use crate::proxy::ConnectError;
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -85,7 +86,7 @@ impl H2Pool {
     }
 
     /// A handle to a connection that takes new streams, connecting if needed.
-    pub async fn sender(&self) -> Result<SendRequest<Bytes>, String> {
+    pub async fn sender(&self) -> Result<SendRequest<Bytes>, ConnectError> {
         if let Some(s) = self.ready_sender() {
             return Ok(s);
         }
@@ -105,7 +106,7 @@ impl H2Pool {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        let sender = self.sender().await.map_err(SendError::NotProcessed)?;
+        let sender = self.sender().await?;
         self.send_via(sender, req).await
     }
 
@@ -123,7 +124,7 @@ impl H2Pool {
     {
         if !takes_streams(&mut sender) {
             // `sender` connects anew unless another request already did.
-            sender = self.sender().await.map_err(SendError::NotProcessed)?;
+            sender = self.sender().await?;
         }
         let (head, body) = req.into_parts();
         let eos = body.is_end_stream();
@@ -163,6 +164,13 @@ pub enum SendError {
     /// The stream failed after it was sent: the peer may have processed it.
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<ConnectError> for SendError {
+    /// A request that found no connection never left.
+    fn from(e: ConnectError) -> SendError {
+        SendError::NotProcessed(e.to_string())
+    }
 }
 
 impl SendError {
@@ -205,13 +213,13 @@ fn builder() -> h2::client::Builder {
     b
 }
 
-async fn connect(connector: &Connector) -> Result<SendRequest<Bytes>, String> {
+async fn connect(connector: &Connector) -> Result<SendRequest<Bytes>, ConnectError> {
     let addr = connector.addr();
     match connector {
         Connector::Plain(_) => {
             let tcp = crate::proxy::tcp_connect(addr)
                 .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
+                .map_err(|error| ConnectError::Tcp { addr, error })?;
             handshake(tcp, addr).await
         }
         Connector::Tls { tls, .. } => {
@@ -221,14 +229,14 @@ async fn connect(connector: &Connector) -> Result<SendRequest<Bytes>, String> {
     }
 }
 
-async fn handshake<T>(io: T, addr: SocketAddr) -> Result<SendRequest<Bytes>, String>
+async fn handshake<T>(io: T, addr: SocketAddr) -> Result<SendRequest<Bytes>, ConnectError>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = builder()
         .handshake(io)
         .await
-        .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
+        .map_err(|error| ConnectError::Http2 { addr, error })?;
     tokio::spawn(async move {
         if let Err(e) = drive(conn).await {
             tracing::debug!("HTTP/2 connection to {addr} closed: {e}");
@@ -237,34 +245,43 @@ where
     Ok(sender)
 }
 
+/// Why a pooled connection ended (logged at debug).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnded {
+    /// The connection failed: I/O, a protocol error, a GOAWAY with an error code.
+    #[error("{0}")]
+    H2(#[from] h2::Error),
+    /// The peer did not answer a keepalive PING within [`KEEPALIVE_TIMEOUT`].
+    #[error("no answer to a PING within {:?}", KEEPALIVE_TIMEOUT)]
+    PingUnanswered,
+}
+
 /// Runs a connection until it ends, pinging the peer every [`KEEPALIVE_INTERVAL`].
 /// Returning drops the connection, which fails its open streams; the pool then
 /// connects anew on the next request.
-async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>) -> Result<(), String>
+async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>) -> Result<(), ConnectionEnded>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(mut pings) = conn.ping_pong() else {
-        return conn.await.map_err(|e| e.to_string());
+        return Ok(conn.await?);
     };
     let mut conn = std::pin::pin!(conn);
     loop {
         tokio::select! {
             biased;
-            r = &mut conn => return r.map_err(|e| e.to_string()),
+            r = &mut conn => return Ok(r?),
             () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
         }
-        pings
-            .send_ping(h2::Ping::opaque())
-            .map_err(|e| e.to_string())?;
+        pings.send_ping(h2::Ping::opaque())?;
         let pong = std::future::poll_fn(|cx| pings.poll_pong(cx));
         tokio::select! {
             biased;
-            r = &mut conn => return r.map_err(|e| e.to_string()),
+            r = &mut conn => return Ok(r?),
             answer = tokio::time::timeout(KEEPALIVE_TIMEOUT, pong) => match answer {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err(format!("no answer to a PING within {KEEPALIVE_TIMEOUT:?}")),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(ConnectionEnded::PingUnanswered),
             },
         }
     }
