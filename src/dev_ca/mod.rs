@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
-pub use crate::dev_ca::cli::{main, DevCaArgs};
+pub use crate::dev_ca::cli::{main, DevCaArgs, DevCaCliError};
 pub use crate::dev_ca::server::Serving;
 
 /// How long a development root is valid.

@@ -15,7 +15,7 @@ mod cli;
 mod file;
 mod parse;
 mod store;
-pub use cli::{check_file, explain_cli};
+pub use cli::{check_file, explain_cli, ExplainError};
 pub use store::PolicyStore;
 
 use crate::config::parse_spiffe_id;
