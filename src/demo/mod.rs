@@ -15,10 +15,12 @@
 mod apps;
 mod gateway;
 mod payment;
+mod ports;
 mod sidecars;
 mod tour;
 pub use apps::{demo_app_main, DemoAppArgs, DemoAppError};
 pub use gateway::GatewayFilesError;
+pub use ports::{PortError, PortPicker};
 pub use sidecars::SidecarError;
 
 use crate::config::parse_duration;
@@ -29,8 +31,7 @@ use crate::demo::sidecars::{
 use crate::dev_ca::{DevCa, DevCaError, Serving};
 use crate::identity::SpiffeId;
 use apps::{DemoOptions, DemoService};
-use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,12 +103,9 @@ pub enum DemoError {
         path: PathBuf,
         error: std::io::Error,
     },
-    /// Binding a free loopback port for `what` failed.
-    #[error("cannot find a free loopback port for {what}: {error}")]
-    PortProbe { what: String, error: std::io::Error },
-    /// Every free port the system offered for `what` was already handed out.
-    #[error("cannot find a free loopback port for {0}")]
-    NoFreePort(String),
+    /// No loopback port could be found for a listener.
+    #[error(transparent)]
+    Port(#[from] PortError),
     /// A reference name does not make a SPIFFE ID.
     #[error("{name}: {reason}")]
     BadId {
@@ -217,45 +215,6 @@ pub(crate) fn log_path(dir: &Path, name: &str) -> PathBuf {
 
 pub(crate) fn socket_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.sock"))
-}
-
-/// Chooses loopback ports: a default when it is free, else any free port (noted).
-#[derive(Debug, Default)]
-pub struct PortPicker {
-    /// Ports handed out already, so one demo never uses a port twice.
-    used: HashSet<u16>,
-    /// "127.0.0.1:15000 is taken: payment admin uses 127.0.0.1:40123", one per fallback.
-    pub notes: Vec<String>,
-}
-
-impl PortPicker {
-    /// A port for `what`: `preferred` when it can be bound on 127.0.0.1, else a free one.
-    pub fn pick(&mut self, what: &str, preferred: Option<u16>) -> Result<u16, DemoError> {
-        if let Some(p) = preferred {
-            if !self.used.contains(&p) && StdListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok() {
-                self.used.insert(p);
-                return Ok(p);
-            }
-        }
-        for _ in 0..64 {
-            let port = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .map_err(|error| DemoError::PortProbe {
-                    what: what.to_string(),
-                    error,
-                })?
-                .port();
-            if self.used.insert(port) {
-                if let Some(p) = preferred {
-                    self.notes.push(format!(
-                        "127.0.0.1:{p} is taken: {what} uses 127.0.0.1:{port}"
-                    ));
-                }
-                return Ok(port);
-            }
-        }
-        Err(DemoError::NoFreePort(what.to_string()))
-    }
 }
 
 /// Everything the demo started, so that [`Demo::shutdown`] can stop it all.
@@ -555,26 +514,6 @@ async fn start_app(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn taken_defaults_are_replaced_and_noted() {
-        // Another program holds a default port: the demo takes a free one and says so.
-        let held = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let taken = held.local_addr().unwrap().port();
-        let mut picker = PortPicker::default();
-        let got = picker.pick("the payment admin", Some(taken)).unwrap();
-        assert_ne!(got, taken);
-        assert_eq!(picker.notes.len(), 1);
-        assert!(picker.notes[0].contains(&format!("127.0.0.1:{taken} is taken")));
-        assert!(picker.notes[0].contains(&format!("uses 127.0.0.1:{got}")));
-        // A port already handed out is never handed out again, and is not a "taken" note
-        // for the caller that asked without a default.
-        let again = picker.pick("x", Some(got)).unwrap();
-        assert_ne!(again, got);
-        let free = picker.pick("y", None).unwrap();
-        assert!(![taken, got, again].contains(&free));
-        assert_eq!(picker.notes.len(), 2);
-    }
 
     #[test]
     fn stale_dirs_of_killed_demos_are_removed() {
