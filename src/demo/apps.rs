@@ -4,7 +4,7 @@
 //! sidecar in front terminates mTLS); [`DemoApp::run`] mounts the chosen service plus
 //! `grpc.health.v1.Health` (SERVING) and serves until `stop`, finishing in-flight calls.
 //! Every handler reports the caller it saw in `x-forwarded-client-cert`. Payment, the
-//! one app with downstreams, lives in `demo_payment`; it calls contact, family and
+//! one app with downstreams, lives in `demo/payment.rs`; it calls contact, family and
 //! document through the URLs it is given (its sidecar's outbound listeners).
 
 /// The largest gRPC message the demo apps accept or send.

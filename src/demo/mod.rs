@@ -3,14 +3,13 @@
 //! Flow: [`main`] builds a runtime and listens for SIGINT/SIGTERM from the start. [`run`]
 //! makes a private temp dir (policies, protos, configs, logs, Workload API sockets), starts
 //! the development CA in-process on one socket per identity, starts the four demo apps
-//! in-process, picks ports (the DESIGN.md §2 defaults where free, else a free loopback
-//! port, and says so), writes one config per sidecar and starts each as a child process
-//! (`demo_sidecars`: `meshd run --config F --exit-with <our pid>`), then waits for every
-//! `/ready`. The tour
-//! (`demo_tour`) runs; without `--once` the demo then stays up until a signal. Whatever
-//! happened, [`Demo::shutdown`] stops the apps, asks each sidecar to drain (`POST
-//! /shutdown`, killed after 5 s), stops the CA (which removes its sockets) and removes
-//! the temp dir.
+//! in-process, picks ports (`ports`: the DESIGN.md §2 defaults where free, else a free
+//! loopback port, and says so), writes one config per sidecar and starts each as a child
+//! process (`sidecars`: `meshd run --config F --exit-with <our pid>`), then waits for
+//! every `/ready`. The tour (`tour`) runs; without `--once` the demo then stays up until
+//! a signal. Whatever happened, [`Demo::shutdown`] stops the apps, asks each sidecar to
+//! drain (`POST /shutdown`, killed after 5 s), stops the CA (which removes its sockets)
+//! and removes the temp dir.
 
 mod apps;
 mod gateway;
