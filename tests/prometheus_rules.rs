@@ -14,7 +14,7 @@ const ALERTS_TEST: &str = "deploy/prometheus/alerts_test.yaml";
 const SCRAPE: &str = "deploy/prometheus/scrape.yaml";
 const WRAPPER: &str = "tests/data/prometheus/prometheus.yml";
 const DASHBOARD: &str = "deploy/grafana/meshd.json";
-const TELEMETRY: &str = "src/telemetry.rs";
+const TELEMETRY: &str = "src/telemetry/mod.rs";
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
