@@ -4,7 +4,7 @@
 //! sidecar in front terminates mTLS); [`DemoApp::run`] mounts the chosen service plus
 //! `grpc.health.v1.Health` (SERVING) and serves until `stop`, finishing in-flight calls.
 //! Every handler reports the caller it saw in `x-forwarded-client-cert`. Payment, the
-//! one app with downstreams, lives in `demo_payment`; it calls contact, family and
+//! one app with downstreams, lives in `demo/payment.rs`; it calls contact, family and
 //! document through the URLs it is given (its sidecar's outbound listeners).
 
 /// The largest gRPC message the demo apps accept or send.
@@ -37,7 +37,7 @@ const MAX_PAYLOAD: u32 = 4 * 1024 * 1024;
 
 /// Why a demo app could not start or serve.
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+pub enum DemoAppError {
     /// Apps listen on loopback only: their sidecar is the only way in.
     #[error("demo app must listen on a loopback address, not {0}")]
     NotLoopback(SocketAddr),
@@ -57,6 +57,15 @@ pub enum DemoError {
     /// The gRPC server failed while serving.
     #[error("demo app server failed: {0}")]
     Serve(String),
+    /// `meshd demo-app` could not build its tokio runtime.
+    #[error("cannot start the tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    /// `meshd demo-app` could not listen for SIGINT or SIGTERM.
+    #[error("{0}")]
+    Signal(std::io::Error),
+    /// `meshd demo-app` could not print its `demo-app ready` line.
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
 }
 
 /// Which reference service to run.
@@ -114,9 +123,9 @@ pub async fn bind(
     kind: DemoService,
     listen: SocketAddr,
     opts: DemoOptions,
-) -> Result<DemoApp, DemoError> {
+) -> Result<DemoApp, DemoAppError> {
     if !listen.ip().is_loopback() {
-        return Err(DemoError::NotLoopback(listen));
+        return Err(DemoAppError::NotLoopback(listen));
     }
     let delay = opts.delay;
     let handler = match kind {
@@ -125,7 +134,7 @@ pub async fn bind(
         DemoService::Family => Handler::Family(Leaf { delay }),
         DemoService::Document => Handler::Document(Leaf { delay }),
     };
-    let fail = |e: std::io::Error| DemoError::Bind {
+    let fail = |e: std::io::Error| DemoAppError::Bind {
         addr: listen,
         reason: e.to_string(),
     };
@@ -144,7 +153,7 @@ pub async fn serve(
     listen: SocketAddr,
     opts: DemoOptions,
     stop: CancellationToken,
-) -> Result<SocketAddr, DemoError> {
+) -> Result<SocketAddr, DemoAppError> {
     let app = bind(kind, listen, opts).await?;
     let addr = app.addr();
     tokio::spawn(async move {
@@ -172,7 +181,7 @@ impl DemoApp {
     }
 
     /// Serves until `stop`, then lets in-flight calls finish.
-    pub async fn run(self, stop: CancellationToken) -> Result<(), DemoError> {
+    pub async fn run(self, stop: CancellationToken) -> Result<(), DemoAppError> {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status(
@@ -198,7 +207,7 @@ impl DemoApp {
         router
             .serve_with_incoming_shutdown(incoming, stop.cancelled())
             .await
-            .map_err(|e| DemoError::Serve(e.to_string()))
+            .map_err(|e| DemoAppError::Serve(e.to_string()))
     }
 }
 
@@ -400,12 +409,12 @@ pub struct DemoAppArgs {
 }
 
 /// Runs one demo app until SIGINT/SIGTERM, printing `demo-app ready <addr>` once bound.
-pub fn demo_app_main(args: DemoAppArgs) -> Result<(), String> {
+pub fn demo_app_main(args: DemoAppArgs) -> Result<(), DemoAppError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+        .map_err(DemoAppError::Runtime)?;
     runtime.block_on(async move {
         let opts = DemoOptions {
             delay: args.delay,
@@ -413,16 +422,14 @@ pub fn demo_app_main(args: DemoAppArgs) -> Result<(), String> {
             family: args.family,
             document: args.document,
         };
-        let app = bind(args.service, args.listen, opts)
-            .await
-            .map_err(|e| e.to_string())?;
+        let app = bind(args.service, args.listen, opts).await?;
         use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DemoAppError::Signal)?;
+        let mut term = signal(SignalKind::terminate()).map_err(DemoAppError::Signal)?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "demo-app ready {}", app.addr())
             .and_then(|_| out.flush())
-            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+            .map_err(DemoAppError::Stdout)?;
         drop(out);
         let stop = CancellationToken::new();
         let trigger = stop.clone();
@@ -433,7 +440,7 @@ pub fn demo_app_main(args: DemoAppArgs) -> Result<(), String> {
             }
             trigger.cancel();
         });
-        app.run(stop).await.map_err(|e| e.to_string())
+        app.run(stop).await
     })
 }
 
@@ -479,11 +486,11 @@ mod tests {
         let opts = DemoOptions::default();
         assert!(matches!(
             bind(DemoService::Contact, any, opts.clone()).await,
-            Err(DemoError::NotLoopback(_))
+            Err(DemoAppError::NotLoopback(_))
         ));
         assert!(matches!(
             bind(DemoService::Payment, local, opts).await,
-            Err(DemoError::MissingDownstream("contact"))
+            Err(DemoAppError::MissingDownstream("contact"))
         ));
     }
 

@@ -11,6 +11,32 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const ISSUER: &str = "https://auth.jia.app";
 pub const AUDIENCE: &str = "jia-api";
 
+/// Why the demo gateway's files could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayFilesError {
+    /// The `gateway/` folder or one of its files could not be written.
+    #[error("{path}: {error}")]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// rcgen could not make the self-signed `localhost` certificate.
+    #[error("gateway certificate: {0}")]
+    Certificate(rcgen::Error),
+    /// rcgen could not make the token signing key.
+    #[error("gateway signing key: {0}")]
+    SigningKey(rcgen::Error),
+    /// The signing key's public key is not a P-256 point, so it has no JWKS.
+    #[error("gateway signing key: not a P-256 point")]
+    NotP256,
+    /// jsonwebtoken refused the signing key's PEM.
+    #[error("gateway signing key: {0}")]
+    EncodingKey(jsonwebtoken::errors::Error),
+    /// jsonwebtoken could not sign the demo token.
+    #[error("demo token: {0}")]
+    Token(jsonwebtoken::errors::Error),
+}
+
 /// The files of the demo gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayFiles {
@@ -23,9 +49,13 @@ pub struct GatewayFiles {
 }
 
 /// Writes the certificate, the JWKS and a token into `dir/gateway`.
-pub fn write_files(dir: &Path) -> Result<GatewayFiles, String> {
+pub fn write_files(dir: &Path) -> Result<GatewayFiles, GatewayFilesError> {
     let folder = dir.join("gateway");
-    std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    let fail = |path: &Path, error| GatewayFilesError::Write {
+        path: path.to_path_buf(),
+        error,
+    };
+    std::fs::create_dir_all(&folder).map_err(|e| fail(&folder, e))?;
     let files = GatewayFiles {
         cert: folder.join("tls.pem"),
         key: folder.join("tls-key.pem"),
@@ -33,13 +63,13 @@ pub fn write_files(dir: &Path) -> Result<GatewayFiles, String> {
         token: folder.join("token.jwt"),
     };
     let tls = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-        .map_err(|e| format!("gateway certificate: {e}"))?;
+        .map_err(GatewayFilesError::Certificate)?;
     let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| format!("gateway signing key: {e}"))?;
+        .map_err(GatewayFilesError::SigningKey)?;
     let jwks = crate::gateway::p256_jwks(signing.public_key_raw(), "demo")
-        .ok_or("gateway signing key: not a P-256 point")?;
+        .ok_or(GatewayFilesError::NotP256)?;
     let key = jsonwebtoken::EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes())
-        .map_err(|e| format!("gateway signing key: {e}"))?;
+        .map_err(GatewayFilesError::EncodingKey)?;
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some("demo".into());
     let now = SystemTime::now()
@@ -49,15 +79,14 @@ pub fn write_files(dir: &Path) -> Result<GatewayFiles, String> {
         "iss": ISSUER, "aud": AUDIENCE, "sub": format!("demo-client@{TRUST_DOMAIN}"),
         "iat": now, "exp": now + 86_400,
     });
-    let token =
-        jsonwebtoken::encode(&header, &claims, &key).map_err(|e| format!("demo token: {e}"))?;
+    let token = jsonwebtoken::encode(&header, &claims, &key).map_err(GatewayFilesError::Token)?;
     for (path, text) in [
         (&files.cert, tls.cert.pem()),
         (&files.key, tls.signing_key.serialize_pem()),
         (&files.jwks, jwks),
         (&files.token, token),
     ] {
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, text).map_err(|e| fail(path, e))?;
     }
     Ok(files)
 }

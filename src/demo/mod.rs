@@ -3,32 +3,34 @@
 //! Flow: [`main`] builds a runtime and listens for SIGINT/SIGTERM from the start. [`run`]
 //! makes a private temp dir (policies, protos, configs, logs, Workload API sockets), starts
 //! the development CA in-process on one socket per identity, starts the four demo apps
-//! in-process, picks ports (the DESIGN.md §2 defaults where free, else a free loopback
-//! port, and says so), writes one config per sidecar and starts each as a child process
-//! (`demo_sidecars`: `meshd run --config F --exit-with <our pid>`), then waits for every
-//! `/ready`. The tour
-//! (`demo_tour`) runs; without `--once` the demo then stays up until a signal. Whatever
-//! happened, [`Demo::shutdown`] stops the apps, asks each sidecar to drain (`POST
-//! /shutdown`, killed after 5 s), stops the CA (which removes its sockets) and removes
-//! the temp dir.
+//! in-process, picks ports (`ports`: the DESIGN.md §2 defaults where free, else a free
+//! loopback port, and says so), writes one config per sidecar and starts each as a child
+//! process (`sidecars`: `meshd run --config F --exit-with <our pid>`), then waits for
+//! every `/ready`. The tour (`tour`) runs; without `--once` the demo then stays up until
+//! a signal. Whatever happened, [`Demo::shutdown`] stops the apps, asks each sidecar to
+//! drain (`POST /shutdown`, killed after 5 s), stops the CA (which removes its sockets)
+//! and removes the temp dir.
 
 mod apps;
 mod gateway;
 mod payment;
+mod ports;
 mod sidecars;
 mod tour;
-pub use apps::{demo_app_main, DemoAppArgs};
+pub use apps::{demo_app_main, DemoAppArgs, DemoAppError};
+pub use gateway::GatewayFilesError;
+pub use ports::{PortError, PortPicker};
+pub use sidecars::SidecarError;
 
 use crate::config::parse_duration;
 pub use crate::demo::sidecars::{http, log_tail};
 use crate::demo::sidecars::{
     spawn_sidecar, stop_sidecar, wait_ready, Child, SidecarSpec, READY_TIMEOUT, STOP_GRACE,
 };
-use crate::dev_ca::{DevCa, Serving};
+use crate::dev_ca::{DevCa, DevCaError, Serving};
 use crate::identity::SpiffeId;
 use apps::{DemoOptions, DemoService};
-use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +84,56 @@ const LEAVES: [(DemoService, &str, u16); 3] = [
     (DemoService::Document, "document-service", 15103),
 ];
 
+/// Why `meshd demo` could not set up the topology (a failed tour step is not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The tokio runtime could not be built.
+    #[error("cannot start the tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A signal handler could not be installed.
+    #[error("cannot listen for {name}: {error}")]
+    Signal {
+        name: &'static str,
+        error: std::io::Error,
+    },
+    /// The temp dir, or a policy, proto or folder in it, could not be created.
+    #[error("cannot create {path}: {error}")]
+    Create {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// No loopback port could be found for a listener.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// A reference name does not make a SPIFFE ID.
+    #[error("{name}: {reason}")]
+    BadId {
+        name: &'static str,
+        reason: spiffe::SpiffeIdError,
+    },
+    /// The development CA could not be created.
+    #[error(transparent)]
+    Ca(DevCaError),
+    /// The development CA could not serve its sockets.
+    #[error("development CA: {0}")]
+    CaServe(DevCaError),
+    /// An in-process demo app could not start.
+    #[error("the {service} app: {error}")]
+    App {
+        service: &'static str,
+        error: DemoAppError,
+    },
+    /// The edge gateway's certificate, keys or token could not be made.
+    #[error(transparent)]
+    GatewayFiles(#[from] GatewayFilesError),
+    /// A sidecar could not be started or did not become ready.
+    #[error(transparent)]
+    Sidecar(#[from] SidecarError),
+    /// Setup ended without a topology (a bug: `start` sets it when it succeeds).
+    #[error("the demo did not start")]
+    NotStarted,
+}
+
 /// Arguments of `meshd demo`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -94,13 +146,13 @@ pub struct DemoArgs {
 }
 
 /// Runs the demo; `Ok(true)` when every tour step passed. Setup failures are `Err`.
-pub fn main(args: DemoArgs) -> Result<bool, String> {
+pub fn main(args: DemoArgs) -> Result<bool, DemoError> {
     let _ = crate::identity::crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+        .map_err(DemoError::Runtime)?;
     runtime.block_on(run(args))
 }
 
@@ -164,42 +216,6 @@ pub(crate) fn socket_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.sock"))
 }
 
-/// Chooses loopback ports: a default when it is free, else any free port (noted).
-#[derive(Debug, Default)]
-pub struct PortPicker {
-    /// Ports handed out already, so one demo never uses a port twice.
-    used: HashSet<u16>,
-    /// "127.0.0.1:15000 is taken: payment admin uses 127.0.0.1:40123", one per fallback.
-    pub notes: Vec<String>,
-}
-
-impl PortPicker {
-    /// A port for `what`: `preferred` when it can be bound on 127.0.0.1, else a free one.
-    pub fn pick(&mut self, what: &str, preferred: Option<u16>) -> Result<u16, String> {
-        if let Some(p) = preferred {
-            if !self.used.contains(&p) && StdListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok() {
-                self.used.insert(p);
-                return Ok(p);
-            }
-        }
-        for _ in 0..64 {
-            let port = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .map_err(|e| format!("cannot find a free loopback port for {what}: {e}"))?
-                .port();
-            if self.used.insert(port) {
-                if let Some(p) = preferred {
-                    self.notes.push(format!(
-                        "127.0.0.1:{p} is taken: {what} uses 127.0.0.1:{port}"
-                    ));
-                }
-                return Ok(port);
-            }
-        }
-        Err(format!("cannot find a free loopback port for {what}"))
-    }
-}
-
 /// Everything the demo started, so that [`Demo::shutdown`] can stop it all.
 struct Demo {
     dir: PathBuf,
@@ -212,7 +228,7 @@ struct Demo {
     topology: Option<Topology>,
 }
 
-async fn run(args: DemoArgs) -> Result<bool, String> {
+async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     let interrupted = CancellationToken::new();
     listen_for_signals(interrupted.clone())?;
     let dir = make_dir()?;
@@ -230,7 +246,7 @@ async fn run(args: DemoArgs) -> Result<bool, String> {
             demo.start(&args).await?;
             let (topology, ca) = match (&demo.topology, &demo.ca) {
                 (Some(t), Some(ca)) => (t.clone(), ca.clone()),
-                _ => return Err("the demo did not start".to_string()),
+                _ => return Err(DemoError::NotStarted),
             };
             crate::demo::tour::print_summary(&topology);
             let passed = crate::demo::tour::run(&topology, &ca, once).await;
@@ -263,12 +279,13 @@ async fn run(args: DemoArgs) -> Result<bool, String> {
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.
-fn listen_for_signals(token: CancellationToken) -> Result<(), String> {
+fn listen_for_signals(token: CancellationToken) -> Result<(), DemoError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
+    let on = |kind: SignalKind, name: &'static str| {
+        signal(kind).map_err(|error| DemoError::Signal { name, error })
+    };
+    let mut int = on(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = on(SignalKind::terminate(), "SIGTERM")?;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -302,7 +319,7 @@ fn remove_stale_dirs(tmp: &Path) {
 }
 
 /// A new private dir `$TMPDIR/meshd-demo-<pid>-<random>` with the policies and protos.
-fn make_dir() -> Result<PathBuf, String> {
+fn make_dir() -> Result<PathBuf, DemoError> {
     use std::os::unix::fs::DirBuilderExt;
     remove_stale_dirs(&std::env::temp_dir());
     let dir = std::env::temp_dir().join(format!(
@@ -310,12 +327,15 @@ fn make_dir() -> Result<PathBuf, String> {
         std::process::id(),
         rand::random::<u32>()
     ));
-    let fail = |what: &Path, e: std::io::Error| format!("cannot create {}: {e}", what.display());
+    let fail = |path: &Path, error| DemoError::Create {
+        path: path.to_path_buf(),
+        error,
+    };
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .map_err(|e| fail(&dir, e))?;
-    let write = |path: PathBuf, text: &str| -> Result<(), String> {
+    let write = |path: PathBuf, text: &str| -> Result<(), DemoError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
         }
@@ -345,22 +365,23 @@ fn make_dir() -> Result<PathBuf, String> {
 
 impl Demo {
     /// Starts the CA, the apps and the sidecars, and waits until every sidecar is ready.
-    async fn start(&mut self, args: &DemoArgs) -> Result<(), String> {
+    async fn start(&mut self, args: &DemoArgs) -> Result<(), DemoError> {
         let dir = self.dir.clone();
-        let ca = Arc::new(DevCa::new(TRUST_DOMAIN).map_err(|e| e.to_string())?);
+        let ca = Arc::new(DevCa::new(TRUST_DOMAIN).map_err(DemoError::Ca)?);
         let mut identities = Vec::new();
         let names = ["payment-service", "api-gateway", INTRUDER]
             .into_iter()
             .chain(LEAVES.iter().map(|l| l.1));
         for name in names {
-            let id = SpiffeId::new(spiffe_id(name)).map_err(|e| format!("{name}: {e}"))?;
+            let id = SpiffeId::new(spiffe_id(name))
+                .map_err(|reason| DemoError::BadId { name, reason })?;
             identities.push((id, socket_path(&dir, name)));
         }
         self.ca = Some(ca.clone());
         self.serving = Some(
             ca.serve(identities, args.ttl, self.stop.clone())
                 .await
-                .map_err(|e| format!("development CA: {e}"))?,
+                .map_err(DemoError::CaServe)?,
         );
 
         let mut ports = PortPicker::default();
@@ -479,36 +500,19 @@ async fn start_app(
     port: u16,
     opts: DemoOptions,
     stop: &CancellationToken,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, DemoError> {
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     apps::serve(kind, listen, opts, stop.clone())
         .await
-        .map_err(|e| format!("the {} app: {e}", kind.grpc_name()))
+        .map_err(|error| DemoError::App {
+            service: kind.grpc_name(),
+            error,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn taken_defaults_are_replaced_and_noted() {
-        // Another program holds a default port: the demo takes a free one and says so.
-        let held = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let taken = held.local_addr().unwrap().port();
-        let mut picker = PortPicker::default();
-        let got = picker.pick("the payment admin", Some(taken)).unwrap();
-        assert_ne!(got, taken);
-        assert_eq!(picker.notes.len(), 1);
-        assert!(picker.notes[0].contains(&format!("127.0.0.1:{taken} is taken")));
-        assert!(picker.notes[0].contains(&format!("uses 127.0.0.1:{got}")));
-        // A port already handed out is never handed out again, and is not a "taken" note
-        // for the caller that asked without a default.
-        let again = picker.pick("x", Some(got)).unwrap();
-        assert_ne!(again, got);
-        let free = picker.pick("y", None).unwrap();
-        assert!(![taken, got, again].contains(&free));
-        assert_eq!(picker.notes.len(), 2);
-    }
 
     #[test]
     fn stale_dirs_of_killed_demos_are_removed() {

@@ -6,7 +6,7 @@
 //! records who was seen on the way in `identity_chain`: its own caller (from its XFCC),
 //! then the caller each downstream saw. GetPayment and ListPricingZones answer locally.
 
-use crate::demo::apps::{pause, seen_caller, DemoError, DemoOptions};
+use crate::demo::apps::{pause, seen_caller, DemoAppError, DemoOptions};
 use crate::pb::contact::contact_service_client::ContactServiceClient;
 use crate::pb::contact::GetContactRequest;
 use crate::pb::document::document_service_client::DocumentServiceClient;
@@ -40,7 +40,7 @@ pub struct PaymentApp {
 
 impl PaymentApp {
     /// Checks the downstream URLs and prepares lazy channels (nothing is dialed yet).
-    pub fn new(opts: &DemoOptions) -> Result<PaymentApp, DemoError> {
+    pub fn new(opts: &DemoOptions) -> Result<PaymentApp, DemoAppError> {
         Ok(PaymentApp {
             contact: ContactServiceClient::new(channel("contact", opts.contact.as_deref())?),
             family: FamilyServiceClient::new(channel("family", opts.family.as_deref())?),
@@ -61,9 +61,9 @@ impl PaymentApp {
 }
 
 /// A lazily connecting plaintext (h2c) channel to `url`.
-fn channel(flag: &'static str, url: Option<&str>) -> Result<Channel, DemoError> {
-    let url = url.ok_or(DemoError::MissingDownstream(flag))?;
-    let bad = |reason: String| DemoError::BadDownstreamUrl {
+fn channel(flag: &'static str, url: Option<&str>) -> Result<Channel, DemoAppError> {
+    let url = url.ok_or(DemoAppError::MissingDownstream(flag))?;
+    let bad = |reason: String| DemoAppError::BadDownstreamUrl {
         flag,
         url: url.to_string(),
         reason,
@@ -295,7 +295,7 @@ mod tests {
             assert!(
                 matches!(
                     err,
-                    Some(DemoError::BadDownstreamUrl {
+                    Some(DemoAppError::BadDownstreamUrl {
                         flag: "document",
                         ..
                     })

@@ -8,7 +8,8 @@
 use crate::demo::gateway::GatewayFiles;
 use crate::demo::{log_path, socket_path, spiffe_id};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,6 +28,40 @@ const OVERRIDES: [&str; 6] = [
     "MTLS_CA_FILE",
     "GRPC_ADDRESS",
 ];
+
+/// Why a sidecar could not be started or did not become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// Its config file or log file could not be written.
+    #[error("cannot write {path}: {error}")]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The running executable, which the sidecars run as, cannot be found.
+    #[error("cannot find the meshd executable to start sidecars: {0}")]
+    NoExecutable(std::io::Error),
+    /// The child process could not be started.
+    #[error("cannot start the {name} sidecar: {error}")]
+    Spawn { name: String, error: std::io::Error },
+    /// The sidecar exited before its `/ready` said 200; `tail` is the end of its log.
+    #[error("the {name} sidecar exited ({status}) before it was ready; the end of {log}:\n{tail}")]
+    Exited {
+        name: String,
+        status: ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    /// `/ready` did not say 200 in time; `last` is what it said last.
+    #[error("the {name} sidecar was not ready in {secs}s ({last}); the end of {log}:\n{tail}")]
+    NotReady {
+        name: String,
+        secs: u64,
+        last: String,
+        log: PathBuf,
+        tail: String,
+    },
+}
 
 /// One sidecar's shape, from which its config file is written.
 #[derive(Debug, Clone)]
@@ -113,18 +148,20 @@ pub struct Child {
 }
 
 /// Writes the sidecar's config and starts `meshd run` with its output in a log file.
-pub fn spawn_sidecar(dir: &Path, spec: SidecarSpec) -> Result<Child, String> {
+pub fn spawn_sidecar(dir: &Path, spec: SidecarSpec) -> Result<Child, SidecarError> {
     let config = dir
         .join("config")
         .join(format!("{}-sidecar.yaml", spec.name));
     let log = log_path(dir, &spec.name);
-    let fail = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
+    let fail = |path: &Path, error| SidecarError::Write {
+        path: path.to_path_buf(),
+        error,
+    };
     std::fs::create_dir_all(dir.join("config")).map_err(|e| fail(dir, e))?;
     std::fs::write(&config, spec.yaml(dir)).map_err(|e| fail(&config, e))?;
     let out = std::fs::File::create(&log).map_err(|e| fail(&log, e))?;
     let err = out.try_clone().map_err(|e| fail(&log, e))?;
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the meshd executable to start sidecars: {e}"))?;
+    let exe = std::env::current_exe().map_err(SidecarError::NoExecutable)?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("run")
         .arg("--config")
@@ -141,25 +178,33 @@ pub fn spawn_sidecar(dir: &Path, spec: SidecarSpec) -> Result<Child, String> {
             cmd.env_remove(&key);
         }
     }
-    let process = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the {} sidecar: {e}", spec.name))?;
+    let process = cmd.spawn().map_err(|error| SidecarError::Spawn {
+        name: spec.name.clone(),
+        error,
+    })?;
     let pid = process.id().unwrap_or(0);
     Ok(Child { spec, process, pid })
 }
 
 /// Waits until the sidecar's `/ready` answers 200; on failure says why, with its log.
-pub async fn wait_ready(dir: &Path, child: &mut Child, deadline: Instant) -> Result<(), String> {
+pub async fn wait_ready(
+    dir: &Path,
+    child: &mut Child,
+    deadline: Instant,
+) -> Result<(), SidecarError> {
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, child.spec.admin));
+    let name = child.spec.name.clone();
+    let log = log_path(dir, &name);
     let mut last = String::from("no answer from its admin server");
     loop {
         if let Ok(Some(status)) = child.process.try_wait() {
-            return Err(format!(
-                "the {} sidecar exited ({status}) before it was ready; the end of {}:\n{}",
-                child.spec.name,
-                log_path(dir, &child.spec.name).display(),
-                log_tail(&log_path(dir, &child.spec.name), 15)
-            ));
+            let tail = log_tail(&log, 15);
+            return Err(SidecarError::Exited {
+                name,
+                status,
+                log,
+                tail,
+            });
         }
         match http(admin, "GET", "/ready").await {
             Some((200, _)) => return Ok(()),
@@ -167,13 +212,14 @@ pub async fn wait_ready(dir: &Path, child: &mut Child, deadline: Instant) -> Res
             None => {}
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "the {} sidecar was not ready in {}s ({last}); the end of {}:\n{}",
-                child.spec.name,
-                READY_TIMEOUT.as_secs(),
-                log_path(dir, &child.spec.name).display(),
-                log_tail(&log_path(dir, &child.spec.name), 15)
-            ));
+            let tail = log_tail(&log, 15);
+            return Err(SidecarError::NotReady {
+                name,
+                secs: READY_TIMEOUT.as_secs(),
+                last,
+                log,
+                tail,
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

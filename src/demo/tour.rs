@@ -19,6 +19,23 @@ const ROTATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Width of the step column.
 const STEP_WIDTH: usize = 24;
 
+/// Why a step could not even make its call; the step fails with this as its detail.
+#[derive(Debug, thiserror::Error)]
+pub enum TourError {
+    /// The sidecar's outbound listener does not make a valid endpoint URL.
+    #[error(transparent)]
+    Endpoint(tonic::transport::Error),
+    /// The payment sidecar's admin server did not answer `/identity`.
+    #[error("no answer from http://{0}/identity")]
+    NoAnswer(std::net::SocketAddr),
+    /// `/identity` did not answer with JSON.
+    #[error("/identity answered {code} with no JSON: {error}")]
+    NotJson { code: u16, error: serde_json::Error },
+    /// `/identity` answered JSON without a `serial`; `body` is what it said, trimmed.
+    #[error("/identity answered {code} without a serial: {body}")]
+    NoSerial { code: u16, body: String },
+}
+
 /// One finished step.
 #[derive(Debug)]
 pub struct Step {
@@ -133,9 +150,9 @@ pub async fn run(t: &Topology, ca: &DevCa, once: bool) -> bool {
 }
 
 /// A client for the payment API through a local sidecar's outbound listener.
-fn payment_client(port: u16) -> Result<PaymentServiceClient<Channel>, String> {
+fn payment_client(port: u16) -> Result<PaymentServiceClient<Channel>, TourError> {
     let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .map_err(|e| e.to_string())?
+        .map_err(TourError::Endpoint)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5));
     Ok(PaymentServiceClient::new(endpoint.connect_lazy()))
@@ -170,7 +187,7 @@ async fn allowed_call(t: &Topology) -> Step {
     const NAME: &str = "allowed call";
     let mut client = match payment_client(t.gateway_out) {
         Ok(c) => c,
-        Err(e) => return Step::new(NAME, false, vec![e]),
+        Err(e) => return Step::new(NAME, false, vec![e.to_string()]),
     };
     let gateway = spiffe_id("api-gateway");
     match client.create_payment(create_request()).await {
@@ -220,7 +237,7 @@ async fn denied_call(t: &Topology) -> Step {
     let intruder = spiffe_id(INTRUDER);
     let mut client = match payment_client(t.intruder_out) {
         Ok(c) => c,
-        Err(e) => return Step::new(NAME, false, vec![e]),
+        Err(e) => return Step::new(NAME, false, vec![e.to_string()]),
     };
     match client.create_payment(create_request()).await {
         Ok(_) => Step::new(
@@ -251,7 +268,7 @@ async fn plaintext(t: &Topology) -> Step {
     let before = handshake_failures(t).await;
     let mut client = match payment_client(t.payment_inbound) {
         Ok(c) => c,
-        Err(e) => return Step::new(NAME, false, vec![e]),
+        Err(e) => return Step::new(NAME, false, vec![e.to_string()]),
     };
     let target = format!("127.0.0.1:{}", t.payment_inbound);
     match client.create_payment(create_request()).await {
@@ -299,21 +316,19 @@ async fn handshake_failures(t: &Topology) -> u64 {
 }
 
 /// The payment sidecar's current SVID serial, from its admin `/identity`.
-async fn payment_serial(t: &Topology) -> Result<String, String> {
+async fn payment_serial(t: &Topology) -> Result<String, TourError> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], t.payment_admin));
     let (code, body) = http(addr, "GET", "/identity")
         .await
-        .ok_or_else(|| format!("no answer from http://{addr}/identity"))?;
-    let json: serde_json::Value = serde_json::from_str(&body)
-        .map_err(|e| format!("/identity answered {code} with no JSON: {e}"))?;
+        .ok_or(TourError::NoAnswer(addr))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&body).map_err(|error| TourError::NotJson { code, error })?;
     json.get("serial")
         .and_then(|s| s.as_str())
         .map(str::to_string)
-        .ok_or_else(|| {
-            format!(
-                "/identity answered {code} without a serial: {}",
-                body.trim()
-            )
+        .ok_or_else(|| TourError::NoSerial {
+            code,
+            body: body.trim().to_string(),
         })
 }
 
@@ -322,11 +337,11 @@ async fn rotation(t: &Topology, ca: &DevCa) -> Step {
     const NAME: &str = "SVID rotation";
     let old = match payment_serial(t).await {
         Ok(s) => s,
-        Err(e) => return Step::new(NAME, false, vec![e]),
+        Err(e) => return Step::new(NAME, false, vec![e.to_string()]),
     };
     let mut client = match payment_client(t.gateway_out) {
         Ok(c) => c,
-        Err(e) => return Step::new(NAME, false, vec![e]),
+        Err(e) => return Step::new(NAME, false, vec![e.to_string()]),
     };
     ca.rotate_now();
     let start = Instant::now();

@@ -7,7 +7,7 @@
 //! are rewritten at half the TTL and on SIGHUP. On exit the sockets are removed.
 
 use crate::config::parse_duration;
-use crate::config::parse_spiffe_id;
+use crate::config::{parse_spiffe_id, SpiffeIdError};
 use crate::dev_ca::{pem_block, DevCa, DevCaError, IssuedSvid, MIN_TTL};
 use crate::identity::SpiffeId;
 use std::io::Write;
@@ -19,6 +19,51 @@ use tokio_util::sync::CancellationToken;
 
 /// How long the foreign `stranger` SVIDs written by `--write-ca-dir` stay valid.
 const STRANGER_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why `meshd dev-ca` could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum DevCaCliError {
+    /// The CA refused (bad trust domain or TTL, a socket it cannot bind, a file it cannot
+    /// write).
+    #[error(transparent)]
+    Ca(#[from] DevCaError),
+    /// An `ID=PATH` argument has no `=`.
+    #[error("{flag} `{text}` must look like spiffe://td/name=/path")]
+    NoSeparator { flag: &'static str, text: String },
+    /// The ID of an `ID=PATH` argument is not a SPIFFE ID.
+    #[error("{flag} `{text}`: bad SPIFFE ID: {reason}")]
+    BadId {
+        flag: &'static str,
+        text: String,
+        reason: SpiffeIdError,
+    },
+    /// The path of an `ID=PATH` argument is empty.
+    #[error("{flag} `{text}`: the path after `=` is empty")]
+    EmptyPath { flag: &'static str, text: String },
+    /// An identity to serve or write is outside the CA's trust domain.
+    #[error("{flag} {text}: {id} is not in the trust domain {trust_domain}")]
+    ForeignId {
+        flag: &'static str,
+        text: String,
+        id: SpiffeId,
+        trust_domain: String,
+    },
+    /// `--federate` names the CA's own trust domain.
+    #[error("--federate {0}: that is the CA's own trust domain")]
+    FederateSelf(String),
+    /// The tokio runtime could not be built.
+    #[error("cannot start the tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A signal handler could not be installed.
+    #[error("cannot listen for {name}: {error}")]
+    Signal {
+        name: &'static str,
+        error: std::io::Error,
+    },
+    /// The `dev-ca ready` line could not be written.
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
+}
 
 /// Arguments of `meshd dev-ca`.
 #[derive(clap::Args, Debug)]
@@ -58,25 +103,27 @@ struct Plan {
 }
 
 /// Runs the development CA until SIGINT or SIGTERM.
-pub fn main(args: DevCaArgs) -> Result<(), String> {
+pub fn main(args: DevCaArgs) -> Result<(), DevCaCliError> {
     let plan = plan(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+        .map_err(DevCaCliError::Runtime)?;
     runtime.block_on(run(plan))
 }
 
 /// Checks the arguments as a whole before anything is created.
-fn plan(args: DevCaArgs) -> Result<Plan, String> {
-    let own = |text: &str, flag: &str| -> Result<(SpiffeId, PathBuf), String> {
+fn plan(args: DevCaArgs) -> Result<Plan, DevCaCliError> {
+    let own = |text: &str, flag: &'static str| -> Result<(SpiffeId, PathBuf), DevCaCliError> {
         let (id, path) = split_pair(text, flag)?;
         if id.trust_domain_name() != args.trust_domain {
-            return Err(format!(
-                "{flag} {text}: {id} is not in the trust domain {}",
-                args.trust_domain
-            ));
+            return Err(DevCaCliError::ForeignId {
+                flag,
+                text: text.to_string(),
+                id,
+                trust_domain: args.trust_domain.clone(),
+            });
         }
         Ok((id, path))
     };
@@ -91,13 +138,11 @@ fn plan(args: DevCaArgs) -> Result<Plan, String> {
         .map(|t| own(t, "--write-files"))
         .collect::<Result<Vec<_>, _>>()?;
     if args.ttl < MIN_TTL {
-        return Err(DevCaError::TtlTooShort(args.ttl).to_string());
+        return Err(DevCaError::TtlTooShort(args.ttl).into());
     }
     for td in &args.federate {
         if *td == args.trust_domain {
-            return Err(format!(
-                "--federate {td}: that is the CA's own trust domain"
-            ));
+            return Err(DevCaCliError::FederateSelf(td.clone()));
         }
     }
     Ok(Plan {
@@ -111,45 +156,53 @@ fn plan(args: DevCaArgs) -> Result<Plan, String> {
 }
 
 /// Splits `spiffe://td/path=/some/path` (a `unix://` prefix on the path is allowed).
-fn split_pair(text: &str, flag: &str) -> Result<(SpiffeId, PathBuf), String> {
+fn split_pair(text: &str, flag: &'static str) -> Result<(SpiffeId, PathBuf), DevCaCliError> {
     let (id, path) = text
         .split_once('=')
-        .ok_or_else(|| format!("{flag} `{text}` must look like spiffe://td/name=/path"))?;
-    let id = parse_spiffe_id(id).map_err(|e| format!("{flag} `{text}`: bad SPIFFE ID: {e}"))?;
+        .ok_or_else(|| DevCaCliError::NoSeparator {
+            flag,
+            text: text.to_string(),
+        })?;
+    let id = parse_spiffe_id(id).map_err(|reason| DevCaCliError::BadId {
+        flag,
+        text: text.to_string(),
+        reason,
+    })?;
     let path = path
         .strip_prefix("unix://")
         .or_else(|| path.strip_prefix("unix:"))
         .unwrap_or(path);
     if path.is_empty() {
-        return Err(format!("{flag} `{text}`: the path after `=` is empty"));
+        return Err(DevCaCliError::EmptyPath {
+            flag,
+            text: text.to_string(),
+        });
     }
     Ok((id, PathBuf::from(path)))
 }
 
-async fn run(plan: Plan) -> Result<(), String> {
-    let err = |e: DevCaError| e.to_string();
-    let ca = Arc::new(DevCa::new(&plan.trust_domain).map_err(err)?);
+async fn run(plan: Plan) -> Result<(), DevCaCliError> {
+    let ca = Arc::new(DevCa::new(&plan.trust_domain)?);
     let mut foreign = Vec::new();
     for td in &plan.federate {
-        let other = DevCa::new(td).map_err(err)?;
+        let other = DevCa::new(td)?;
         ca.set_federated(td, other.bundle_der());
         foreign.push(other);
     }
     if let Some(dir) = &plan.write_ca_dir {
-        write_ca_dir(dir, &ca, &foreign).map_err(err)?;
+        write_ca_dir(dir, &ca, &foreign)?;
     }
-    write_identity_files(&ca, &plan.write_files, plan.ttl).map_err(err)?;
+    write_identity_files(&ca, &plan.write_files, plan.ttl)?;
     let mut signals = Signals::new()?;
     let stop = CancellationToken::new();
     let serving = ca
         .clone()
         .serve(plan.identities, plan.ttl, stop.clone())
-        .await
-        .map_err(err)?;
+        .await?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "dev-ca ready")
         .and_then(|_| out.flush())
-        .map_err(|e| format!("cannot write to stdout: {e}"))?;
+        .map_err(DevCaCliError::Stdout)?;
     drop(out);
     let half = plan.ttl / 2;
     loop {
@@ -185,9 +238,9 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> Result<Signals, String> {
-        let on = |kind: SignalKind, name: &str| {
-            signal(kind).map_err(|e| format!("cannot listen for {name}: {e}"))
+    fn new() -> Result<Signals, DevCaCliError> {
+        let on = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|error| DevCaCliError::Signal { name, error })
         };
         Ok(Signals {
             interrupt: on(SignalKind::interrupt(), "SIGINT")?,
@@ -315,7 +368,7 @@ mod tests {
             (&["--federate", "jia.app"], "own trust domain"),
         ];
         for (argv, want) in table {
-            let err = plan(args(argv)).unwrap_err();
+            let err = plan(args(argv)).unwrap_err().to_string();
             assert!(err.contains(want), "{argv:?}: {err}");
         }
         let ok = plan(args(&[

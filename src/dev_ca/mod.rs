@@ -1,12 +1,13 @@
-//! The development CA: a self-signed SPIFFE trust domain root kept in memory, which issues
-//! X.509-SVIDs and (through `dev_ca_server`) serves them over the real SPIFFE Workload API.
+//! The development CA: a self-signed SPIFFE trust domain root kept in memory, which
+//! issues X.509-SVIDs and (through `dev_ca/server.rs`) serves them over the real SPIFFE
+//! Workload API.
 //!
 //! Flow: [`DevCa::new`] makes an EC P-256 root for `spiffe://<td>`. [`DevCa::issue_svid`]
 //! signs a standard leaf for a SPIFFE ID; [`DevCa::issue_custom`] signs deliberately broken
 //! leaves for tests. Control calls ([`DevCa::rotate_now`], [`DevCa::set_federated`],
 //! [`DevCa::replace_ca`]) change the CA state and bump a `watch` channel; the per-identity
-//! rotators of `dev_ca_server` listen to it and stream fresh responses to every client.
-//! The `meshd dev-ca` command line lives in `dev_ca_cli` and is re-exported here.
+//! rotators of `dev_ca/server.rs` listen to it and stream fresh responses to every client.
+//! The `meshd dev-ca` command line lives in `dev_ca/cli.rs` and is re-exported here.
 
 mod cli;
 mod server;
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
-pub use crate::dev_ca::cli::{main, DevCaArgs};
+pub use crate::dev_ca::cli::{main, DevCaArgs, DevCaCliError};
 pub use crate::dev_ca::server::Serving;
 
 /// How long a development root is valid.

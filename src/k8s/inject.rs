@@ -102,13 +102,7 @@ pub fn inject_text(text: &str, path: &Path, args: &InjectArgs) -> Result<String,
         if value.is_null() {
             continue; // an empty document, e.g. after a trailing `---`
         }
-        inject_document(&mut value, args).map_err(|(kind, name, what)| InjectError::Shape {
-            path: path.to_path_buf(),
-            doc: i + 1,
-            kind,
-            name,
-            what,
-        })?;
+        inject_document(&mut value, args, path, i + 1)?;
         let yaml = serde_yaml_ng::to_string(&value).map_err(|error| InjectError::Yaml {
             path: path.to_path_buf(),
             error,
@@ -118,24 +112,34 @@ pub fn inject_text(text: &str, path: &Path, args: &InjectArgs) -> Result<String,
     Ok(out.join("---\n"))
 }
 
-type ShapeError = (String, String, String);
-
 fn text_at<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a str> {
     keys.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
-/// Injects one document in place; a kind without pods is left as it is.
-fn inject_document(doc: &mut Value, args: &InjectArgs) -> Result<(), ShapeError> {
-    let kind = text_at(doc, &["kind"]).unwrap_or("").to_string();
-    let name = text_at(doc, &["metadata", "name"])
+/// Injects document `doc` (1-based) of the file at `path` in place; a kind without pods
+/// is left as it is.
+fn inject_document(
+    value: &mut Value,
+    args: &InjectArgs,
+    path: &Path,
+    doc: usize,
+) -> Result<(), InjectError> {
+    let kind = text_at(value, &["kind"]).unwrap_or("").to_string();
+    let name = text_at(value, &["metadata", "name"])
         .unwrap_or("<unnamed>")
         .to_string();
-    let shape = |what: &str| (kind.clone(), name.clone(), what.to_string());
+    let shape = |what: String| InjectError::Shape {
+        path: path.to_path_buf(),
+        doc,
+        kind: kind.clone(),
+        name: name.clone(),
+        what,
+    };
     let template_path: &[&str] = match kind.as_str() {
         "List" => {
-            let items = doc.get_mut("items").and_then(Value::as_sequence_mut);
+            let items = value.get_mut("items").and_then(Value::as_sequence_mut);
             for item in items.into_iter().flatten() {
-                inject_document(item, args)?;
+                inject_document(item, args, path, doc)?;
             }
             return Ok(());
         }
@@ -144,21 +148,21 @@ fn inject_document(doc: &mut Value, args: &InjectArgs) -> Result<(), ShapeError>
         "CronJob" => &["spec", "jobTemplate", "spec", "template"],
         _ => return Ok(()),
     };
-    let mut pod = &mut *doc;
+    let mut pod = &mut *value;
     for key in template_path {
         pod = pod
             .get_mut(key)
-            .ok_or_else(|| shape(&format!("no {} here", template_path.join("."))))?;
+            .ok_or_else(|| shape(format!("no {} here", template_path.join("."))))?;
     }
     let meta = pod.get("metadata").cloned().unwrap_or(Value::Null);
     let spec = pod
         .get_mut("spec")
         .and_then(Value::as_mapping_mut)
-        .ok_or_else(|| shape("the pod template has no spec mapping"))?;
+        .ok_or_else(|| shape("the pod template has no spec mapping".into()))?;
     let containers = spec
         .get("containers")
         .and_then(Value::as_sequence)
-        .ok_or_else(|| shape("the pod spec has no containers list"))?;
+        .ok_or_else(|| shape("the pod spec has no containers list".into()))?;
     let inits = spec.get("initContainers").and_then(Value::as_sequence);
     let injected = containers
         .iter()
@@ -173,26 +177,21 @@ fn inject_document(doc: &mut Value, args: &InjectArgs) -> Result<(), ShapeError>
         return Ok(()); // opted out
     };
     // In front of the pod's own init containers, so that they too run with the sidecar.
-    add_to(spec, "initContainers", add.init_containers, true).map_err(|w| shape(&w))?;
-    add_to(spec, "volumes", add.volumes, false).map_err(|w| shape(&w))?;
+    let not_a_list = |key: &str| shape(format!("spec.{key} is not a list"));
+    list_at(spec, "initContainers")
+        .ok_or_else(|| not_a_list("initContainers"))?
+        .splice(0..0, add.init_containers);
+    list_at(spec, "volumes")
+        .ok_or_else(|| not_a_list("volumes"))?
+        .extend(add.volumes);
     Ok(())
 }
 
-/// Adds `items` to the list at `key` (in front, or at the end), creating it; a non-list
-/// there is an error.
-fn add_to(spec: &mut Mapping, key: &str, items: Vec<Value>, front: bool) -> Result<(), String> {
-    let slot = spec
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Sequence(Vec::new()));
-    let list = slot
+/// The list at `key`, created empty when absent; `None` when something else is there.
+fn list_at<'a>(spec: &'a mut Mapping, key: &str) -> Option<&'a mut Vec<Value>> {
+    spec.entry(Value::from(key))
+        .or_insert_with(|| Value::Sequence(Vec::new()))
         .as_sequence_mut()
-        .ok_or_else(|| format!("spec.{key} is not a list"))?;
-    if front {
-        list.splice(0..0, items);
-    } else {
-        list.extend(items);
-    }
-    Ok(())
 }
 
 /// What one pod gets: init containers (the iptables step, then the sidecar) and volumes.

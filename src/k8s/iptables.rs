@@ -95,6 +95,12 @@ pub enum IptablesError {
     /// `uninstall` ran, yet meshd chains are still in the table.
     #[error("meshd rules are still in the nat table after uninstall:\n{0}")]
     Leftover(String),
+    /// A `--exclude-outbound-cidrs` value is not an address or an address/prefix.
+    #[error("`{0}` is not a network such as 10.0.0.0/8 or fd00::/8")]
+    BadNetwork(String),
+    /// A network's prefix length is longer than its address (32 bits, or 128).
+    #[error("`{text}`: the prefix length must be 0 to {max}")]
+    BadPrefix { text: String, max: u8 },
 }
 
 /// A network in CIDR notation, IPv4 (`10.0.0.0/8`) or IPv6 (`fd00::/8`); a bare address
@@ -106,9 +112,9 @@ pub struct IpNet {
 }
 
 impl std::str::FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a network such as 10.0.0.0/8 or fd00::/8");
+    type Err = IptablesError;
+    fn from_str(s: &str) -> Result<Self, IptablesError> {
+        let bad = || IptablesError::BadNetwork(s.to_string());
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
@@ -117,11 +123,12 @@ impl std::str::FromStr for IpNet {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                IptablesError::BadPrefix {
+                    text: s.to_string(),
+                    max,
+                }
+            })?,
         };
         Ok(IpNet { addr, prefix })
     }
@@ -496,7 +503,7 @@ COMMIT
             assert_eq!(text.parse::<IpNet>().unwrap().to_string(), shown);
         }
         for bad in ["10.0.0.0/33", "fd00::/129", "ten/8", "10.0.0.0/x", ""] {
-            let e = bad.parse::<IpNet>().unwrap_err();
+            let e = bad.parse::<IpNet>().unwrap_err().to_string();
             assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
         }
     }

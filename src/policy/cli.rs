@@ -6,10 +6,36 @@
 //! [`explain_cli`] turns the command-line target into a [`Target`] and renders the
 //! decision with [`explain`].
 
-use crate::config::parse_spiffe_id;
+use crate::config::{parse_spiffe_id, SpiffeIdError};
 use crate::policy::parse::{load_policy, PolicyProblem};
 use crate::policy::{explain, Request, Target, DEFAULT_INBOUND_PORT};
 use std::path::Path;
+
+/// Why `meshd policy explain` could not explain a decision.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The policy file did not load: its `file:line:column` problems, one per line.
+    #[error("{}", lines(.0))]
+    Policy(Vec<PolicyProblem>),
+    /// `--from` is not a SPIFFE ID.
+    #[error("--from `{from}` is not a valid SPIFFE ID: {reason}")]
+    BadCaller { from: String, reason: SpiffeIdError },
+    /// Both `--grpc` and `--http` were given (clap refuses this too).
+    #[error("give either --grpc or --http, not both")]
+    TwoTargets,
+    /// `--grpc` is not `SERVICE/METHOD`.
+    #[error("--grpc `{0}`: expected SERVICE/METHOD, e.g. payment.v1.PaymentService/GetPayment")]
+    BadGrpcTarget(String),
+}
+
+/// The problems of a policy file, one per line.
+fn lines(problems: &[PolicyProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// `meshd check --policy F`: one line per problem (or an `ok` line), and whether the
 /// file is acceptable (warnings do not fail it).
@@ -39,21 +65,21 @@ pub fn explain_cli(
     grpc: Option<&str>,
     http: Option<(&str, &str)>,
     port: Option<u16>,
-) -> Result<String, String> {
-    let join = |ps: Vec<PolicyProblem>| {
-        ps.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let (policy, _warnings) = load_policy(policy_path, 0).map_err(join)?;
-    parse_spiffe_id(from).map_err(|e| format!("--from `{from}` is not a valid SPIFFE ID: {e}"))?;
+) -> Result<String, ExplainError> {
+    let (policy, _warnings) = load_policy(policy_path, 0).map_err(ExplainError::Policy)?;
+    parse_spiffe_id(from).map_err(|reason| ExplainError::BadCaller {
+        from: from.to_string(),
+        reason,
+    })?;
     let upper_method: String;
     let request = match (grpc, http) {
-        (Some(_), Some(_)) => return Err("give either --grpc or --http, not both".into()),
+        (Some(_), Some(_)) => return Err(ExplainError::TwoTargets),
         (Some(g), None) => {
-            let (service, method) = g.trim_start_matches('/').split_once('/').filter(|(s, m)| !s.is_empty() && !m.is_empty())
-                .ok_or_else(|| format!("--grpc `{g}`: expected SERVICE/METHOD, e.g. payment.v1.PaymentService/GetPayment"))?;
+            let (service, method) = g
+                .trim_start_matches('/')
+                .split_once('/')
+                .filter(|(s, m)| !s.is_empty() && !m.is_empty())
+                .ok_or_else(|| ExplainError::BadGrpcTarget(g.to_string()))?;
             Request::Grpc { service, method }
         }
         (None, Some((method, path))) => {

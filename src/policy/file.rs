@@ -1,10 +1,10 @@
-//! The policy file as written: the serde model `policy_parse` reads it into, and the
+//! The policy file as written: the serde model `policy/parse.rs` reads it into, and the
 //! checks that run while each value is read.
 //!
 //! Flow: `serde_yaml_ng` fills [`RawPolicy`]; each scalar goes through its `FromStr`
 //! (SPIFFE ID matchers, gRPC targets, paths, methods, rule names) or its own visitor
 //! (ports, lists that must not be empty), so an error carries the value's own line and
-//! column. `policy_parse` then builds the `Policy` from the raw rules.
+//! column. `policy/parse.rs` then builds the `Policy` from the raw rules.
 
 use crate::config::parse_spiffe_id;
 use crate::policy::parse::PolicyError;

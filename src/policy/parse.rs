@@ -6,7 +6,7 @@
 //! deserialized (SPIFFE ID matchers, gRPC targets, paths, methods, ports), so serde
 //! reports their exact position. Whole-policy checks follow (duplicate names are
 //! errors, allows shadowed by a deny are warnings) and locate the rule in the source by
-//! searching for its `name:`. The command line uses it through `policy_cli`.
+//! searching for its `name:`. The command line uses it through `policy/cli.rs`.
 
 use crate::policy::file::{listed, RawPolicy};
 use crate::policy::{Action, HttpTarget, Policy, Rule, To};

@@ -1,4 +1,6 @@
 use super::*;
+use crate::config::parse_spiffe_id;
+use crate::identity::SpiffeId;
 use std::path::Path;
 
 fn policy(yaml: &str) -> Policy {

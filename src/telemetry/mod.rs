@@ -2,8 +2,9 @@
 //! values, the per-request record that ends in metrics and an access-log line, and the
 //! tracing subscriber whose level admin can change at runtime.
 //!
-//! Flow: `app` calls `install` once; proxies create a `RequestRecord` per request (or TCP
-//! connection) and it records itself when finished or dropped.
+//! Flow: `app` calls [`init_logging`] and [`install_metrics`] once; proxies create a
+//! [`RequestRecord`] per request (or TCP connection) and it records itself, through the
+//! handles of `metric_cache`, when finished or dropped.
 
 mod metric_cache;
 pub use metric_cache::increment;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::policy::cli::{check_file, explain_cli};
+use crate::policy::cli::{check_file, explain_cli, ExplainError};
 use std::io::Write;
 use std::time::Instant;
 
@@ -408,19 +408,25 @@ fn explain_cli_targets_and_errors() {
     f.write_all(b"service: s\nrules:\n  - name: web\n    from: [\"spiffe://td/*\"]\n    to: {http: [{methods: [GET], paths: [\"/api/*\"]}]}\n  - name: tcp\n    from: [\"spiffe://td/db\"]\n    to: {ports: [5432]}\n").expect("write");
     let p = f.path();
     assert_eq!(
-        explain_cli(p, "spiffe://td/a", None, Some(("GET", "/api/v1")), None),
-        Ok("ALLOW  rule=web  mode=enforce".into())
+        explain_cli(p, "spiffe://td/a", None, Some(("GET", "/api/v1")), None).unwrap(),
+        "ALLOW  rule=web  mode=enforce"
     );
     assert_eq!(
-        explain_cli(p, "spiffe://td/db", None, None, Some(5432)),
-        Ok("ALLOW  rule=tcp  mode=enforce".into())
+        explain_cli(p, "spiffe://td/db", None, None, Some(5432)).unwrap(),
+        "ALLOW  rule=tcp  mode=enforce"
     );
     assert_eq!(
-        explain_cli(p, "spiffe://td/db", None, None, None),
-        Ok("DENY  rule=default deny  mode=enforce".into())
+        explain_cli(p, "spiffe://td/db", None, None, None).unwrap(),
+        "DENY  rule=default deny  mode=enforce"
     );
-    assert!(explain_cli(p, "spiffe://TD/a", None, None, None).is_err());
-    assert!(explain_cli(p, "spiffe://td/a", Some("nomethod"), None, None).is_err());
+    assert!(matches!(
+        explain_cli(p, "spiffe://TD/a", None, None, None),
+        Err(ExplainError::BadCaller { .. })
+    ));
+    assert!(matches!(
+        explain_cli(p, "spiffe://td/a", Some("nomethod"), None, None),
+        Err(ExplainError::BadGrpcTarget(_))
+    ));
     assert!(explain_cli(
         Path::new("/nonexistent.yaml"),
         "spiffe://td/a",
