@@ -3,7 +3,6 @@
 //! for a stop signal (SIGTERM/SIGINT, `POST /shutdown`, or the app's exit).
 
 use crate::admin::{self, AdminState};
-use crate::config::parse_spiffe_id;
 use crate::config::Config;
 use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
@@ -85,13 +84,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let background = CancellationToken::new();
 
     // Identity.
-    let expect = config
-        .identity
-        .expect
-        .as_deref()
-        .map(parse_spiffe_id)
-        .transpose()
-        .map_err(|e| anyhow!("identity.expect: {e}"))?;
+    let expect = config.identity.expect.clone();
     let (id_tx, id_rx) = watch::channel(IdentityStatus::Waiting {
         reason: "waiting for the first X.509-SVID".into(),
     });
@@ -109,8 +102,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .identity
             .workload_api
             .clone()
-            .unwrap_or_else(|| "unix:///run/spire/sockets/agent.sock".into());
-        let addr = crate::config::parse_workload_api_address(&addr)?;
+            .unwrap_or_else(|| crate::config::DEFAULT_WORKLOAD_API.into());
         tokio::spawn(crate::identity::follow_workload_api(
             addr,
             expect.clone(),
@@ -120,12 +112,11 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
 
     // TLS.
-    let mut upstream_ids = Vec::new();
-    for o in &config.outbound {
-        let id = parse_spiffe_id(&o.server_id)
-            .map_err(|e| anyhow!("outbound {}: server_id: {e}", o.name))?;
-        upstream_ids.push((o.name.clone(), id, o.protocol.is_http()));
-    }
+    let upstream_ids = config
+        .outbound
+        .iter()
+        .map(|o| (o.name.clone(), o.server_id.clone(), o.protocol.is_http()))
+        .collect();
     let inbound_h2 = config.inbound.as_ref().is_none_or(|i| i.protocol.is_http());
     let tls = Arc::new(TlsStore::new(inbound_h2, upstream_ids));
     tokio::spawn(tls.clone().run(id_rx.clone()));
@@ -181,21 +172,15 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             Some(addr) => Some(bind(addr, &format!("outbound {}", o.name)).await?),
             None => None,
         };
-        let spec = crate::config::parse_endpoints(&o.endpoints)
-            .map_err(|e| anyhow!("outbound {}: {e}", o.name))?;
-        let source = match &o.endpoints {
-            crate::config::Endpoints::Uri(u) => u.clone(),
-            crate::config::Endpoints::Static(list) => list.join(","),
+        let refresh = RefreshBounds {
+            min: o.min_refresh,
+            max: o.max_refresh,
         };
         let found = discovery::start(
             &o.name,
-            source,
-            spec,
+            o.endpoints.clone(),
             dns.clone(),
-            RefreshBounds {
-                min: o.min_refresh,
-                max: o.max_refresh,
-            },
+            refresh,
             background.clone(),
         );
         let slot = tls
@@ -213,16 +198,11 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
         ob.start(&drain);
         by_name.insert(o.name.clone(), ob.clone());
-        for text in &o.intercept {
-            let target = crate::config::parse_host_port(text)
-                .map_err(|e| anyhow!("outbound {} intercept `{text}`: {e}", o.name))?;
+        for target in &o.intercept {
             claims.push(Claim {
-                target,
+                target: target.clone(),
                 outbound: ob.clone(),
-                refresh: RefreshBounds {
-                    min: o.min_refresh,
-                    max: o.max_refresh,
-                },
+                refresh,
             });
         }
         if let Some(listener) = listener {

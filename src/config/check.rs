@@ -2,8 +2,10 @@
 //! at, the `endpoints` grammar, and the report `meshd check --config F` prints.
 //!
 //! Flow: `config::Config::from_text` calls [`validate`] after the environment overrides;
-//! it checks every rule and collects every problem. Each problem is attached to a key
-//! path such as `outbound[1].server_id`, which [`Source`] turns into `line:column`.
+//! it checks every rule and collects every problem, and from the raw config builds the
+//! typed [`Config`] (SPIFFE IDs, endpoints and intercept addresses parsed, here and only
+//! here). Each problem is attached to a key path such as `outbound[1].server_id`, which
+//! [`Source`] turns into `line:column`.
 //!
 //! Locating a key path: the source text is walked a second time with a serde visitor
 //! (`Seek`) that skips everything off the path and, at the target, fails with a marker
@@ -13,8 +15,13 @@
 //! (a default) falls back to its nearest ancestor that it does contain, else to no
 //! position; a path set by an environment variable is reported as `env:VARIABLE`.
 
-use crate::config::{Config, ConfigError, ConfigProblem, Endpoints, Env};
+use crate::config::raw::{Endpoints, ParsedOutbound, RawConfig};
+use crate::config::{
+    parse_spiffe_id, parse_workload_api_address, Config, ConfigError, ConfigProblem, Env, Severity,
+};
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Serialize, Serializer};
+use spiffe::SpiffeId;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -90,32 +97,43 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Every semantic problem in `config`. `file_conflict`: the file itself set both
-/// `identity.files` and `identity.workload_api` (the environment may since have chosen).
-pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Vec<ConfigProblem> {
+/// Every semantic problem in `raw`, and the typed [`Config`] when none is an error.
+/// `file_conflict`: the file itself set both `identity.files` and
+/// `identity.workload_api` (the environment may since have chosen).
+pub(crate) fn validate(
+    raw: RawConfig,
+    file_conflict: bool,
+    src: &Source,
+) -> (Option<Config>, Vec<ConfigProblem>) {
     let mut out = Vec::new();
+    let config = &raw;
     if config.service.trim().is_empty() {
         out.push(src.problem("service", ConfigError::EmptyService));
     }
     if file_conflict {
         out.push(src.in_file("identity.files", ConfigError::IdentityConflict));
     }
-    if let Some(addr) = &config.identity.workload_api {
-        if let Err(e) = crate::config::parse_workload_api_address(addr) {
-            out.push(src.problem(
-                "identity.workload_api",
-                ConfigError::WorkloadApi(e.to_string()),
-            ));
-        }
-    }
-    if let Some(id) = &config.identity.expect {
-        check_spiffe_id(src, "identity.expect", id, &mut out);
-    }
+    let workload_api = match config.identity.workload_api.as_deref() {
+        None => Some(None),
+        Some(addr) => match parse_workload_api_address(addr) {
+            Ok(canonical) => Some(Some(canonical)),
+            Err(e) => {
+                let error = ConfigError::WorkloadApi(e.to_string());
+                out.push(src.problem("identity.workload_api", error));
+                None
+            }
+        },
+    };
+    let expect = match config.identity.expect.as_deref() {
+        None => Some(None),
+        Some(id) => check_spiffe_id(src, "identity.expect", id, &mut out).map(Some),
+    };
     let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
     if let Some(inbound) = &config.inbound {
         listeners.push(("inbound.listen".into(), inbound.listen));
     }
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut parsed = Vec::with_capacity(config.outbound.len());
     for (i, ob) in config.outbound.iter().enumerate() {
         let at = |key: &str| format!("outbound[{i}].{key}");
         if ob.name.trim().is_empty() {
@@ -133,8 +151,9 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         if let Some(listen) = ob.listen {
             listeners.push((at("listen"), listen));
         }
-        check_spiffe_id(src, &at("server_id"), &ob.server_id, &mut out);
-        check_endpoints(src, &at("endpoints"), &ob.endpoints, &mut out);
+        let server_id = check_spiffe_id(src, &at("server_id"), &ob.server_id, &mut out);
+        let endpoints = check_endpoints(src, &at("endpoints"), &ob.endpoints, &mut out);
+        parsed.push(server_id.zip(endpoints));
         if ob.timeout.is_zero() {
             out.push(src.problem(
                 &at("timeout"),
@@ -159,7 +178,7 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
         };
         crate::config::resilience::check(&resilience, &format!("outbound[{i}]"), src, &mut out);
     }
-    crate::config::intercept::check(config, src, &mut out, &mut listeners);
+    let intercepts = crate::config::intercept::check(config, src, &mut out, &mut listeners);
     crate::config::gateway::check(config, src, &mut out, &mut listeners);
     listeners.push(("admin.listen".into(), config.admin.listen));
     for (j, (field, addr)) in listeners.iter().enumerate() {
@@ -196,39 +215,81 @@ pub(crate) fn validate(config: &Config, file_conflict: bool, src: &Source) -> Ve
     if config.inbound.as_ref().is_some_and(|i| i.policy.is_none()) {
         out.push(src.problem("inbound", ConfigError::InboundWithoutPolicy));
     }
-    out
+    if out.iter().any(|p| p.severity == Severity::Error) {
+        return (None, out);
+    }
+    let outbound: Option<Vec<_>> = parsed
+        .into_iter()
+        .zip(intercepts)
+        .map(|(ids, intercept)| {
+            let (server_id, endpoints) = ids?;
+            Some(ParsedOutbound {
+                server_id,
+                endpoints,
+                intercept: intercept?,
+            })
+        })
+        .collect();
+    let (Some(workload_api), Some(expect), Some(outbound)) = (workload_api, expect, outbound)
+    else {
+        return (None, out);
+    };
+    (Some(raw.into_config(workload_api, expect, outbound)), out)
 }
 
-fn check_spiffe_id(src: &Source, field: &str, id: &str, out: &mut Vec<ConfigProblem>) {
-    if let Err(reason) = crate::config::parse_spiffe_id(id) {
-        let error = ConfigError::BadSpiffeId {
-            field: field.into(),
-            value: id.into(),
-            reason: reason.to_string(),
-        };
-        out.push(src.problem(field, error));
+/// `id` as a SPIFFE ID, or a problem at `field`.
+fn check_spiffe_id(
+    src: &Source,
+    field: &str,
+    id: &str,
+    out: &mut Vec<ConfigProblem>,
+) -> Option<SpiffeId> {
+    match parse_spiffe_id(id) {
+        Ok(id) => Some(id),
+        Err(reason) => {
+            let error = ConfigError::BadSpiffeId {
+                field: field.into(),
+                value: id.into(),
+                reason: reason.to_string(),
+            };
+            out.push(src.problem(field, error));
+            None
+        }
     }
 }
 
-fn check_endpoints(src: &Source, field: &str, endpoints: &Endpoints, out: &mut Vec<ConfigProblem>) {
+/// `endpoints` parsed, or a problem per bad entry of a static list (at the entry), or
+/// one at `field`.
+fn check_endpoints(
+    src: &Source,
+    field: &str,
+    endpoints: &Endpoints,
+    out: &mut Vec<ConfigProblem>,
+) -> Option<EndpointsSpec> {
     match endpoints {
         Endpoints::Static(list) if !list.is_empty() => {
+            let mut good = Vec::with_capacity(list.len());
             for (j, entry) in list.iter().enumerate() {
-                if let Err(reason) = parse_host_port(entry) {
-                    let field = format!("{field}[{j}]");
-                    let reason = format!("endpoint `{entry}`: {reason}");
-                    out.push(src.problem(
-                        &field,
-                        ConfigError::BadEndpoints {
-                            field: field.clone(),
-                            reason,
-                        },
-                    ));
+                match parse_host_port(entry) {
+                    Ok(hp) => good.push(hp),
+                    Err(reason) => {
+                        let field = format!("{field}[{j}]");
+                        let reason = format!("endpoint `{entry}`: {reason}");
+                        out.push(src.problem(
+                            &field,
+                            ConfigError::BadEndpoints {
+                                field: field.clone(),
+                                reason,
+                            },
+                        ));
+                    }
                 }
             }
+            (good.len() == list.len()).then_some(EndpointsSpec::Static(good))
         }
-        _ => {
-            if let Err(reason) = parse_endpoints(endpoints) {
+        _ => match parse_endpoints(endpoints) {
+            Ok(spec) => Some(spec),
+            Err(reason) => {
                 out.push(src.problem(
                     field,
                     ConfigError::BadEndpoints {
@@ -236,8 +297,9 @@ fn check_endpoints(src: &Source, field: &str, endpoints: &Endpoints, out: &mut V
                         reason,
                     },
                 ));
+                None
             }
-        }
+        },
     }
 }
 
@@ -285,6 +347,13 @@ impl fmt::Display for HostPort {
     }
 }
 
+/// Shown as `host:port` in `/config`.
+impl Serialize for HostPort {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// What an outbound's `endpoints` asks the discovery layer to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointsSpec {
@@ -298,8 +367,45 @@ pub enum EndpointsSpec {
     File(PathBuf),
 }
 
+/// The value as written in the config: the URI, or the list joined by commas.
+impl fmt::Display for EndpointsSpec {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            EndpointsSpec::Static(list) => {
+                for (i, hp) in list.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{hp}")?;
+                }
+                Ok(())
+            }
+            EndpointsSpec::Dns { host, port } => write!(
+                f,
+                "dns:///{}",
+                HostPort {
+                    host: host.clone(),
+                    port: *port
+                }
+            ),
+            EndpointsSpec::DnsSrv { name } => write!(f, "dns+srv:///{name}"),
+            EndpointsSpec::File(path) => write!(f, "file://{}", path.display()),
+        }
+    }
+}
+
+/// Shown as in the file in `/config`: a list of `host:port`, or the resolver URI.
+impl Serialize for EndpointsSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EndpointsSpec::Static(list) => s.collect_seq(list),
+            _ => s.collect_str(self),
+        }
+    }
+}
+
 /// Parses an `endpoints` value (DESIGN.md §4); the error names the offending value.
-pub fn parse_endpoints(endpoints: &Endpoints) -> Result<EndpointsSpec, String> {
+pub(crate) fn parse_endpoints(endpoints: &Endpoints) -> Result<EndpointsSpec, String> {
     match endpoints {
         Endpoints::Static(list) if list.is_empty() => Err("the endpoints list is empty".into()),
         Endpoints::Static(list) => list
