@@ -13,8 +13,8 @@
 //! - Empty values count as unset. Every key set here is recorded in [`Overrides`] so
 //!   that a semantic problem with it is reported against `env:VARIABLE`, not the file.
 
-use crate::config::check::Overrides;
 use crate::config::raw::RawConfig;
+use crate::config::source::Overrides;
 use crate::config::{
     parse_duration, ConfigError, ConfigProblem, Env, IdentityFiles, InboundConfig, Severity,
 };

@@ -7,10 +7,10 @@
 //! value to the config report (`file:line:column: message`); `app` builds the `gateway`
 //! from them.
 
-use crate::config::check::Source;
 use crate::config::duration_str;
 use crate::config::error::{ConfigError, ConfigProblem};
 use crate::config::raw::RawConfig;
+use crate::config::source::Source;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;

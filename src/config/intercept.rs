@@ -8,9 +8,10 @@
 //! (`file:line:column: message`); `app` builds the routing table of `intercept` from
 //! the parsed addresses.
 
-use crate::config::check::{parse_host_port, Source};
+use crate::config::endpoints::parse_host_port;
 use crate::config::error::{ConfigError, ConfigProblem};
 use crate::config::raw::RawConfig;
+use crate::config::source::Source;
 use crate::config::HostPort;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -9,22 +9,23 @@
 //! the values with a grammar of their own (SPIFFE IDs, `endpoints`, `intercept`) into
 //! the typed fields of [`Config`]: nothing downstream parses them again. Nothing else in the crate reads the environment:
 //! `main` builds [`Env`] from `std::env::vars()` and hands it in. `meshd check` is
-//! [`crate::config::check::check_report`].
+//! [`check_report`].
 
 mod check;
+mod endpoints;
 mod env;
 mod error;
 mod gateway;
 mod intercept;
 mod raw;
 mod resilience;
+mod source;
 mod spiffe_id;
-pub use check::parse_host_port;
 
 use crate::telemetry::AccessLog;
-use check::{Overrides, Source};
 use raw::RawConfig;
 use serde::{Deserialize, Serialize};
+use source::{Overrides, Source};
 use spiffe::SpiffeId;
 pub use spiffe_id::{parse_spiffe_id, parse_workload_api_address, AddressError, SpiffeIdError};
 use std::collections::HashMap;
@@ -351,7 +352,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-pub use crate::config::check::{check_report, EndpointsSpec, HostPort};
+pub use crate::config::check::check_report;
+pub use crate::config::endpoints::{parse_host_port, EndpointsSpec, HostPort};
 pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
 pub use crate::config::gateway::{
     GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,

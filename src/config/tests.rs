@@ -1,7 +1,8 @@
 //! Table tests for loading, env overrides, located validation errors and endpoints.
 use super::*;
-use crate::config::check::{locate, parse_endpoints};
+use crate::config::endpoints::parse_endpoints;
 use crate::config::raw::Endpoints;
+use crate::config::source::locate;
 use std::path::Path;
 
 const EXAMPLE: &str = include_str!("../../deploy/examples/meshd.yaml");
