@@ -60,7 +60,6 @@ pub fn main(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 
 /// Builds and runs everything; returns after a complete drain.
 pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
-    let _ = crate::identity::crypto_provider();
     let telemetry = start_telemetry(&config);
     let tasks = Tasks::default();
     let identity = start_identity(&config.identity, &tasks.background);
