@@ -12,9 +12,9 @@
 use criterion::{criterion_group, BatchSize, Criterion};
 use meshd::config::parse_spiffe_id;
 use meshd::dev_ca::DevCa;
-use meshd::identity::{parse_svid_leaf, BundleSet, IdentitySnapshot, Svid};
+use meshd::identity::{crypto_provider, parse_svid_leaf, BundleSet, IdentitySnapshot, Svid};
 use meshd::proxy::spiffe_server_name;
-use meshd::tls::{client_config, client_verifier, peer_id, provider, server_config};
+use meshd::tls::{client_config, client_verifier, peer_id, server_config};
 use rustls::client::Resumption;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
@@ -37,7 +37,7 @@ fn snapshot(ca: &DevCa, id: &str) -> IdentitySnapshot {
         .map(CertificateDer::from)
         .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8_der));
-    let svid = Svid::from_der(chain, key, &provider()).expect("SVID");
+    let svid = Svid::from_der(chain, key, &crypto_provider()).expect("SVID");
     let mut bundles = BundleSet::default();
     bundles
         .insert(

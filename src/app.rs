@@ -1,10 +1,17 @@
-//! The composition root: builds everything in the order data flows (telemetry,
-//! identity, TLS, policy, listeners, admin), spawns the tasks under one drain, and waits
-//! for a stop signal (SIGTERM/SIGINT, `POST /shutdown`, or the app's exit).
+//! The composition root: builds everything in the order data flows, one step per
+//! function, spawns the tasks, and waits for a stop signal.
+//!
+//! Flow of [`run`]: [`start_telemetry`] (logs, metrics, label bounds, access log),
+//! [`start_identity`] (the SVID source task), [`start_tls`] (configs rebuilt at each
+//! rotation), [`start_policy`] (the inbound policy, loaded and watched), then the
+//! listeners: [`start_inbound`], [`start_outbounds`] (each with its discovery task),
+//! [`start_transparent`], [`start_gateway`]; then [`start_admin`]. Connection tasks run
+//! under one [`Drain`], everything else under a `background` token. [`wait_for_stop`]
+//! returns on SIGTERM/SIGINT, `POST /shutdown`, or the app's exit, and [`drain`] lets
+//! the connections in flight finish.
 
 use crate::admin::{self, AdminState};
-use crate::config::parse_spiffe_id;
-use crate::config::Config;
+use crate::config::{Config, GatewayConfig, IdentityConfig, TransparentConfig};
 use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
 use crate::gateway::Gateway;
@@ -16,9 +23,10 @@ use crate::outbound::{UpstreamView, Upstreams};
 use crate::policy::PolicyStore;
 use crate::proxy::Drain;
 use crate::proxy::{Connector, H2Pool};
-use crate::telemetry::{self, AccessLogger, LabelBounds, Labels};
+use crate::telemetry::{self, AccessLogger, Labels, LogReload};
 use crate::tls::TlsStore;
 use anyhow::{anyhow, Context};
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -50,15 +58,76 @@ pub fn main(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     rt.block_on(run(config, opts))
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot bind the {what} listener on {addr}"))
-}
-
 /// Builds and runs everything; returns after a complete drain.
 pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
-    let _ = crate::identity::crypto_provider();
+    let telemetry = start_telemetry(&config);
+    let tasks = Tasks::default();
+    let identity = start_identity(&config.identity, &tasks.background);
+    let tls = start_tls(&config, &identity.status);
+    let policy = start_policy(&config, &tasks.background);
+    set_label_bounds(&telemetry.labels, policy.as_deref());
+    let inbound_policy = policy
+        .clone()
+        .unwrap_or_else(|| Arc::new(PolicyStore::new("<none: inbound.policy is not set>")));
+    let shared = Shared {
+        identity: identity.status.clone(),
+        tls,
+        labels: telemetry.labels.clone(),
+        access: telemetry.access.clone(),
+        tasks: tasks.clone(),
+    };
+
+    let inbound_port = start_inbound(&config, &inbound_policy, &shared).await?;
+    let dns = Arc::new(Dns::new(&config.discovery.nameservers));
+    let outbounds = start_outbounds(&config, &dns, &shared).await?;
+    if let Some(t) = &config.transparent {
+        start_transparent(t, outbounds.claims, dns, &tasks.drain).await?;
+    }
+    if let Some(g) = &config.gateway {
+        start_gateway(g, &outbounds.by_name, &shared).await?;
+    }
+    let admin = AdminState {
+        identity: identity.status.clone(),
+        policy: Some(inbound_policy).filter(|_| config.inbound.is_some()),
+        inbound_port,
+        metrics: telemetry.metrics,
+        config: config.redacted(),
+        listeners_bound: Default::default(),
+        shutdown: CancellationToken::new(),
+        log_reload: telemetry.log_reload,
+        upstreams: Some(Arc::new(outbounds.upstreams)),
+    };
+    let shutdown = start_admin(config.admin.listen, admin, &tasks.background).await?;
+
+    let stop = Stop {
+        shutdown: shutdown.clone(),
+        exit_with: opts.exit_with.or(config.lifecycle.exit_with_app),
+        policy,
+        reload_files: identity.reload_files,
+    };
+    wait_for_stop(stop, &telemetry.labels).await;
+    tracing::info!("draining (up to {:?})", config.lifecycle.drain_timeout);
+    shutdown.cancel();
+    drain(&tasks, config.lifecycle.drain_timeout).await;
+    Ok(())
+}
+
+/// The observability every other step reports to.
+struct Telemetry {
+    /// Changes the log level at run time (`PUT /logging`); `None` when logging was
+    /// already set up by someone else (tests).
+    log_reload: Option<LogReload>,
+    /// Renders `/metrics`; `None` when the recorder could not be installed.
+    metrics: Option<PrometheusHandle>,
+    /// The label values metrics admit (bounded by the policy).
+    labels: Arc<Labels>,
+    /// The access log, as `log.access` asks.
+    access: Arc<AccessLogger>,
+}
+
+/// Logs at `log.level`, the Prometheus recorder (with its upkeep task), empty label
+/// bounds, and the access log.
+fn start_telemetry(config: &Config) -> Telemetry {
     let log_reload = telemetry::init_logging(&config.log.level);
     let metrics = match telemetry::install_metrics() {
         Ok(h) => Some(h),
@@ -77,152 +146,209 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
         });
     }
-    let labels = Arc::new(Labels::default());
-    let access = Arc::new(AccessLogger {
-        mode: config.log.access,
-    });
-    let drain = Drain::default();
-    let background = CancellationToken::new();
+    Telemetry {
+        log_reload,
+        metrics,
+        labels: Arc::new(Labels::default()),
+        access: Arc::new(AccessLogger {
+            mode: config.log.access,
+        }),
+    }
+}
 
-    // Identity.
-    let expect = config
-        .identity
-        .expect
-        .as_deref()
-        .map(parse_spiffe_id)
-        .transpose()
-        .map_err(|e| anyhow!("identity.expect: {e}"))?;
-    let (id_tx, id_rx) = watch::channel(IdentityStatus::Waiting {
+/// The two lifetimes of spawned tasks.
+#[derive(Clone, Default)]
+struct Tasks {
+    /// Connection tasks: they stop accepting when draining starts and are waited for.
+    drain: Drain,
+    /// Everything else (identity, policy watch, discovery, admin): cancelled last.
+    background: CancellationToken,
+}
+
+/// What every listener is built from.
+struct Shared {
+    /// The current identity, published by the identity source.
+    identity: watch::Receiver<IdentityStatus>,
+    /// The TLS configs, rebuilt at each rotation.
+    tls: Arc<TlsStore>,
+    /// The label values metrics admit.
+    labels: Arc<Labels>,
+    /// The access log.
+    access: Arc<AccessLogger>,
+    /// Where connection tasks are spawned.
+    tasks: Tasks,
+}
+
+/// The identity source's output.
+struct Identity {
+    /// The current identity, published by the source task.
+    status: watch::Receiver<IdentityStatus>,
+    /// Makes the file source re-read its files (SIGHUP); the Workload API source
+    /// ignores it.
+    reload_files: Arc<Notify>,
+}
+
+/// Spawns the identity source: the PEM files of `identity.files`, else the Workload API.
+fn start_identity(config: &IdentityConfig, background: &CancellationToken) -> Identity {
+    let (id_tx, status) = watch::channel(IdentityStatus::Waiting {
         reason: "waiting for the first X.509-SVID".into(),
     });
     let reload_files = Arc::new(Notify::new());
-    if let Some(files) = config.identity.files.clone() {
+    let expect = config.expect.clone();
+    if let Some(files) = config.files.clone() {
         tokio::spawn(crate::identity::follow_files(
             files,
-            expect.clone(),
+            expect,
             id_tx,
             reload_files.clone(),
             background.clone(),
         ));
     } else {
         let addr = config
-            .identity
             .workload_api
             .clone()
-            .unwrap_or_else(|| "unix:///run/spire/sockets/agent.sock".into());
-        let addr = crate::config::parse_workload_api_address(&addr)?;
+            .unwrap_or_else(|| crate::config::DEFAULT_WORKLOAD_API.into());
         tokio::spawn(crate::identity::follow_workload_api(
             addr,
-            expect.clone(),
+            expect,
             id_tx,
             background.clone(),
         ));
     }
-
-    // TLS.
-    let mut upstream_ids = Vec::new();
-    for o in &config.outbound {
-        let id = parse_spiffe_id(&o.server_id)
-            .map_err(|e| anyhow!("outbound {}: server_id: {e}", o.name))?;
-        upstream_ids.push((o.name.clone(), id, o.protocol.is_http()));
+    Identity {
+        status,
+        reload_files,
     }
+}
+
+/// The TLS store (one client slot per outbound) and its task following the identity.
+fn start_tls(config: &Config, identity: &watch::Receiver<IdentityStatus>) -> Arc<TlsStore> {
+    let upstream_ids = config
+        .outbound
+        .iter()
+        .map(|o| (o.name.clone(), o.server_id.clone(), o.protocol.is_http()))
+        .collect();
     let inbound_h2 = config.inbound.as_ref().is_none_or(|i| i.protocol.is_http());
     let tls = Arc::new(TlsStore::new(inbound_h2, upstream_ids));
-    tokio::spawn(tls.clone().run(id_rx.clone()));
+    tokio::spawn(tls.clone().run(identity.clone()));
+    tls
+}
 
-    // Policy.
-    let policy = match config.inbound.as_ref().and_then(|i| i.policy.clone()) {
-        Some(path) => {
-            let store = Arc::new(PolicyStore::new(path));
-            if let Err(problems) = store.reload() {
-                for p in problems {
-                    tracing::error!("{p}");
-                }
-            }
-            tokio::spawn(store.clone().watch(background.clone()));
-            Some(store)
+/// The inbound policy store, loaded once (problems logged: an unloaded store denies
+/// everything) and watched; `None` without `inbound.policy`.
+fn start_policy(config: &Config, background: &CancellationToken) -> Option<Arc<PolicyStore>> {
+    let path = config.inbound.as_ref()?.policy.clone()?;
+    let store = Arc::new(PolicyStore::new(path));
+    if let Err(problems) = store.reload() {
+        for p in problems {
+            tracing::error!("{p}");
         }
-        None => None,
-    };
-    let policy_for_inbound = policy
-        .clone()
-        .unwrap_or_else(|| Arc::new(PolicyStore::new("<none: inbound.policy is not set>")));
-    update_labels(&labels, policy.as_deref(), &config);
-
-    // Listeners.
-    let mut inbound_port = 0;
-    if let Some(ib) = &config.inbound {
-        let listener = bind(ib.listen, "inbound").await?;
-        inbound_port = listener.local_addr()?.port();
-        let inbound = Arc::new(Inbound {
-            protocol: ib.protocol,
-            forward: ib.forward,
-            port: inbound_port,
-            identity: id_rx.clone(),
-            tls: tls.clone(),
-            policy: policy_for_inbound.clone(),
-            app: H2Pool::new(Connector::Plain(ib.forward)),
-            labels: labels.clone(),
-            log: access.clone(),
-        });
-        tracing::info!(
-            "inbound listening on {} -> {}",
-            listener.local_addr()?,
-            ib.forward
-        );
-        tokio::spawn(inbound.serve(listener, drain.clone()));
     }
-    let dns = Arc::new(Dns::new(&config.discovery.nameservers));
-    let mut upstreams = Upstreams::default();
-    let mut claims = Vec::new();
-    let mut by_name = HashMap::new();
+    tokio::spawn(store.clone().watch(background.clone()));
+    Some(store)
+}
+
+/// Bounds the metrics' peer and method labels by what the policy names.
+fn set_label_bounds(labels: &Labels, policy: Option<&PolicyStore>) {
+    labels.set(policy.map(PolicyStore::label_bounds).unwrap_or_default());
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the {what} listener on {addr}"))
+}
+
+/// The inbound mTLS listener, if configured; returns its bound port (0 without one).
+async fn start_inbound(
+    config: &Config,
+    policy: &Arc<PolicyStore>,
+    shared: &Shared,
+) -> anyhow::Result<u16> {
+    let Some(ib) = &config.inbound else {
+        return Ok(0);
+    };
+    let listener = bind(ib.listen, "inbound").await?;
+    let port = listener.local_addr()?.port();
+    let inbound = Arc::new(Inbound {
+        protocol: ib.protocol,
+        forward: ib.forward,
+        port,
+        identity: shared.identity.clone(),
+        tls: shared.tls.clone(),
+        policy: policy.clone(),
+        app: H2Pool::new(Connector::Plain(ib.forward)),
+        labels: shared.labels.clone(),
+        log: shared.access.clone(),
+    });
+    tracing::info!(
+        "inbound listening on {} -> {}",
+        listener.local_addr()?,
+        ib.forward
+    );
+    tokio::spawn(inbound.serve(listener, shared.tasks.drain.clone()));
+    Ok(port)
+}
+
+/// The outbounds, for the listeners and the admin server that reach them.
+struct Outbounds {
+    /// Every upstream, for `/upstreams` and readiness.
+    upstreams: Upstreams,
+    /// Every outbound's `intercept` addresses, for the transparent listener.
+    claims: Vec<Claim>,
+    /// Each outbound by name, for the gateway's routes.
+    by_name: HashMap<String, Arc<Outbound>>,
+}
+
+/// Each outbound with its discovery task, and its plaintext listener if it has one.
+async fn start_outbounds(
+    config: &Config,
+    dns: &Arc<Dns>,
+    shared: &Shared,
+) -> anyhow::Result<Outbounds> {
+    let mut out = Outbounds {
+        upstreams: Upstreams::default(),
+        claims: Vec::new(),
+        by_name: HashMap::new(),
+    };
+    let Tasks { drain, background } = &shared.tasks;
     for o in &config.outbound {
         let listener = match o.listen {
             Some(addr) => Some(bind(addr, &format!("outbound {}", o.name)).await?),
             None => None,
         };
-        let spec = crate::config::parse_endpoints(&o.endpoints)
-            .map_err(|e| anyhow!("outbound {}: {e}", o.name))?;
-        let source = match &o.endpoints {
-            crate::config::Endpoints::Uri(u) => u.clone(),
-            crate::config::Endpoints::Static(list) => list.join(","),
+        let refresh = RefreshBounds {
+            min: o.min_refresh,
+            max: o.max_refresh,
         };
         let found = discovery::start(
             &o.name,
-            source,
-            spec,
+            o.endpoints.clone(),
             dns.clone(),
-            RefreshBounds {
-                min: o.min_refresh,
-                max: o.max_refresh,
-            },
+            refresh,
             background.clone(),
         );
-        let slot = tls
+        let slot = shared
+            .tls
             .upstream(&o.name)
             .ok_or_else(|| anyhow!("outbound {}: no TLS slot", o.name))?;
         let ob = Arc::new(Outbound::new(
             o,
             slot,
             found,
-            id_rx.clone(),
-            labels.clone(),
-            access.clone(),
+            shared.identity.clone(),
+            shared.labels.clone(),
+            shared.access.clone(),
             background.clone(),
         ));
-        upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
-        ob.start(&drain);
-        by_name.insert(o.name.clone(), ob.clone());
-        for text in &o.intercept {
-            let target = crate::config::parse_host_port(text)
-                .map_err(|e| anyhow!("outbound {} intercept `{text}`: {e}", o.name))?;
-            claims.push(Claim {
-                target,
+        out.upstreams.list.push(ob.clone() as Arc<dyn UpstreamView>);
+        ob.start(drain);
+        out.by_name.insert(o.name.clone(), ob.clone());
+        for target in &o.intercept {
+            out.claims.push(Claim {
+                target: target.clone(),
                 outbound: ob.clone(),
-                refresh: RefreshBounds {
-                    min: o.min_refresh,
-                    max: o.max_refresh,
-                },
+                refresh,
             });
         }
         if let Some(listener) = listener {
@@ -234,115 +360,93 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             tokio::spawn(ob.serve(listener, drain.clone()));
         }
     }
-    if let Some(t) = &config.transparent {
-        let mut listeners = vec![bind(t.listen, "transparent outbound").await?];
-        match TcpListener::bind(t.listen_v6).await {
-            Ok(l) => listeners.push(l),
-            Err(e) => tracing::info!("transparent outbound: not on {} ({e})", t.listen_v6),
-        }
-        let own: Vec<SocketAddr> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        tracing::info!(
-            "transparent outbound listening on {own:?} ({} intercept entries, unmatched: {:?})",
-            claims.len(),
-            t.unmatched
-        );
-        let transparent = Arc::new(Transparent::new(own, claims, t.unmatched, dns.clone()));
-        transparent.start(&drain).await;
-        for listener in listeners {
-            tokio::spawn(transparent.clone().serve(listener, drain.clone()));
-        }
+    Ok(out)
+}
+
+/// The transparent listener (IPv4, and IPv6 loopback when the pod has it) that hands
+/// intercepted connections to the outbound claiming their destination.
+async fn start_transparent(
+    t: &TransparentConfig,
+    claims: Vec<Claim>,
+    dns: Arc<Dns>,
+    drain: &Drain,
+) -> anyhow::Result<()> {
+    let mut listeners = vec![bind(t.listen, "transparent outbound").await?];
+    match TcpListener::bind(t.listen_v6).await {
+        Ok(l) => listeners.push(l),
+        Err(e) => tracing::info!("transparent outbound: not on {} ({e})", t.listen_v6),
     }
-
-    if let Some(g) = &config.gateway {
-        let gateway = Arc::new(Gateway::new(g, &by_name, access.clone())?);
-        let listener = bind(g.listen, "gateway").await?;
-        tracing::info!(
-            "gateway listening on {} ({} routes)",
-            listener.local_addr()?,
-            g.routes.len()
-        );
-        tokio::spawn(gateway.serve(listener, drain.clone()));
+    let own: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    tracing::info!(
+        "transparent outbound listening on {own:?} ({} intercept entries, unmatched: {:?})",
+        claims.len(),
+        t.unmatched
+    );
+    let transparent = Arc::new(Transparent::new(own, claims, t.unmatched, dns));
+    transparent.start(drain).await;
+    for listener in listeners {
+        tokio::spawn(transparent.clone().serve(listener, drain.clone()));
     }
-
-    // Admin.
-    let admin_listener = bind(config.admin.listen, "admin").await?;
-    let shutdown = CancellationToken::new();
-    let state = Arc::new(AdminState {
-        identity: id_rx.clone(),
-        policy: Some(policy_for_inbound.clone()).filter(|_| config.inbound.is_some()),
-        inbound_port,
-        metrics,
-        config: config.redacted(),
-        listeners_bound: Default::default(),
-        shutdown: shutdown.clone(),
-        log_reload,
-        upstreams: Some(Arc::new(upstreams)),
-    });
-    state.listeners_bound.store(true, Ordering::Release);
-    tracing::info!("admin listening on {}", admin_listener.local_addr()?);
-    tokio::spawn(admin::serve(
-        admin_listener,
-        state.clone(),
-        background.clone(),
-    ));
-
-    // Signals.
-    let exit_with = opts.exit_with.or(config.lifecycle.exit_with_app);
-    wait_for_stop(
-        shutdown.clone(),
-        exit_with,
-        policy.clone(),
-        reload_files,
-        &labels,
-        &config,
-    )
-    .await;
-
-    tracing::info!("draining (up to {:?})", config.lifecycle.drain_timeout);
-    shutdown.cancel();
-    drain.stop.cancel();
-    drain.tracker.close();
-    if tokio::time::timeout(config.lifecycle.drain_timeout, drain.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout reached; closing remaining connections");
-    }
-    background.cancel();
-    tracing::info!("stopped");
     Ok(())
 }
 
-fn update_labels(labels: &Labels, policy: Option<&PolicyStore>, _config: &Config) {
-    let mut bounds = LabelBounds::default();
-    if let Some(p) = policy.and_then(|p| p.snapshot()) {
-        for rule in &p.rules {
-            for m in &rule.from {
-                if let crate::policy::IdMatcher::Exact { .. } = m {
-                    bounds.peers.insert(m.to_string());
-                }
-            }
-            for g in rule.to.iter().flat_map(|t| t.grpc.iter()) {
-                let method = g.method.as_deref().unwrap_or("*");
-                bounds.methods.insert(format!("{}/{method}", g.service));
-            }
-        }
-    }
-    labels.set(bounds);
+/// The edge gateway's listener, routing to the outbounds by name.
+async fn start_gateway(
+    g: &GatewayConfig,
+    by_name: &HashMap<String, Arc<Outbound>>,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    let gateway = Arc::new(Gateway::new(g, by_name, shared.access.clone())?);
+    let listener = bind(g.listen, "gateway").await?;
+    tracing::info!(
+        "gateway listening on {} ({} routes)",
+        listener.local_addr()?,
+        g.routes.len()
+    );
+    tokio::spawn(gateway.serve(listener, shared.tasks.drain.clone()));
+    Ok(())
 }
 
-async fn wait_for_stop(
+/// The admin server, started once every listener is bound; returns the token that
+/// `POST /shutdown` cancels.
+async fn start_admin(
+    listen: SocketAddr,
+    state: AdminState,
+    background: &CancellationToken,
+) -> anyhow::Result<CancellationToken> {
+    let listener = bind(listen, "admin").await?;
+    let state = Arc::new(state);
+    state.listeners_bound.store(true, Ordering::Release);
+    tracing::info!("admin listening on {}", listener.local_addr()?);
+    tokio::spawn(admin::serve(listener, state.clone(), background.clone()));
+    Ok(state.shutdown.clone())
+}
+
+/// What ends the wait, and what a SIGHUP reloads.
+struct Stop {
+    /// Cancelled by `POST /shutdown`.
     shutdown: CancellationToken,
+    /// The app's process: its exit stops meshd.
     exit_with: Option<u32>,
+    /// Reloaded on SIGHUP; its new version re-bounds the metrics' labels.
     policy: Option<Arc<PolicyStore>>,
+    /// Re-reads the identity files on SIGHUP.
     reload_files: Arc<Notify>,
-    labels: &Labels,
-    config: &Config,
-) {
+}
+
+/// Waits for SIGTERM, SIGINT, `POST /shutdown` or the app's exit; meanwhile reloads on
+/// SIGHUP and keeps the label bounds in step with the policy.
+async fn wait_for_stop(stop: Stop, labels: &Labels) {
     use tokio::signal::unix::{signal, SignalKind};
+    let Stop {
+        shutdown,
+        exit_with,
+        policy,
+        reload_files,
+    } = stop;
     let mut term = signal(SignalKind::terminate()).ok();
     let mut int = signal(SignalKind::interrupt()).ok();
     let mut hup = signal(SignalKind::hangup()).ok();
@@ -359,13 +463,13 @@ async fn wait_for_stop(
                     let _ = p.reload();
                 }
                 reload_files.notify_one();
-                update_labels(labels, policy.as_deref(), config);
+                set_label_bounds(labels, policy.as_deref());
             }
             _ = tick.tick() => {
                 let version = policy.as_ref().and_then(|p| p.snapshot()).map(|p| p.version);
                 if version != seen_version {
                     seen_version = version;
-                    update_labels(labels, policy.as_deref(), config);
+                    set_label_bounds(labels, policy.as_deref());
                 }
                 if let Some(pid) = exit_with {
                     if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -376,4 +480,19 @@ async fn wait_for_stop(
             }
         }
     }
+}
+
+/// Stops accepting, lets the connections in flight finish for up to `timeout`, then
+/// stops the background tasks.
+async fn drain(tasks: &Tasks, timeout: Duration) {
+    tasks.drain.stop.cancel();
+    tasks.drain.tracker.close();
+    if tokio::time::timeout(timeout, tasks.drain.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+    tasks.background.cancel();
+    tracing::info!("stopped");
 }

@@ -13,16 +13,17 @@
 //! - Empty values count as unset. Every key set here is recorded in [`Overrides`] so
 //!   that a semantic problem with it is reported against `env:VARIABLE`, not the file.
 
-use crate::config::check::Overrides;
+use crate::config::raw::RawConfig;
+use crate::config::source::Overrides;
 use crate::config::{
-    parse_duration, Config, ConfigError, ConfigProblem, Env, IdentityFiles, InboundConfig, Severity,
+    parse_duration, ConfigError, ConfigProblem, Env, IdentityFiles, InboundConfig, Severity,
 };
 use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Applies every override in `env` to `config`; returns the problems with env values.
 pub(crate) fn apply(
-    config: &mut Config,
+    config: &mut RawConfig,
     env: &Env,
     overrides: &mut Overrides,
 ) -> Vec<ConfigProblem> {
@@ -170,7 +171,11 @@ impl Round<'_> {
     }
 
     /// The inbound section, created with its defaults (and attributed to `var`) if absent.
-    fn inbound<'c>(&mut self, config: &'c mut Config, var: &'static str) -> &'c mut InboundConfig {
+    fn inbound<'c>(
+        &mut self,
+        config: &'c mut RawConfig,
+        var: &'static str,
+    ) -> &'c mut InboundConfig {
         if config.inbound.is_none() {
             self.overrides.set("inbound", var);
         }

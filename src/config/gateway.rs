@@ -7,9 +7,10 @@
 //! value to the config report (`file:line:column: message`); `app` builds the `gateway`
 //! from them.
 
-use crate::config::check::Source;
+use crate::config::duration_str;
 use crate::config::error::{ConfigError, ConfigProblem};
-use crate::config::{duration_str, Config};
+use crate::config::raw::RawConfig;
+use crate::config::source::Source;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -121,7 +122,7 @@ pub struct RouteConfig {
 /// The gateway's rules: routes exist, have unique names and a prefix starting with `/`,
 /// name an outbound, and ask only for credentials the gateway checks; limits are not 0.
 pub(crate) fn check(
-    config: &Config,
+    config: &RawConfig,
     src: &Source,
     out: &mut Vec<ConfigProblem>,
     listeners: &mut Vec<(String, SocketAddr)>,

@@ -3,13 +3,16 @@
 //! what it does with a destination no outbound claims, and the `intercept` addresses by
 //! which each outbound claims the connections the app opens to them.
 //!
-//! Flow: serde reads these with the rest of the config; [`check`] adds a problem per bad
-//! value to the config report (`file:line:column: message`); `app` builds the routing
-//! table of `intercept` from them.
+//! Flow: serde reads these with the rest of the config; [`check`] parses each outbound's
+//! `intercept` addresses and adds a problem per bad value to the config report
+//! (`file:line:column: message`); `app` builds the routing table of `intercept` from
+//! the parsed addresses.
 
-use crate::config::check::{parse_host_port, Source};
+use crate::config::endpoints::parse_host_port;
 use crate::config::error::{ConfigError, ConfigProblem};
-use crate::config::Config;
+use crate::config::raw::RawConfig;
+use crate::config::source::Source;
+use crate::config::HostPort;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -64,18 +67,19 @@ pub enum Unmatched {
 /// The interception rules of a config: every outbound is reachable, by an explicit
 /// `listen`, by `intercept` addresses, or both; `intercept` needs the `transparent`
 /// listener; no address is claimed twice, and each is a `host:port` or a concrete
-/// `ip:port`.
+/// `ip:port`. Returns each outbound's parsed addresses, `None` for one with a bad address.
 pub(crate) fn check(
-    config: &Config,
+    config: &RawConfig,
     src: &Source,
     out: &mut Vec<ConfigProblem>,
     listeners: &mut Vec<(String, SocketAddr)>,
-) {
+) -> Vec<Option<Vec<HostPort>>> {
     if let Some(t) = &config.transparent {
         listeners.push(("transparent.listen".into(), t.listen));
         listeners.push(("transparent.listen_v6".into(), t.listen_v6));
     }
     let mut claimed: HashMap<String, usize> = HashMap::new();
+    let mut parsed = Vec::with_capacity(config.outbound.len());
     for (i, ob) in config.outbound.iter().enumerate() {
         let at = |key: &str| format!("outbound[{i}].{key}");
         let routed = config
@@ -89,6 +93,7 @@ pub(crate) fn check(
             let error = ConfigError::InterceptWithoutTransparent { index: i };
             out.push(src.problem(&at("intercept"), error));
         }
+        let mut targets = Vec::with_capacity(ob.intercept.len());
         for (j, text) in ob.intercept.iter().enumerate() {
             let field = format!("outbound[{i}].intercept[{j}]");
             let target = match parse_host_port(text) {
@@ -124,6 +129,9 @@ pub(crate) fn check(
             } else {
                 claimed.insert(key, i);
             }
+            targets.push(target);
         }
+        parsed.push((targets.len() == ob.intercept.len()).then_some(targets));
     }
+    parsed
 }

@@ -1,26 +1,32 @@
 //! The `meshd.yaml` configuration: its types, loading from a file plus the environment
 //! overrides of DESIGN.md §2, and validation whose errors name `file:line:column`.
 //!
-//! Flow: [`Config::load`] reads the file and deserializes it with `serde_yaml_ng` (unknown
-//! keys and bad types are errors carrying the parser's line and column), applies the
-//! environment overrides ([`Env`]; the environment wins over the file), fills the
-//! identity default, then `check::validate` collects EVERY semantic problem and
-//! locates each one in the source text. Nothing else in the crate reads the environment:
+//! Flow: [`Config::load`] reads the file and deserializes it with `serde_yaml_ng` into
+//! its raw form (`raw::RawConfig`; unknown keys and bad types are errors carrying the
+//! parser's line and column), applies the environment overrides ([`Env`]; the
+//! environment wins over the file), fills the identity default, then `check::validate`
+//! collects EVERY semantic problem, locates each one in the source text, and parses
+//! the values with a grammar of their own (SPIFFE IDs, `endpoints`, `intercept`) into
+//! the typed fields of [`Config`]: nothing downstream parses them again. Nothing else in the crate reads the environment:
 //! `main` builds [`Env`] from `std::env::vars()` and hands it in. `meshd check` is
-//! [`crate::config::check::check_report`].
+//! [`check_report`].
 
 mod check;
+mod endpoints;
 mod env;
 mod error;
 mod gateway;
 mod intercept;
+mod raw;
 mod resilience;
+mod source;
 mod spiffe_id;
-pub use check::parse_host_port;
 
 use crate::telemetry::AccessLog;
-use check::{Overrides, Source};
-use serde::{Deserialize, Deserializer, Serialize};
+use raw::RawConfig;
+use serde::{Deserialize, Serialize};
+use source::{Overrides, Source};
+use spiffe::SpiffeId;
 pub use spiffe_id::{parse_spiffe_id, parse_workload_api_address, AddressError, SpiffeIdError};
 use std::collections::HashMap;
 use std::fmt;
@@ -33,50 +39,41 @@ use std::time::Duration;
 /// names one and no file-based identity is configured (DESIGN.md §2).
 pub const DEFAULT_WORKLOAD_API: &str = "unix:///run/spire/sockets/agent.sock";
 
-/// The whole configuration of one meshd process (sidecar or gateway).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// The whole configuration of one meshd process (sidecar or gateway), validated: built
+/// only by [`Config::load`] and friends (serialized for the admin `/config` endpoint).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Config {
     /// The service this sidecar fronts, e.g. `payment-service`; used in logs and metrics.
     pub service: String,
-    #[serde(default)]
     pub identity: IdentityConfig,
-    #[serde(default)]
     pub inbound: Option<InboundConfig>,
-    #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
     /// The edge gateway (JWT, API keys, rate limits); off when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
     /// The transparent outbound listener (iptables REDIRECT target); off when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent: Option<TransparentConfig>,
-    #[serde(default)]
     pub admin: AdminConfig,
-    #[serde(default)]
     pub discovery: DiscoveryConfig,
-    #[serde(default)]
     pub runtime: RuntimeConfig,
-    #[serde(default)]
     pub log: LogConfig,
-    #[serde(default)]
     pub lifecycle: LifecycleConfig,
 }
 
-/// Where the sidecar's own identity comes from.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
+/// Where the sidecar's own identity comes from. Exactly one of `workload_api` and
+/// `files` is set.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct IdentityConfig {
-    /// SPIFFE Workload API address (`unix:///path` or `unix:/path`); default
-    /// `$SPIFFE_ENDPOINT_SOCKET`, else `unix:///run/spire/sockets/agent.sock`.
-    #[serde(default)]
+    /// SPIFFE Workload API address in its `unix:///path` form (`unix:/path` is accepted
+    /// in the file); default `$SPIFFE_ENDPOINT_SOCKET`, else
+    /// `unix:///run/spire/sockets/agent.sock`.
     pub workload_api: Option<String>,
     /// File-based identity instead of the Workload API.
-    #[serde(default)]
     pub files: Option<IdentityFiles>,
     /// The SPIFFE ID this sidecar must have; another ID never becomes ready.
-    #[serde(default)]
-    pub expect: Option<String>,
+    #[serde(serialize_with = "as_text::optional")]
+    pub expect: Option<SpiffeId>,
 }
 
 /// PEM files for a file-based identity, reloaded when any of them changes.
@@ -133,48 +130,43 @@ impl Default for InboundConfig {
 }
 
 /// One upstream service the app calls through a local plaintext listener.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct OutboundConfig {
     pub name: String,
     /// The plaintext listener the app dials for this upstream; may be left out when the
     /// app's connections reach it by `intercept` instead.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// Original destinations (the service addresses the app dials: `ip:port`, or
     /// `host:port` whose A/AAAA records are followed, e.g. a Service's name for its
     /// ClusterIP) whose intercepted connections the transparent listener hands to this
-    /// upstream.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub intercept: Vec<String>,
-    #[serde(default)]
+    /// upstream. Each is a concrete destination (no unspecified IP), claimed once.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub intercept: Vec<HostPort>,
     pub protocol: Protocol,
-    pub endpoints: Endpoints,
+    /// Where the upstream runs: a static list or a resolver to follow.
+    pub endpoints: EndpointsSpec,
     /// The SPIFFE ID the upstream must present; any other ID is refused.
-    pub server_id: String,
-    #[serde(default = "default_timeout", with = "duration_str")]
+    #[serde(serialize_with = "as_text::display")]
+    pub server_id: SpiffeId,
+    #[serde(with = "duration_str")]
     pub timeout: Duration,
     /// Which failed requests are sent again, and the budget that bounds them.
-    #[serde(default)]
     pub retries: RetryConfig,
     /// Active health checks of every endpoint; off when absent.
-    #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
     /// Passive ejection of endpoints whose requests keep failing.
-    #[serde(default)]
     pub outlier_detection: OutlierConfig,
     /// Circuit-breaking limits on requests in progress and waiting for a connection.
-    #[serde(default)]
     pub limits: LimitsConfig,
     /// How requests (or TCP connections) are spread over the endpoints.
-    #[serde(default)]
     pub balancer: BalancerPolicy,
     /// Shortest wait between two DNS lookups (a record's TTL below it is raised to it).
-    #[serde(default = "default_min_refresh", with = "duration_str")]
+    #[serde(with = "duration_str")]
     pub min_refresh: Duration,
     /// Longest wait between two lookups (a longer TTL is cut to it; static and file
     /// endpoints with host names are re-resolved at this period).
-    #[serde(default = "default_max_refresh", with = "duration_str")]
+    #[serde(with = "duration_str")]
     pub max_refresh: Duration,
 }
 
@@ -189,15 +181,6 @@ pub enum BalancerPolicy {
     RoundRobin,
     /// Power of two choices over in-flight requests per weight (Envoy's least_request).
     LeastRequest,
-}
-
-/// `endpoints:` is either a static list of `host:port` or one resolver URI; see
-/// [`parse_endpoints`] for what each may hold.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum Endpoints {
-    Static(Vec<String>),
-    Uri(String),
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -287,13 +270,13 @@ fn default_inbound_forward() -> SocketAddr {
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15000))
 }
-fn default_timeout() -> Duration {
+pub(crate) fn default_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_min_refresh() -> Duration {
+pub(crate) fn default_min_refresh() -> Duration {
     Duration::from_secs(1)
 }
-fn default_max_refresh() -> Duration {
+pub(crate) fn default_max_refresh() -> Duration {
     Duration::from_secs(60)
 }
 fn default_drain() -> Duration {
@@ -331,6 +314,23 @@ pub mod duration_str {
     }
 }
 
+/// Values shown as their text (`Display`) in `/config`: SPIFFE IDs.
+mod as_text {
+    use serde::Serializer;
+    use std::fmt::Display;
+
+    pub fn display<S: Serializer, T: Display>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
+    }
+
+    pub fn optional<S: Serializer, T: Display>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// Parses `250ms`, `5s`, `1m`, `1h` (a number and a unit, nothing else).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -352,33 +352,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-impl<'de> Deserialize<'de> for Endpoints {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Endpoints, D::Error> {
-        struct EndpointsVisitor;
-        impl<'de> serde::de::Visitor<'de> for EndpointsVisitor {
-            type Value = Endpoints;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of `host:port` strings or one URI string (dns:///, dns+srv:///, file:///)")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Endpoints, E> {
-                Ok(Endpoints::Uri(v.to_string()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Endpoints, A::Error> {
-                let mut list = Vec::new();
-                while let Some(item) = seq.next_element::<String>()? {
-                    list.push(item);
-                }
-                Ok(Endpoints::Static(list))
-            }
-        }
-        d.deserialize_any(EndpointsVisitor)
-    }
-}
-
-pub use crate::config::check::{check_report, parse_endpoints, EndpointsSpec, HostPort};
+pub use crate::config::check::check_report;
+pub use crate::config::endpoints::{parse_host_port, EndpointsSpec, HostPort};
 pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
 pub use crate::config::gateway::{
     GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
@@ -441,7 +416,7 @@ impl Config {
         text: &str,
         env: &Env,
     ) -> Result<(Config, Vec<ConfigProblem>), ConfigErrors> {
-        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+        let mut config: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             ConfigErrors(vec![ConfigProblem {
                 file: path.to_path_buf(),
@@ -459,20 +434,15 @@ impl Config {
             config.identity.workload_api = Some(DEFAULT_WORKLOAD_API.to_string());
         }
         let source = Source::new(path, text, &overrides);
-        problems.extend(check::validate(&config, file_conflict, &source));
+        let (config, found) = check::validate(config, file_conflict, &source);
+        problems.extend(found);
         problems.sort_by_key(|p| (p.line, p.column));
-        if problems.iter().any(|p| p.severity == Severity::Error) {
-            return Err(ConfigErrors(problems));
+        match config {
+            Some(config) if !problems.iter().any(|p| p.severity == Severity::Error) => {
+                Ok((config, problems))
+            }
+            _ => Err(ConfigErrors(problems)),
         }
-        if let Some(Ok(canonical)) = config
-            .identity
-            .workload_api
-            .as_deref()
-            .map(parse_workload_api_address)
-        {
-            config.identity.workload_api = Some(canonical);
-        }
-        Ok((config, problems))
     }
 
     /// The effective config as JSON for the admin `/config` endpoint. File paths stay;

@@ -6,9 +6,9 @@
 //! value to the config report (`file:line:column: message`); the outbound listener hands
 //! them to `resilience` and `health_check` unchanged.
 
-use crate::config::check::Source;
 use crate::config::duration_str;
 use crate::config::error::{ConfigError, ConfigProblem};
+use crate::config::source::Source;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Table tests for loading, env overrides, located validation errors and endpoints.
 use super::*;
-use crate::config::check::locate;
+use crate::config::endpoints::parse_endpoints;
+use crate::config::raw::Endpoints;
+use crate::config::source::locate;
 use std::path::Path;
 
 const EXAMPLE: &str = include_str!("../../deploy/examples/meshd.yaml");
@@ -68,9 +70,8 @@ fn design_example_loads_with_its_values() {
         (contact.retries.attempts, contact.retries.budget_percent),
         (2, 20)
     );
-    let spec = parse_endpoints(&contact.endpoints).unwrap();
     let host = "contact-service.default.svc.cluster.local".to_string();
-    assert_eq!(spec, EndpointsSpec::Dns { host, port: 15006 });
+    assert_eq!(contact.endpoints, EndpointsSpec::Dns { host, port: 15006 });
     assert_eq!(
         config.discovery.nameservers,
         vec!["127.0.0.1:5353".parse().unwrap()]
@@ -227,14 +228,26 @@ fn environment_overrides_win_over_the_file() {
             |c| c.identity.workload_api.as_deref() == Some("unix:///b"),
         ),
         (&[("SERVICE_MESH_SPIFFE_ID", "spiffe://jia.app/x")], |c| {
-            c.identity.expect.as_deref() == Some("spiffe://jia.app/x")
+            c.identity
+                .expect
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref()
+                == Some("spiffe://jia.app/x")
         }),
         (
             &[
                 ("SERVICE_MESH_SPIFFE_ID", "spiffe://jia.app/x"),
                 ("MESHD_IDENTITY_EXPECT", "spiffe://jia.app/y"),
             ],
-            |c| c.identity.expect.as_deref() == Some("spiffe://jia.app/y"),
+            |c| {
+                c.identity
+                    .expect
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .as_deref()
+                    == Some("spiffe://jia.app/y")
+            },
         ),
         (
             &[
@@ -472,4 +485,39 @@ fn balancer_and_refresh_bounds() {
     for (text, want) in table {
         assert_eq!(problems(text, &[]), vec![want.to_string()], "{text}");
     }
+}
+
+#[test]
+fn parsed_values_read_back_as_written() {
+    // Typed endpoints, server_id and intercept show in /config (and discovery's messages)
+    // as the file wrote them.
+    for text in [
+        "dns:///contact.svc:15006",
+        "dns:///[::1]:80",
+        "dns+srv:///_grpc._tcp.payments",
+        "file:///etc/meshd/eps",
+    ] {
+        let spec = parse_endpoints(&Endpoints::Uri(text.into())).unwrap();
+        assert_eq!(spec.to_string(), text);
+    }
+    let list = parse_endpoints(&Endpoints::Static(vec![
+        "a.b:80".into(),
+        "[::1]:443".into(),
+    ]));
+    assert_eq!(list.unwrap().to_string(), "a.b:80,[::1]:443");
+    let text = "service: s\ntransparent: {}\noutbound:\n  - name: a\n    intercept: [\"10.0.0.1:80\", \"contact:8081\"]\n    endpoints: [\"a:1\", \"[::1]:2\"]\n    server_id: spiffe://td/a\n";
+    let (config, _) = load(text, &[("SERVICE_MESH_SPIFFE_ID", "spiffe://td/me")]).unwrap();
+    let ob = &config.outbound[0];
+    assert_eq!(ob.intercept[1].host, "contact");
+    let json = config.redacted();
+    assert_eq!(json["outbound"][0]["server_id"], "spiffe://td/a");
+    assert_eq!(
+        json["outbound"][0]["endpoints"],
+        serde_json::json!(["a:1", "[::1]:2"])
+    );
+    assert_eq!(
+        json["outbound"][0]["intercept"],
+        serde_json::json!(["10.0.0.1:80", "contact:8081"])
+    );
+    assert_eq!(json["identity"]["expect"], "spiffe://td/me");
 }

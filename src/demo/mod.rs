@@ -147,7 +147,6 @@ pub struct DemoArgs {
 
 /// Runs the demo; `Ok(true)` when every tour step passed. Setup failures are `Err`.
 pub fn main(args: DemoArgs) -> Result<bool, DemoError> {
-    let _ = crate::identity::crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

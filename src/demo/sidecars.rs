@@ -325,7 +325,11 @@ mod tests {
                 .iter()
                 .all(|o| o.listen.is_some_and(|l| l.ip().is_loopback())));
             assert_eq!(
-                cfg.identity.expect.as_deref(),
+                cfg.identity
+                    .expect
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .as_deref(),
                 Some(spiffe_id(&spec.id).as_str())
             );
             if let Some(g) = cfg.gateway {

@@ -13,8 +13,7 @@
 //!   zone: eu-west-1a                     # optional
 //! ```
 
-use crate::config::parse_spiffe_id;
-use crate::config::{parse_endpoints, Endpoints, EndpointsSpec};
+use crate::config::{parse_host_port, parse_spiffe_id};
 use crate::discovery::dns::Dns;
 use crate::discovery::{resolve_host_ports, DiscoveredEndpoint, DiscoveryError};
 use notify::{RecursiveMode, Watcher};
@@ -73,11 +72,8 @@ fn check(text: &str) -> Result<Vec<Checked>, String> {
             Entry::Long(l) => l,
         };
         let at = format!("entry {i} (`{}`)", long.address);
-        let host_port = match parse_endpoints(&Endpoints::Static(vec![long.address.clone()])) {
-            Ok(EndpointsSpec::Static(mut v)) if v.len() == 1 => v.remove(0),
-            Ok(_) => return Err(format!("{at}: not a host:port")),
-            Err(e) => return Err(format!("{at}: {e}")),
-        };
+        let host_port = parse_host_port(&long.address)
+            .map_err(|e| format!("{at}: endpoint `{}`: {e}", long.address))?;
         let weight = long.weight.unwrap_or(1);
         if weight == 0 || weight > MAX_WEIGHT {
             return Err(format!("{at}: weight {weight} is not in 1..={MAX_WEIGHT}"));

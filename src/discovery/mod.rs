@@ -137,7 +137,7 @@ pub struct ResolveStatus {
 pub struct UpstreamDiscovery {
     /// The upstream's name (`outbound[].name`).
     pub name: String,
-    /// The `endpoints` value as written, for messages.
+    /// The `endpoints` value as written (a list joined by commas), for messages.
     pub source: String,
     /// The current endpoint set; empty until the first good answer.
     pub endpoints: watch::Receiver<Arc<EndpointSet>>,
@@ -169,7 +169,6 @@ impl UpstreamDiscovery {
 /// Starts the resolver task of one upstream.
 pub fn start(
     name: &str,
-    source: String,
     spec: EndpointsSpec,
     dns: Arc<Dns>,
     bounds: RefreshBounds,
@@ -178,7 +177,7 @@ pub fn start(
     let (tx, rx) = watch::channel(Arc::new(EndpointSet::default()));
     let up = Arc::new(UpstreamDiscovery {
         name: name.to_string(),
-        source,
+        source: spec.to_string(),
         endpoints: rx,
         status: Mutex::new(ResolveStatus::default()),
     });

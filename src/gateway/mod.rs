@@ -118,12 +118,13 @@ fn load_tls(config: &GatewayConfig) -> Result<rustls::ServerConfig, GatewayError
         return Err(bad(cert, "no certificate in the file".into()));
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-    let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| bad(cert, e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(|e| bad(key, format!("{e} (certificate {})", cert.display())))?;
+    let mut server =
+        rustls::ServerConfig::builder_with_provider(crate::identity::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| bad(cert, e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .map_err(|e| bad(key, format!("{e} (certificate {})", cert.display())))?;
     server.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Ok(server)
 }

@@ -279,15 +279,28 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The crypto provider every rustls config in meshd uses (ring), installed once.
+/// The one crypto provider of meshd (ring), built once: it loads SVID keys here
+/// ([`Svid::from_der`]) and builds every TLS config (`tls`, the gateway). Its policy:
+/// TLS 1.3 suites; TLS 1.2 only with ECDHE AES-GCM; key exchange X25519, P-256, P-384.
+/// It is not installed as the process default: every rustls config names it.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite as cs, default_provider, kx_group};
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            CryptoProvider::get_default()
-                .cloned()
-                .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![
+                    cs::TLS13_AES_128_GCM_SHA256,
+                    cs::TLS13_AES_256_GCM_SHA384,
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                    cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                    cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                ],
+                kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+                ..default_provider()
+            })
         })
         .clone()
 }

@@ -252,3 +252,26 @@ impl PolicyStore {
 
 #[cfg(test)]
 mod tests;
+
+impl PolicyStore {
+    /// The label values metrics admit under the current policy: the SPIFFE IDs its rules
+    /// name exactly, and the gRPC `service/method`s they name (`service/*` for any
+    /// method). Empty while no policy is loaded.
+    pub fn label_bounds(&self) -> crate::telemetry::LabelBounds {
+        let mut bounds = crate::telemetry::LabelBounds::default();
+        if let Some(p) = self.snapshot() {
+            for rule in &p.rules {
+                for m in &rule.from {
+                    if let crate::policy::IdMatcher::Exact { .. } = m {
+                        bounds.peers.insert(m.to_string());
+                    }
+                }
+                for g in rule.to.iter().flat_map(|t| t.grpc.iter()) {
+                    let method = g.method.as_deref().unwrap_or("*");
+                    bounds.methods.insert(format!("{}/{method}", g.service));
+                }
+            }
+        }
+        bounds
+    }
+}

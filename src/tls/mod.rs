@@ -11,7 +11,9 @@ mod handshake_io;
 mod verified_chains;
 pub use handshake_io::HandshakeIo;
 
-use crate::identity::{parse_svid_leaf, BundleSet, IdentitySnapshot, IdentityStatus, SpiffeId};
+use crate::identity::{
+    crypto_provider, parse_svid_leaf, BundleSet, IdentitySnapshot, IdentityStatus, SpiffeId,
+};
 use crate::tls::verified_chains::VerifiedChains;
 use arc_swap::ArcSwapOption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,26 +34,6 @@ use webpki::{EndEntityCert, KeyUsage};
 
 /// The ALPN id of HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// The crypto policy of meshd: TLS 1.3 suites; TLS 1.2 only with ECDHE AES-GCM;
-/// key exchange X25519, P-256, P-384.
-pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::{cipher_suite as cs, default_provider, kx_group};
-    let base = default_provider();
-    Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-        ],
-        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
-        ..base
-    })
-}
 
 /// Trust anchors per trust domain, prepared once per bundle set.
 #[derive(Debug)]
@@ -321,13 +303,13 @@ impl ResolvesClientCert for OwnSvid {
 /// public so the chain check can be measured alone (`benches/identity_tls.rs`).
 pub fn client_verifier(bundles: &BundleSet) -> Arc<dyn ClientCertVerifier> {
     Arc::new(SpiffeClientVerifier {
-        chain: ChainCheck::new(bundles, provider()),
+        chain: ChainCheck::new(bundles, crypto_provider()),
     })
 }
 
 /// Builds the inbound server config for a snapshot.
 pub fn server_config(snapshot: &IdentitySnapshot, alpn_h2: bool) -> Result<ServerConfig, Error> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(client_verifier(&snapshot.bundles))
         .with_cert_resolver(Arc::new(OwnSvid(snapshot.svid.certified_key.clone())));
@@ -347,7 +329,7 @@ pub fn client_config(
     server_id: &SpiffeId,
     alpn_h2: bool,
 ) -> Result<ClientConfig, Error> {
-    let provider = provider();
+    let provider = crypto_provider();
     let verifier = SpiffeServerVerifier {
         chain: ChainCheck::new(&snapshot.bundles, provider.clone()),
         server_id: server_id.clone(),

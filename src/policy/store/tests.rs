@@ -267,3 +267,23 @@ async fn watch_picks_up_edits() {
     stop.cancel();
     task.await.expect("join").expect("watch ok");
 }
+
+// Label bounds: exact peers and named gRPC methods of the loaded policy; none without one.
+#[test]
+fn label_bounds_name_what_the_policy_names() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("policy.yaml");
+    let store = PolicyStore::new(&path);
+    let empty = store.label_bounds();
+    assert!(empty.peers.is_empty() && empty.methods.is_empty());
+    let policy = "service: pay\nrules:\n  - name: a\n    from: [\"spiffe://jia.app/api-gateway\", \"spiffe://jia.app/*\"]\n    to:\n      grpc: [\"pay.v1.Pay/*\", \"grpc.health.v1.Health/Check\"]\n";
+    write(&path, policy);
+    metrics::with_local_recorder(&Counts::default(), || store.reload()).expect("good policy");
+    let bounds = store.label_bounds();
+    let mut peers: Vec<_> = bounds.peers.into_iter().collect();
+    peers.sort();
+    assert_eq!(peers, ["spiffe://jia.app/api-gateway"]);
+    let mut methods: Vec<_> = bounds.methods.into_iter().collect();
+    methods.sort();
+    assert_eq!(methods, ["grpc.health.v1.Health/Check", "pay.v1.Pay/*"]);
+}
