@@ -6,11 +6,12 @@
 //! here). Each problem is attached to a key path such as `outbound[1].server_id`, which
 //! [`Source`] turns into `line:column`.
 
-use crate::config::endpoints::{parse_endpoints, parse_host_port, EndpointsSpec};
+use crate::config::endpoints::{parse_endpoints, parse_entry, EndpointsSpec};
 use crate::config::raw::{Endpoints, ParsedOutbound, RawConfig};
 use crate::config::source::Source;
 use crate::config::{
     parse_spiffe_id, parse_workload_api_address, Config, ConfigError, ConfigProblem, Env, Severity,
+    ValueError,
 };
 use spiffe::SpiffeId;
 use std::collections::BTreeMap;
@@ -38,7 +39,7 @@ pub(crate) fn validate(
         Some(addr) => match parse_workload_api_address(addr) {
             Ok(canonical) => Some(Some(canonical)),
             Err(e) => {
-                let error = ConfigError::WorkloadApi(e.to_string());
+                let error = ConfigError::WorkloadApi(e);
                 out.push(src.problem("identity.workload_api", error));
                 None
             }
@@ -170,7 +171,7 @@ fn check_spiffe_id(
             let error = ConfigError::BadSpiffeId {
                 field: field.into(),
                 value: id.into(),
-                reason: reason.to_string(),
+                reason,
             };
             out.push(src.problem(field, error));
             None
@@ -190,11 +191,10 @@ fn check_endpoints(
         Endpoints::Static(list) if !list.is_empty() => {
             let mut good = Vec::with_capacity(list.len());
             for (j, entry) in list.iter().enumerate() {
-                match parse_host_port(entry) {
+                match parse_entry(entry) {
                     Ok(hp) => good.push(hp),
                     Err(reason) => {
                         let field = format!("{field}[{j}]");
-                        let reason = format!("endpoint `{entry}`: {reason}");
                         out.push(src.problem(
                             &field,
                             ConfigError::BadEndpoints {
@@ -230,21 +230,22 @@ fn collide(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// The bare words `log.level` accepts.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
 /// `log.level` must parse as an `EnvFilter`; a bare word must also be a level, since
 /// EnvFilter would take a typo such as `verbose` as a target name and log nothing of ours.
-fn check_log_level(level: &str) -> Result<(), String> {
+fn check_log_level(level: &str) -> Result<(), ValueError> {
     tracing_subscriber::EnvFilter::builder()
         .parse(level)
-        .map_err(|e| e.to_string())?;
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        .map_err(|e| ValueError::LogFilter(e.to_string()))?;
     for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         if !directive.contains(['=', '['])
-            && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str())
         {
-            return Err(format!(
-                "`{directive}` is neither a level ({}) nor target=level",
-                LEVELS.join(", ")
-            ));
+            return Err(ValueError::NotALevel {
+                directive: directive.to_string(),
+            });
         }
     }
     Ok(())

@@ -87,24 +87,89 @@ impl Serialize for EndpointsSpec {
     }
 }
 
-/// Parses an `endpoints` value (DESIGN.md §4); the error names the offending value.
-pub(crate) fn parse_endpoints(endpoints: &Endpoints) -> Result<EndpointsSpec, String> {
+/// Why a `host:port` (a static endpoint, a `dns:///` target, an `intercept` address, a
+/// line of an endpoint file) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    /// An IPv6 address without its brackets, or brackets without `:port`.
+    #[error("an IPv6 endpoint is written [addr]:port")]
+    Ipv6Brackets,
+    /// Brackets around something that is not an IPv6 address.
+    #[error("`{0}` is not an IPv6 address")]
+    NotIpv6(String),
+    /// No `:port` at all.
+    #[error("expected host:port")]
+    NoPort,
+    /// A host that is neither a DNS name nor an IP address.
+    #[error("`{0}` is not a host name or IP address")]
+    BadHost(String),
+    /// A port that is not a number in 1..=65535.
+    #[error("port `{0}` is not in 1..=65535")]
+    BadPort(String),
+}
+
+/// Why an `endpoints` value is refused; each message names the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointsError {
+    /// `endpoints: []`.
+    #[error("the endpoints list is empty")]
+    EmptyList,
+    /// An entry of a static list that is not `host:port`.
+    #[error("endpoint `{entry}`: {reason}")]
+    BadEntry {
+        entry: String,
+        reason: HostPortError,
+    },
+    /// A `dns:///` URI whose target is not `host:port`.
+    #[error("endpoints `{uri}`: {reason}")]
+    BadDnsTarget { uri: String, reason: HostPortError },
+    /// A `dns+srv:///` URI whose name is not `_service._proto.name`.
+    #[error(
+        "endpoints `{uri}`: an SRV name looks like _service._proto.name (e.g. _grpc._tcp.payments)"
+    )]
+    BadSrvName { uri: String },
+    /// A `file://` URI with a relative (or no) path.
+    #[error("endpoints `{uri}`: a file URI needs an absolute path: file:///path")]
+    RelativeFile { uri: String },
+    /// A lone `host:port` where a list or a resolver URI belongs.
+    #[error(
+        "endpoints `{uri}`: not a resolver URI; a static endpoint goes in a list: [\"{uri}\"]"
+    )]
+    StaticAsUri { uri: String },
+    /// Any other string.
+    #[error("endpoints `{uri}`: expected a list of host:port, or dns:///host:port, dns+srv:///_svc._proto.name, file:///path")]
+    UnknownUri { uri: String },
+}
+
+/// Parses an `endpoints` value (DESIGN.md §4).
+pub(crate) fn parse_endpoints(endpoints: &Endpoints) -> Result<EndpointsSpec, EndpointsError> {
     match endpoints {
-        Endpoints::Static(list) if list.is_empty() => Err("the endpoints list is empty".into()),
+        Endpoints::Static(list) if list.is_empty() => Err(EndpointsError::EmptyList),
         Endpoints::Static(list) => list
             .iter()
-            .map(|e| parse_host_port(e).map_err(|reason| format!("endpoint `{e}`: {reason}")))
+            .map(|e| parse_entry(e))
             .collect::<Result<_, _>>()
             .map(EndpointsSpec::Static),
-        Endpoints::Uri(uri) => {
-            parse_uri(uri).map_err(|reason| format!("endpoints `{uri}`: {reason}"))
-        }
+        Endpoints::Uri(uri) => parse_uri(uri),
     }
 }
 
-fn parse_uri(uri: &str) -> Result<EndpointsSpec, String> {
+/// One entry of a static list.
+pub(crate) fn parse_entry(entry: &str) -> Result<HostPort, EndpointsError> {
+    parse_host_port(entry).map_err(|reason| EndpointsError::BadEntry {
+        entry: entry.to_string(),
+        reason,
+    })
+}
+
+fn parse_uri(uri: &str) -> Result<EndpointsSpec, EndpointsError> {
+    let uri_owned = || uri.to_string();
     if let Some(rest) = uri.strip_prefix("dns:///") {
-        let HostPort { host, port } = parse_host_port(rest)?;
+        let HostPort { host, port } =
+            parse_host_port(rest).map_err(|reason| EndpointsError::BadDnsTarget {
+                uri: uri_owned(),
+                reason,
+            })?;
         Ok(EndpointsSpec::Dns { host, port })
     } else if let Some(name) = uri.strip_prefix("dns+srv:///") {
         let labels: Vec<&str> = name.split('.').collect();
@@ -114,42 +179,37 @@ fn parse_uri(uri: &str) -> Result<EndpointsSpec, String> {
                 .all(|l| l.len() > 1 && l.starts_with('_'))
             && labels[2..].iter().all(|l| valid_dns_label(l));
         if !ok {
-            return Err(
-                "an SRV name looks like _service._proto.name (e.g. _grpc._tcp.payments)".into(),
-            );
+            return Err(EndpointsError::BadSrvName { uri: uri_owned() });
         }
         Ok(EndpointsSpec::DnsSrv {
             name: name.to_string(),
         })
     } else if let Some(path) = uri.strip_prefix("file://") {
         if !path.starts_with('/') || path.len() < 2 {
-            return Err("a file URI needs an absolute path: file:///path".into());
+            return Err(EndpointsError::RelativeFile { uri: uri_owned() });
         }
         Ok(EndpointsSpec::File(PathBuf::from(path)))
     } else if parse_host_port(uri).is_ok() {
-        Err(format!(
-            "not a resolver URI; a static endpoint goes in a list: [\"{uri}\"]"
-        ))
+        Err(EndpointsError::StaticAsUri { uri: uri_owned() })
     } else {
-        Err("expected a list of host:port, or dns:///host:port, dns+srv:///_svc._proto.name, file:///path".into())
+        Err(EndpointsError::UnknownUri { uri: uri_owned() })
     }
 }
 
-pub fn parse_host_port(text: &str) -> Result<HostPort, String> {
+/// Parses `host:port` or `[ipv6]:port` (port 1..=65535).
+pub fn parse_host_port(text: &str) -> Result<HostPort, HostPortError> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (ip, port) = rest
-            .split_once("]:")
-            .ok_or("an IPv6 endpoint is written [addr]:port")?;
+        let (ip, port) = rest.split_once("]:").ok_or(HostPortError::Ipv6Brackets)?;
         ip.parse::<Ipv6Addr>()
-            .map_err(|_| format!("`{ip}` is not an IPv6 address"))?;
+            .map_err(|_| HostPortError::NotIpv6(ip.to_string()))?;
         (ip, port)
     } else {
-        let (host, port) = text.rsplit_once(':').ok_or("expected host:port")?;
+        let (host, port) = text.rsplit_once(':').ok_or(HostPortError::NoPort)?;
         if host.contains(':') {
-            return Err("an IPv6 endpoint is written [addr]:port".into());
+            return Err(HostPortError::Ipv6Brackets);
         }
         if host.is_empty() || !host.split('.').all(valid_dns_label) {
-            return Err(format!("`{host}` is not a host name or IP address"));
+            return Err(HostPortError::BadHost(host.to_string()));
         }
         (host, port)
     };
@@ -158,7 +218,7 @@ pub fn parse_host_port(text: &str) -> Result<HostPort, String> {
             host: host.to_string(),
             port,
         }),
-        _ => Err(format!("port `{port}` is not in 1..=65535")),
+        _ => Err(HostPortError::BadPort(port.to_string())),
     }
 }
 

@@ -17,6 +17,7 @@ use crate::config::raw::RawConfig;
 use crate::config::source::Overrides;
 use crate::config::{
     parse_duration, ConfigError, ConfigProblem, Env, IdentityFiles, InboundConfig, Severity,
+    ValueError,
 };
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -95,10 +96,7 @@ pub(crate) fn apply(
     if let Some(v) = round.value(
         "MESHD_RUNTIME_WORKER_THREADS",
         "runtime.worker_threads",
-        |t| {
-            t.parse::<usize>()
-                .map_err(|_| "expected a whole number of threads".to_string())
-        },
+        |t| t.parse::<usize>().map_err(|_| ValueError::Threads),
     ) {
         config.runtime.worker_threads = v;
     }
@@ -125,7 +123,7 @@ impl Round<'_> {
         &mut self,
         var: &'static str,
         key: &'static str,
-        parse: impl Fn(&str) -> Result<T, String>,
+        parse: impl Fn(&str) -> Result<T, ValueError>,
     ) -> Option<T> {
         let text = self.env.get(var)?;
         match parse(text) {
@@ -193,13 +191,13 @@ impl Round<'_> {
     }
 }
 
-fn parse_text(text: &str) -> Result<String, String> {
+fn parse_text(text: &str) -> Result<String, ValueError> {
     Ok(text.to_string())
 }
 
-fn parse_from_str<T: FromStr>(text: &str) -> Result<T, String>
+fn parse_from_str<T: FromStr>(text: &str) -> Result<T, ValueError>
 where
-    T::Err: std::fmt::Display,
+    T::Err: Into<ValueError>,
 {
-    text.parse::<T>().map_err(|e| e.to_string())
+    text.parse::<T>().map_err(Into::into)
 }

@@ -1,8 +1,9 @@
 //! The one error enum of the config module and how its problems are positioned and shown.
 //! Re-exported from `crate::config`; see there for the loading flow.
 
+use crate::config::{AddressError, EndpointsError, HostPortError, SpiffeIdError};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{AddrParseError, SocketAddr};
 use std::path::PathBuf;
 
 /// Everything that can be wrong with a configuration, one variant per problem. Each
@@ -21,7 +22,7 @@ pub enum ConfigError {
     BadEnv {
         var: &'static str,
         value: String,
-        reason: String,
+        reason: ValueError,
     },
     /// Some but not all of `MTLS_CERT_FILE`, `MTLS_KEY_FILE`, `MTLS_CA_FILE` are set.
     #[error("file-based identity needs MTLS_CERT_FILE, MTLS_KEY_FILE and MTLS_CA_FILE; missing: {missing}")]
@@ -36,7 +37,7 @@ pub enum ConfigError {
     EmptyService,
     /// `identity.workload_api` is not a `unix:` address with an absolute path.
     #[error("identity.workload_api: {0}")]
-    WorkloadApi(String),
+    WorkloadApi(AddressError),
     /// The file sets both `identity.files` and `identity.workload_api`.
     #[error("identity.files and identity.workload_api are both set: choose one identity source")]
     IdentityConflict,
@@ -45,7 +46,7 @@ pub enum ConfigError {
     BadSpiffeId {
         field: String,
         value: String,
-        reason: String,
+        reason: SpiffeIdError,
     },
     /// An outbound has an empty `name`.
     #[error("outbound[{index}].name must not be empty")]
@@ -67,7 +68,10 @@ pub enum ConfigError {
     },
     /// An `endpoints` value is neither a valid static list nor a known resolver URI.
     #[error("{field}: {reason}")]
-    BadEndpoints { field: String, reason: String },
+    BadEndpoints {
+        field: String,
+        reason: EndpointsError,
+    },
     /// A timeout, interval, threshold or limit of zero.
     #[error("{field} must be greater than 0")]
     ZeroTimeout { field: String },
@@ -94,7 +98,7 @@ pub enum ConfigError {
     ZeroWorkers,
     /// `log.level` is not a tracing `EnvFilter` directive list.
     #[error("log.level `{value}`: {reason}")]
-    BadLogLevel { value: String, reason: String },
+    BadLogLevel { value: String, reason: ValueError },
     /// (warning) The admin server listens beyond loopback.
     #[error("admin.listen {addr} is not loopback: /config and /shutdown are reachable from outside the pod")]
     AdminNotLoopback { addr: SocketAddr },
@@ -119,7 +123,7 @@ pub enum ConfigError {
     BadIntercept {
         field: String,
         value: String,
-        reason: String,
+        reason: HostPortError,
     },
     /// A gateway without routes.
     #[error("gateway.routes is empty: the gateway would answer every request with 404")]
@@ -152,6 +156,41 @@ impl ConfigError {
             _ => Severity::Error,
         }
     }
+}
+
+/// Why a value given as text (an environment variable, a duration, `log.level`) does
+/// not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// A duration without a unit, e.g. `5`.
+    #[error("duration `{0}` needs a unit: ms, s, m or h")]
+    DurationUnitMissing(String),
+    /// A duration that does not start with a whole number, e.g. `s`.
+    #[error("duration `{0}` must start with a whole number")]
+    DurationNotWhole(String),
+    /// A duration with a unit other than ms, s, m, h.
+    #[error("duration `{text}` has unknown unit `{unit}` (use ms, s, m or h)")]
+    DurationUnit { text: String, unit: String },
+    /// Not a protocol name.
+    #[error("expected grpc, http or tcp")]
+    Protocol,
+    /// Not an access-log mode.
+    #[error("expected off, deny or all")]
+    AccessLog,
+    /// Not a number of worker threads.
+    #[error("expected a whole number of threads")]
+    Threads,
+    /// Not `ip:port`.
+    #[error("{0}")]
+    SocketAddr(#[from] AddrParseError),
+    /// Not a tracing `EnvFilter` directive list, as tracing words it.
+    #[error("{0}")]
+    LogFilter(String),
+    /// A bare word in `log.level` that is no level (EnvFilter would take it as a target).
+    #[error(
+        "`{directive}` is neither a level (trace, debug, info, warn, error, off) nor target=level"
+    )]
+    NotALevel { directive: String },
 }
 
 /// Whether a problem stops the config from loading.

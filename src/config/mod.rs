@@ -332,29 +332,32 @@ mod as_text {
 }
 
 /// Parses `250ms`, `5s`, `1m`, `1h` (a number and a unit, nothing else).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
     let t = text.trim();
     let split = t
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration `{text}` needs a unit: ms, s, m or h"))?;
+        .ok_or_else(|| ValueError::DurationUnitMissing(text.to_string()))?;
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("duration `{text}` must start with a whole number"))?;
+        .map_err(|_| ValueError::DurationNotWhole(text.to_string()))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "duration `{text}` has unknown unit `{unit}` (use ms, s, m or h)"
-        )),
+        _ => Err(ValueError::DurationUnit {
+            text: text.to_string(),
+            unit: unit.to_string(),
+        }),
     }
 }
 
 pub use crate::config::check::check_report;
-pub use crate::config::endpoints::{parse_host_port, EndpointsSpec, HostPort};
-pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity};
+pub use crate::config::endpoints::{
+    parse_host_port, EndpointsError, EndpointsSpec, HostPort, HostPortError,
+};
+pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity, ValueError};
 pub use crate::config::gateway::{
     GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
 };
@@ -492,13 +495,13 @@ fn strip_position(message: &str) -> String {
 }
 
 impl FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Protocol, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Protocol, ValueError> {
         match s {
             "grpc" => Ok(Protocol::Grpc),
             "http" => Ok(Protocol::Http),
             "tcp" => Ok(Protocol::Tcp),
-            _ => Err("expected grpc, http or tcp".into()),
+            _ => Err(ValueError::Protocol),
         }
     }
 }
@@ -514,13 +517,13 @@ impl fmt::Display for Protocol {
 }
 
 impl FromStr for AccessLog {
-    type Err = String;
-    fn from_str(s: &str) -> Result<AccessLog, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<AccessLog, ValueError> {
         match s {
             "off" => Ok(AccessLog::Off),
             "deny" => Ok(AccessLog::Deny),
             "all" => Ok(AccessLog::All),
-            _ => Err("expected off, deny or all".into()),
+            _ => Err(ValueError::AccessLog),
         }
     }
 }

@@ -27,7 +27,7 @@ pub fn parse_spiffe_id(text: &str) -> Result<SpiffeId, SpiffeIdError> {
 }
 
 /// Why a Workload API address is unusable.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
     /// Not `unix:///absolute/path` or `unix:/absolute/path`.
     #[error("Workload API address `{0}` must be unix:///absolute/path (or unix:/absolute/path)")]

@@ -48,7 +48,8 @@ fn durations_parse_number_and_unit_only() {
         ),
     ];
     for (text, want) in table {
-        assert_eq!(parse_duration(text), want.map_err(String::from), "{text}");
+        let got = parse_duration(text).map_err(|e| e.to_string());
+        assert_eq!(got, want.map_err(String::from), "{text}");
     }
 }
 
@@ -384,11 +385,12 @@ fn locate_points_at_values_and_at_keys_of_sections() {
 #[test]
 fn endpoints_grammar() {
     // Static host:port lists and the three resolver URIs; everything else is refused.
-    let uri = |s: &str| parse_endpoints(&Endpoints::Uri(s.into()));
+    let uri = |s: &str| parse_endpoints(&Endpoints::Uri(s.into())).map_err(|e| e.to_string());
     let list = |v: &[&str]| {
         parse_endpoints(&Endpoints::Static(
             v.iter().map(|s| s.to_string()).collect(),
         ))
+        .map_err(|e| e.to_string())
     };
     let hp = |h: &str, p| HostPort {
         host: h.into(),

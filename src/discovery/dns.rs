@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 /// The shared DNS client.
 pub struct Dns {
-    /// The resolver, or why it could not be built.
-    resolver: Result<TokioResolver, String>,
+    /// The resolver, or why it could not be built (a [`DiscoveryError::Resolver`]).
+    resolver: Result<TokioResolver, DiscoveryError>,
 }
 
 impl std::fmt::Debug for Dns {
@@ -43,7 +43,8 @@ impl Dns {
         opts.timeout = Duration::from_secs(2);
         opts.attempts = 1;
         let builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| format!("system DNS config: {e}"))
+            TokioResolver::builder_tokio()
+                .map_err(|e| DiscoveryError::Resolver(format!("system DNS config: {e}")))
         } else {
             let servers = nameservers
                 .iter()
@@ -63,18 +64,16 @@ impl Dns {
         let resolver = builder.and_then(|b| {
             b.with_options(opts)
                 .build()
-                .map_err(|e| format!("DNS resolver: {e}"))
+                .map_err(|e| DiscoveryError::Resolver(format!("DNS resolver: {e}")))
         });
-        if let Err(e) = &resolver {
-            tracing::warn!("{e}; DNS names in endpoints will not resolve");
+        if let Err(DiscoveryError::Resolver(reason)) = &resolver {
+            tracing::warn!("{reason}; DNS names in endpoints will not resolve");
         }
         Dns { resolver }
     }
 
     fn resolver(&self) -> Result<&TokioResolver, DiscoveryError> {
-        self.resolver
-            .as_ref()
-            .map_err(|e| DiscoveryError::Resolver(e.clone()))
+        self.resolver.as_ref().map_err(Clone::clone)
     }
 
     /// The A and AAAA addresses of `host` and how long they stay valid.

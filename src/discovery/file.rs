@@ -13,7 +13,7 @@
 //!   zone: eu-west-1a                     # optional
 //! ```
 
-use crate::config::{parse_host_port, parse_spiffe_id};
+use crate::config::{parse_host_port, parse_spiffe_id, HostPortError, SpiffeIdError};
 use crate::discovery::dns::Dns;
 use crate::discovery::{resolve_host_ports, DiscoveredEndpoint, DiscoveryError};
 use notify::{RecursiveMode, Watcher};
@@ -46,6 +46,41 @@ struct LongEntry {
 /// The largest weight accepted (keeps weighted sums far from overflow).
 const MAX_WEIGHT: u32 = 10_000;
 
+/// Why an endpoint file is rejected (the whole file: the last good set stays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointFileError {
+    /// The file cannot be read, as the OS says.
+    #[error("{0}")]
+    Read(String),
+    /// Not a YAML list of addresses or long entries, as the parser says.
+    #[error("expected a list of addresses or {{address, weight, server_id, zone}}: {0}")]
+    NotAList(String),
+    /// An empty list: no endpoint at all.
+    #[error("the list is empty")]
+    Empty,
+    /// An entry's address is not `host:port`.
+    #[error("entry {index} (`{address}`): endpoint `{address}`: {reason}")]
+    BadAddress {
+        index: usize,
+        address: String,
+        reason: HostPortError,
+    },
+    /// An entry's weight is 0 or above [`MAX_WEIGHT`].
+    #[error("entry {index} (`{address}`): weight {weight} is not in 1..={MAX_WEIGHT}")]
+    BadWeight {
+        index: usize,
+        address: String,
+        weight: u32,
+    },
+    /// An entry's `server_id` is not a SPIFFE ID.
+    #[error("entry {index} (`{address}`): server_id: {reason}")]
+    BadServerId {
+        index: usize,
+        address: String,
+        reason: SpiffeIdError,
+    },
+}
+
 /// A checked entry, before its host is resolved.
 #[derive(Debug, PartialEq)]
 struct Checked {
@@ -53,12 +88,11 @@ struct Checked {
     template: DiscoveredEndpoint,
 }
 
-fn check(text: &str) -> Result<Vec<Checked>, String> {
-    let entries: Vec<Entry> = serde_yaml_ng::from_str(text).map_err(|e| {
-        format!("expected a list of addresses or {{address, weight, server_id, zone}}: {e}")
-    })?;
+fn check(text: &str) -> Result<Vec<Checked>, EndpointFileError> {
+    let entries: Vec<Entry> =
+        serde_yaml_ng::from_str(text).map_err(|e| EndpointFileError::NotAList(e.to_string()))?;
     if entries.is_empty() {
-        return Err("the list is empty".into());
+        return Err(EndpointFileError::Empty);
     }
     let mut out = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
@@ -71,19 +105,31 @@ fn check(text: &str) -> Result<Vec<Checked>, String> {
             },
             Entry::Long(l) => l,
         };
-        let at = format!("entry {i} (`{}`)", long.address);
-        let host_port = parse_host_port(&long.address)
-            .map_err(|e| format!("{at}: endpoint `{}`: {e}", long.address))?;
+        let address = || long.address.clone();
+        let host_port =
+            parse_host_port(&long.address).map_err(|reason| EndpointFileError::BadAddress {
+                index: i,
+                address: address(),
+                reason,
+            })?;
         let weight = long.weight.unwrap_or(1);
         if weight == 0 || weight > MAX_WEIGHT {
-            return Err(format!("{at}: weight {weight} is not in 1..={MAX_WEIGHT}"));
+            return Err(EndpointFileError::BadWeight {
+                index: i,
+                address: address(),
+                weight,
+            });
         }
         let server_id = long
             .server_id
             .as_deref()
             .map(parse_spiffe_id)
             .transpose()
-            .map_err(|e| format!("{at}: server_id: {e}"))?;
+            .map_err(|reason| EndpointFileError::BadServerId {
+                index: i,
+                address: address(),
+                reason,
+            })?;
         out.push(Checked {
             host_port,
             template: DiscoveredEndpoint {
@@ -102,13 +148,13 @@ pub async fn load(
     path: &Path,
     dns: &Dns,
 ) -> Result<(Vec<DiscoveredEndpoint>, Option<Duration>), DiscoveryError> {
-    let bad = |reason: String| DiscoveryError::BadFile {
+    let bad = |reason: EndpointFileError| DiscoveryError::BadFile {
         path: path.to_path_buf(),
         reason,
     };
     let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(EndpointFileError::Read(e.to_string())))?;
     let checked = check(&text).map_err(bad)?;
     let mut out = Vec::new();
     let mut ttl: Option<Duration> = None;
@@ -188,7 +234,7 @@ mod tests {
         for (text, want) in bad {
             match check(text) {
                 Ok(v) => panic!("{text:?} parsed: {v:?}"),
-                Err(e) => assert!(e.contains(want), "{text:?}: {e}"),
+                Err(e) => assert!(e.to_string().contains(want), "{text:?}: {e}"),
             }
         }
     }

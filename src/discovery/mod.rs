@@ -14,6 +14,7 @@
 mod dns;
 mod file;
 pub use dns::Dns;
+pub use file::EndpointFileError;
 
 use crate::config::{EndpointsSpec, HostPort};
 use crate::identity::SpiffeId;
@@ -80,7 +81,10 @@ pub enum DiscoveryError {
     SrvTargets { name: String, reason: String },
     /// The endpoint file cannot be read or parsed, or one entry in it is invalid.
     #[error("endpoint file {path}: {reason}")]
-    BadFile { path: PathBuf, reason: String },
+    BadFile {
+        path: PathBuf,
+        reason: EndpointFileError,
+    },
 }
 
 impl DiscoveryError {

@@ -9,21 +9,73 @@
 use crate::config::parse_spiffe_id;
 use crate::config::IdentityFiles;
 use crate::identity::{
-    check_expected, crypto_provider, publish, BundleSet, IdentityError, IdentitySnapshot,
-    IdentityStatus, SpiffeId, Svid,
+    check_expected, crypto_provider, publish, BundleSet, ExpectMismatch, IdentityError,
+    IdentitySnapshot, IdentityStatus, SpiffeId, Svid,
 };
 use notify::{RecursiveMode, Watcher};
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::*;
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+/// Why the files do not make an identity; each message starts with the file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// A file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The certificate file is not PEM.
+    #[error("{}: not a PEM certificate chain: {source}", path.display())]
+    ChainPem { path: PathBuf, source: pem::Error },
+    /// The certificate file holds no certificate.
+    #[error("{}: holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    /// The key file holds no usable private key.
+    #[error("{}: no PKCS#8 or SEC1 private key found: {source}", path.display())]
+    NoKey { path: PathBuf, source: pem::Error },
+    /// The key is unusable or does not belong to the certificate: named by the key file,
+    /// which is where to look even when it is the pair that does not match.
+    #[error("{}: {source} (certificate {})", key.display(), cert.display())]
+    BadKey {
+        key: PathBuf,
+        cert: PathBuf,
+        source: IdentityError,
+    },
+    /// The certificate is not a usable X.509-SVID.
+    #[error("{}: {source}", path.display())]
+    BadSvid {
+        path: PathBuf,
+        source: IdentityError,
+    },
+    /// The SVID is not the one `identity.expect` names.
+    #[error(transparent)]
+    Mismatch(#[from] ExpectMismatch),
+    /// The bundle file is not PEM.
+    #[error("{}: not a PEM bundle: {source}", path.display())]
+    BundlePem { path: PathBuf, source: pem::Error },
+    /// The bundle trusts no CA of the SVID's own trust domain.
+    #[error("{}: holds no CA certificate for trust domain {trust_domain}", path.display())]
+    NoOwnBundle { path: PathBuf, trust_domain: String },
+    /// A CA of the bundle is unusable.
+    #[error("{}: {source}", path.display())]
+    BadBundle {
+        path: PathBuf,
+        source: IdentityError,
+    },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, FilesError> {
+    std::fs::read(path).map_err(|source| FilesError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads the three files into a snapshot.
@@ -31,35 +83,43 @@ pub fn load(
     files: &IdentityFiles,
     expect: Option<&SpiffeId>,
     generation: u64,
-) -> Result<IdentitySnapshot, String> {
+) -> Result<IdentitySnapshot, FilesError> {
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
     let ca_pem = read(&files.bundle)?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", files.cert.display()))?;
+        .map_err(|source| FilesError::ChainPem {
+            path: files.cert.clone(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!("{}: holds no certificate", files.cert.display()));
+        return Err(FilesError::NoCertificate {
+            path: files.cert.clone(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "{}: no PKCS#8 or SEC1 private key found: {e}",
-            files.key.display()
-        )
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| FilesError::NoKey {
+        path: files.key.clone(),
+        source,
     })?;
-    let svid = Svid::from_der(chain, key, &crypto_provider()).map_err(|e| match e {
-        // The key file is where to look, even when it is the pair that does not match.
-        IdentityError::BadKey(_) => format!(
-            "{}: {e} (certificate {})",
-            files.key.display(),
-            files.cert.display()
-        ),
-        _ => format!("{}: {e}", files.cert.display()),
+    let svid = Svid::from_der(chain, key, &crypto_provider()).map_err(|source| match source {
+        IdentityError::BadKey(_) => FilesError::BadKey {
+            key: files.key.clone(),
+            cert: files.cert.clone(),
+            source,
+        },
+        _ => FilesError::BadSvid {
+            path: files.cert.clone(),
+            source,
+        },
     })?;
     check_expected(&svid.id, expect)?;
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM bundle: {e}", files.bundle.display()))?;
+        .map_err(|source| FilesError::BundlePem {
+            path: files.bundle.clone(),
+            source,
+        })?;
     let mut by_domain: std::collections::BTreeMap<String, Vec<CertificateDer<'static>>> =
         Default::default();
     let own = svid.id.trust_domain_name().to_string();
@@ -68,16 +128,19 @@ pub fn load(
         by_domain.entry(td).or_default().push(ca);
     }
     if !by_domain.contains_key(&own) {
-        return Err(format!(
-            "{}: holds no CA certificate for trust domain {own}",
-            files.bundle.display()
-        ));
+        return Err(FilesError::NoOwnBundle {
+            path: files.bundle.clone(),
+            trust_domain: own,
+        });
     }
     let mut bundles = BundleSet::default();
     for (td, cas) in by_domain {
         bundles
             .insert(&td, cas)
-            .map_err(|e| format!("{}: {e}", files.bundle.display()))?;
+            .map_err(|source| FilesError::BadBundle {
+                path: files.bundle.clone(),
+                source,
+            })?;
     }
     Ok(IdentitySnapshot {
         svid,
@@ -165,11 +228,13 @@ pub async fn follow_files(
                     publish(&status, IdentityStatus::Ready(Arc::new(snap)));
                 }
             }
-            Err(reason) if reason.contains("identity.expect") => {
+            Err(e @ FilesError::Mismatch(_)) => {
+                let reason = e.to_string();
                 tracing::error!("{reason}");
                 publish(&status, IdentityStatus::Mismatch { reason });
             }
-            Err(reason) => {
+            Err(e) => {
+                let reason = e.to_string();
                 // A live SVID stays in use; an expired one stays reported as expired
                 // (fail closed) rather than as merely waiting.
                 let keep = matches!(
@@ -285,6 +350,7 @@ mod tests {
             match (load(&files, Some(&id), 1), want) {
                 (Ok(snapshot), None) => assert_eq!(snapshot.svid.id, id, "case {i}"),
                 (Err(e), Some((file, words))) => {
+                    let e = e.to_string();
                     let named = dir.path().join(file).display().to_string();
                     assert!(
                         e.starts_with(&named),

@@ -8,10 +8,10 @@
 
 mod files;
 mod workload_api;
-pub use files::follow_files;
-pub use workload_api::{follow_workload_api, snapshot_from_context};
+pub use files::{follow_files, FilesError};
+pub use workload_api::{follow_workload_api, snapshot_from_context, ContextError};
 
-use crate::config::parse_spiffe_id;
+use crate::config::{parse_spiffe_id, SpiffeIdError};
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -38,7 +38,7 @@ pub enum IdentityError {
     UriSanCount(usize),
     /// The URI SAN is not a valid SPIFFE ID.
     #[error("SVID URI SAN `{uri}` is not a valid SPIFFE ID: {reason}")]
-    BadSpiffeId { uri: String, reason: String },
+    BadSpiffeId { uri: String, reason: SpiffeIdError },
     /// The leaf is a CA certificate.
     #[error("SVID leaf certificate must not be a CA")]
     LeafIsCa,
@@ -106,7 +106,7 @@ pub fn parse_svid_leaf(der: &[u8]) -> Result<LeafFacts, IdentityError> {
     }
     let id = parse_spiffe_id(uris[0]).map_err(|reason| IdentityError::BadSpiffeId {
         uri: uris[0].to_string(),
-        reason: reason.to_string(),
+        reason,
     })?;
     if cert.is_ca() {
         return Err(IdentityError::LeafIsCa);
@@ -253,12 +253,24 @@ impl IdentityStatus {
     }
 }
 
+/// An SVID whose ID is not the one `identity.expect` names: the sidecar must never
+/// become ready with it (the source publishes [`IdentityStatus::Mismatch`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("SVID has SPIFFE ID {svid} but identity.expect is {want}; refusing to become ready")]
+pub struct ExpectMismatch {
+    /// The ID the SVID has.
+    pub svid: SpiffeId,
+    /// The ID `identity.expect` names.
+    pub want: SpiffeId,
+}
+
 /// Checks the SVID's ID against `identity.expect`.
-pub fn check_expected(svid: &SpiffeId, expect: Option<&SpiffeId>) -> Result<(), String> {
+pub fn check_expected(svid: &SpiffeId, expect: Option<&SpiffeId>) -> Result<(), ExpectMismatch> {
     match expect {
-        Some(want) if want != svid => Err(format!(
-            "SVID has SPIFFE ID {svid} but identity.expect is {want}; refusing to become ready"
-        )),
+        Some(want) if want != svid => Err(ExpectMismatch {
+            svid: svid.clone(),
+            want: want.clone(),
+        }),
         _ => Ok(()),
     }
 }
@@ -313,7 +325,7 @@ mod tests {
     fn expect_mismatch_names_both_ids() {
         let a = parse_spiffe_id("spiffe://jia.app/a").unwrap();
         let b = parse_spiffe_id("spiffe://jia.app/b").unwrap();
-        let msg = check_expected(&a, Some(&b)).unwrap_err();
+        let msg = check_expected(&a, Some(&b)).unwrap_err().to_string();
         assert!(msg.contains("spiffe://jia.app/a") && msg.contains("spiffe://jia.app/b"));
         assert!(check_expected(&a, Some(&a)).is_ok());
         assert!(check_expected(&a, None).is_ok());

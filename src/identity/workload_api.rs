@@ -7,8 +7,8 @@
 //! publishes `Expired` (fail closed) until a new SVID arrives.
 
 use crate::identity::{
-    check_expected, crypto_provider, publish, BundleSet, IdentityError, IdentitySnapshot,
-    IdentityStatus, SpiffeId, Svid,
+    check_expected, crypto_provider, publish, BundleSet, ExpectMismatch, IdentityError,
+    IdentitySnapshot, IdentityStatus, SpiffeId, Svid,
 };
 use futures::StreamExt;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -79,13 +79,33 @@ fn classify(e: &WorkloadApiError) -> (Condition, String) {
     }
 }
 
+/// Why an X.509 context from the Workload API does not become a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// No SVID at all (or none that could be chosen).
+    #[error("Workload API returned no SVID")]
+    NoSvid,
+    /// The SVID is not the one `identity.expect` names.
+    #[error(transparent)]
+    Mismatch(#[from] ExpectMismatch),
+    /// The chosen SVID is not a usable X.509-SVID.
+    #[error("SVID for {id} rejected: {source}")]
+    BadSvid { id: SpiffeId, source: IdentityError },
+    /// A trust bundle is unusable.
+    #[error(transparent)]
+    BadBundle(IdentityError),
+    /// No bundle for the SVID's own trust domain.
+    #[error("Workload API sent no bundle for our own trust domain {0}")]
+    NoOwnBundle(String),
+}
+
 /// Turns one X.509 context into a snapshot: the SVID whose ID is `expect` (or the default
 /// one), and every bundle (own and federated).
 pub fn snapshot_from_context(
     ctx: &X509Context,
     expect: Option<&SpiffeId>,
     generation: u64,
-) -> Result<IdentitySnapshot, String> {
+) -> Result<IdentitySnapshot, ContextError> {
     let chosen = match expect {
         Some(want) => ctx
             .svids()
@@ -94,7 +114,7 @@ pub fn snapshot_from_context(
             .or_else(|| ctx.default_svid()),
         None => ctx.default_svid(),
     }
-    .ok_or("Workload API returned no SVID")?;
+    .ok_or(ContextError::NoSvid)?;
     check_expected(chosen.spiffe_id(), expect)?;
     let chain: Vec<CertificateDer<'static>> = chosen
         .cert_chain()
@@ -104,8 +124,11 @@ pub fn snapshot_from_context(
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         chosen.private_key().as_bytes().to_vec(),
     ));
-    let svid = Svid::from_der(chain, key, &crypto_provider())
-        .map_err(|e: IdentityError| format!("SVID for {} rejected: {e}", chosen.spiffe_id()))?;
+    let svid =
+        Svid::from_der(chain, key, &crypto_provider()).map_err(|source| ContextError::BadSvid {
+            id: chosen.spiffe_id().clone(),
+            source,
+        })?;
     let mut bundles = BundleSet::default();
     for (td, bundle) in ctx.bundle_set().iter() {
         let cas = bundle
@@ -115,12 +138,11 @@ pub fn snapshot_from_context(
             .collect();
         bundles
             .insert(td.as_str(), cas)
-            .map_err(|e| e.to_string())?;
+            .map_err(ContextError::BadBundle)?;
     }
     if bundles.for_domain(svid.id.trust_domain_name()).is_none() {
-        return Err(format!(
-            "Workload API sent no bundle for our own trust domain {}",
-            svid.id.trust_domain_name()
+        return Err(ContextError::NoOwnBundle(
+            svid.id.trust_domain_name().to_string(),
         ));
     }
     Ok(IdentitySnapshot {
@@ -234,11 +256,13 @@ async fn stream_once(
                             .increment(u64::from(!first));
                         publish(status, IdentityStatus::Ready(Arc::new(snap)));
                     }
-                    Err(reason) if reason.contains("identity.expect") => {
+                    Err(e @ ContextError::Mismatch(_)) => {
+                        let reason = e.to_string();
                         tracing::error!("{reason}");
                         publish(status, IdentityStatus::Mismatch { reason });
                     }
-                    Err(reason) => {
+                    Err(e) => {
+                        let reason = e.to_string();
                         tracing::warn!("keeping the previous identity: {reason}");
                         if matches!(*status.borrow(), IdentityStatus::Waiting { .. }) {
                             publish(status, IdentityStatus::Waiting { reason });
