@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checks that imports between src/'s folders run one way only (DESIGN.md §7, lib.rs "Layout"):
 # a module may use a module of a lower layer or a leaf, never one of its own layer or above.
-# Reads the `crate::` paths of the non-test code (a file's `#[cfg(test)] mod tests` and the
-# tests.rs files are fixtures, left out). Prints each offending import; exit 1 if any.
+# Reads the `crate::` paths of the non-test code (a file's inline `#[cfg(test)] mod tests {`
+# block, which ends the file by convention, and the tests.rs files are fixtures, left out). Prints each offending import; exit 1 if any.
 #
 #   tests/layering.sh          run by tests/run.sh
 set -euo pipefail
@@ -47,7 +47,7 @@ while IFS= read -r file; do
       echo "$file:$line: $from (layer ${layer[$from]}) uses crate::$to (layer ${layer[$to]}): imports must run down the layers"
       bad=1
     fi
-  done < <(awk '/^#\[cfg\(test\)\]/ { t = 1; next } t && /^(pub )?mod tests/ { exit } { t = 0; print NR ":" $0 }' "$file" |
+  done < <(awk '/^#\[cfg\(test\)\]/ { t = 1; next } t && /^(pub )?mod tests *\{/ { exit } { t = 0; print NR ":" $0 }' "$file" |
     grep -oE '^[0-9]+:|crate::[a-z_0-9]+' | awk '/^[0-9]+:$/ { n = $0; next } { print n $0 }')
 done < <(find src -name '*.rs' | sort)
 

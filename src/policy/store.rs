@@ -250,9 +250,6 @@ impl PolicyStore {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 impl PolicyStore {
     /// The label values metrics admit under the current policy: the SPIFFE IDs its rules
     /// name exactly, and the gRPC `service/method`s they name (`service/*` for any
@@ -275,3 +272,6 @@ impl PolicyStore {
         bounds
     }
 }
+
+#[cfg(test)]
+mod tests;
