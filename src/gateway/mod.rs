@@ -17,7 +17,9 @@
 //! (checked every 2 s); a bad file keeps the last good one and is logged.
 
 mod auth;
+mod transcode;
 pub use auth::p256_jwks;
+pub use transcode::TranscodeError;
 
 use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
 use crate::gateway::auth::{authenticate, ApiKeys, AuthError, Credentials, JwtKeys};
@@ -52,6 +54,9 @@ pub enum GatewayError {
     /// `meshd check`: the API keys file is missing or malformed.
     #[error("gateway.api_keys: {0}")]
     ApiKeys(AuthError),
+    /// The transcoding protos do not load or miss a listed service.
+    #[error("{0}")]
+    Transcoding(#[from] TranscodeError),
     /// A route names an outbound that does not exist (`meshd check` says so first).
     #[error("gateway route {route}: no outbound is named {upstream}")]
     UnknownUpstream { route: String, upstream: String },
@@ -94,6 +99,8 @@ pub struct Gateway {
     tls: ArcSwap<rustls::ServerConfig>,
     config: GatewayConfig,
     log: Arc<AccessLogger>,
+    /// JSON clients' calls made gRPC calls; none without `gateway.transcoding`.
+    transcoder: Option<transcode::Transcoder>,
 }
 
 fn load_credentials(config: &GatewayConfig) -> Result<Credentials, AuthError> {
@@ -256,6 +263,11 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         let tls = load_tls(config)?;
         let creds = load_credentials(config)?;
+        let transcoder = config
+            .transcoding
+            .as_ref()
+            .map(transcode::Transcoder::new)
+            .transpose()?;
         let shared = config.rate_limit.and_then(limiter);
         let mut routes = Vec::new();
         for r in &config.routes {
@@ -279,6 +291,7 @@ impl Gateway {
             tls: ArcSwap::from_pointee(tls),
             config: config.clone(),
             log,
+            transcoder,
         })
     }
 
@@ -409,6 +422,37 @@ impl Gateway {
                 return resp;
             }
         }
+        // A JSON client's call of an exposed service: checked and made a gRPC call here,
+        // its answer made JSON; a refusal never reaches the app.
+        let json_call = match (&self.transcoder, grpc) {
+            (Some(t), false) => t.method(&path).map(|m| (t, m)),
+            _ => None,
+        };
+        let json_call = match json_call {
+            None => None,
+            Some((t, found)) => {
+                let http_method = telemetry::method_name(req.method());
+                let made = match found {
+                    Ok(method) => t.to_grpc(&method, req).await.map(|r| (r, method)),
+                    Err(e) => Err(e),
+                };
+                match made {
+                    Ok((grpc_req, method)) => {
+                        req = grpc_req;
+                        Some((t, method))
+                    }
+                    Err(e) => {
+                        tracing::debug!("gateway refused {path} from {}: {e}", call.ip);
+                        call.refused = Some("bad_request");
+                        let mut record = self.refusal_record(http_method, None, call);
+                        let (status, code) = e.status();
+                        record.http_status = status.as_u16();
+                        record.finish();
+                        return transcode::error_response(status, code, &e.to_string());
+                    }
+                }
+            }
+        };
         let headers = req.headers_mut();
         for name in ["authorization", "x-api-key", "x-user-id", "x-forwarded-for"] {
             headers.remove(name);
@@ -423,7 +467,11 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&call.ip) {
             headers.insert("x-forwarded-for", v);
         }
-        outbound::forward_as(&route.upstream, req, Some(call)).await
+        let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
+        match json_call {
+            Some((t, method)) => t.to_json(&method, resp).await,
+            None => resp,
+        }
     }
 
     /// Answers a request the gateway refused itself, counted and logged as denied.
@@ -442,19 +490,8 @@ impl Gateway {
             req.uri().path(),
             call.ip
         );
-        let mut record = RequestRecord::new(
-            "gateway",
-            telemetry::OTHER,
-            SharedString::const_str(""),
-            telemetry::OTHER,
-            grpc_method,
-            telemetry::method_name(req.method()),
-            SharedString::const_str(""),
-            Some(self.log.clone()),
-        );
-        record.denied = true;
         let unauthenticated = matches!(err, ProxyError::Unauthenticated(_));
-        record.gateway = Some(call);
+        let record = self.refusal_record(telemetry::method_name(req.method()), grpc_method, call);
         let mut resp = proxy::respond_locally(record, protocol, err);
         if unauthenticated && protocol == Protocol::Http {
             resp.headers_mut().insert(
@@ -463,6 +500,28 @@ impl Gateway {
             );
         }
         resp
+    }
+
+    /// The record of a request the gateway refused itself (counted and logged as denied).
+    fn refusal_record(
+        &self,
+        http_method: SharedString,
+        grpc_method: Option<String>,
+        call: Box<GatewayCall>,
+    ) -> RequestRecord {
+        let mut record = RequestRecord::new(
+            "gateway",
+            telemetry::OTHER,
+            SharedString::const_str(""),
+            telemetry::OTHER,
+            grpc_method,
+            http_method,
+            SharedString::const_str(""),
+            Some(self.log.clone()),
+        );
+        record.denied = true;
+        record.gateway = Some(call);
+        record
     }
 }
 
