@@ -432,11 +432,7 @@ impl Gateway {
             None => None,
             Some((t, found)) => {
                 let http_method = telemetry::method_name(req.method());
-                let made = match found {
-                    Ok(method) => t.to_grpc(&method, req).await.map(|r| (r, method)),
-                    Err(e) => Err(e),
-                };
-                match made {
+                match t.to_grpc(found, req).await {
                     Ok((grpc_req, method)) => {
                         req = grpc_req;
                         Some((t, method))

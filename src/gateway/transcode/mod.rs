@@ -5,8 +5,9 @@
 //! Flow: [`Transcoder::new`] loads the descriptors (protos compiled with protox, or a
 //! descriptor set) -> per request that is not gRPC, [`Transcoder::method`] says whether
 //! its path is an exposed service (no: the request goes on as before) ->
-//! [`Transcoder::to_grpc`] checks the content type (415), the method (404), reads the
-//! body up to `max_body` (413), fills the request message from the JSON body and the query
+//! [`Transcoder::to_grpc`] reads the body up to `max_body` (413; read even when refused,
+//! so the client gets its answer, not a reset stream), checks the method (404) and the
+//! content type (415), fills the request message from the JSON body and the query
 //! (400 naming the position or the field) and makes it a gRPC request, which the gateway
 //! sends like any other -> [`Transcoder::to_json`] reads the unary answer: its message as
 //! JSON with 200, or `{"code", "message"}` with the HTTP status of its gRPC status.
@@ -17,9 +18,9 @@ mod tests;
 
 use crate::config::{DescriptorError, TranscodingConfig};
 use crate::proxy::{H2Body, ProxyBody, GRPC_STATUS};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use prost::Message;
 use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor,
@@ -182,14 +183,19 @@ impl Transcoder {
         })
     }
 
-    /// The JSON request as the gRPC call of `method` (see the module docs).
+    /// The JSON request as the gRPC call of `found` (see the module docs). The body is
+    /// read first, refused or not, so that the client gets the answer and not a reset
+    /// stream (an HTTP/2 stream dropped unread is reset).
     pub async fn to_grpc(
         &self,
-        method: &MethodDescriptor,
+        found: Result<MethodDescriptor, TranscodeError>,
         req: Request<H2Body>,
-    ) -> Result<Request<H2Body>, TranscodeError> {
-        let content_type = req
-            .headers()
+    ) -> Result<(Request<H2Body>, MethodDescriptor), TranscodeError> {
+        let (mut parts, body) = req.into_parts();
+        let bytes = read_body(body, self.max_body).await?;
+        let method = found?;
+        let content_type = parts
+            .headers
             .get(http::header::CONTENT_TYPE)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         if rules::payload(content_type.as_deref()) == Payload::Unsupported {
@@ -197,23 +203,6 @@ impl Transcoder {
                 content_type.unwrap_or_default(),
             ));
         }
-        let declared = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            return Err(TranscodeError::TooLarge(self.max_body));
-        }
-        let (mut parts, body) = req.into_parts();
-        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
-        let bytes = match Limited::new(body, limit).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => {
-                return Err(TranscodeError::TooLarge(self.max_body))
-            }
-            Err(e) => return Err(TranscodeError::BodyRead(e)),
-        };
         let query = parts.uri.query().unwrap_or("");
         let message = self.request_message(&method.input(), &bytes, query)?;
         let mut uri = http::uri::Parts::from(parts.uri.clone());
@@ -238,7 +227,7 @@ impl Transcoder {
         );
         h.insert(http::header::TE, HeaderValue::from_static("trailers"));
         let framed = rules::frame(&message.encode_to_vec());
-        Ok(Request::from_parts(parts, H2Body::fixed(framed)))
+        Ok((Request::from_parts(parts, H2Body::fixed(framed)), method))
     }
 
     /// The request message from the JSON body (empty: the empty message) and the query.
@@ -364,6 +353,34 @@ impl Transcoder {
             .map_err(TranscodeError::ResponseJson)?;
         Ok(json_response(StatusCode::OK, Bytes::from(json)))
     }
+}
+
+/// Past `max_body`, this much more of a body is still read (and dropped) so the client
+/// gets its 413 instead of a reset stream; a body larger than that is reset.
+const DRAIN_MIN: u64 = 1 << 20;
+
+/// The request body, up to `max` bytes; over it, [`TranscodeError::TooLarge`] once the
+/// client has sent it (up to 4 × `max`, at least 1 MiB).
+async fn read_body(mut body: H2Body, max: u64) -> Result<Bytes, TranscodeError> {
+    let mut kept = BytesMut::new();
+    let mut seen: u64 = 0;
+    let drain_to = max.saturating_mul(4).max(DRAIN_MIN);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| TranscodeError::BodyRead(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen <= max {
+            kept.extend_from_slice(&data);
+        } else if seen > drain_to {
+            break;
+        }
+    }
+    if seen > max {
+        return Err(TranscodeError::TooLarge(max));
+    }
+    Ok(kept.freeze())
 }
 
 fn json_kind(v: &Value) -> &'static str {
