@@ -359,3 +359,30 @@ fn bad_json_is_refused_before_the_app() {
         .metric("gateway_requests_failed_total", &["reason=\"bad_request\""]);
     assert_eq!(refused, 9.0);
 }
+
+// Story: an operator lists a service the protos do not define, next to one they do;
+// `meshd check` names it with the file, line and column, and fails.
+#[test]
+fn check_names_a_service_missing_from_the_protos() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let yaml = format!(
+        "service: api-gateway\noutbound:\n  - name: p\n    endpoints: [\"127.0.0.1:1\"]\n    server_id: spiffe://jia.app/p\ngateway:\n  tls: {{cert: {d}/none.pem, key: {d}/none-key.pem}}\n  api_keys: {d}/keys.yaml\n  routes: [{{name: r, prefix: /, upstream: p}}]\n  transcoding:\n    protos: [{proto}]\n    services:\n      - payment.v1.PaymentService\n      - payment.v1.RefundService\n",
+        d = d.display(),
+        proto = repo("proto/payment.proto").display(),
+    );
+    let config = d.join("gw.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = Command::new(common::meshd::meshd_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let want = format!(
+        "{}:14:9: gateway.transcoding.services[1]: no service `payment.v1.RefundService` in the protos",
+        config.display()
+    );
+    assert!(report.contains(&want), "{want} not in:\n{report}");
+}

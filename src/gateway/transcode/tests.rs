@@ -299,3 +299,20 @@ fn a_service_missing_from_the_protos_stops_the_start() {
         "gateway.transcoding: no service `shop.v1.Nope` in the protos"
     );
 }
+
+#[test]
+fn a_descriptor_set_serves_as_the_protos() {
+    // `protoc --include_imports -o api.pb` output instead of the .proto files.
+    let (t, dir) = shop(|_| {});
+    let set = dir.path().join("api.pb");
+    std::fs::write(&set, t.pool.encode_to_vec()).unwrap();
+    let (from_set, _dir) = shop(|c| {
+        c.protos.clear();
+        c.descriptor_set = Some(set);
+    });
+    assert!(from_set.method("/shop.v1.Shop/Find").unwrap().is_ok());
+    assert_eq!(
+        read(&from_set, r#"{"limit": 3}"#, "tags=a"),
+        Ok(json!({"limit": "3", "tags": ["a"]}))
+    );
+}
