@@ -141,14 +141,27 @@ admin:
     /// curl to the gateway: `method` on `path` with `extra` arguments and the JWT; the
     /// HTTP status, the body (JSON when it parses, else a string) and the HTTP version.
     fn curl(&self, version: &str, path: &str, extra: &[&str]) -> (u16, Value, String) {
-        let ca = self.dir.path().join("gw.pem");
         let auth = format!("authorization: Bearer {}", self.token);
+        self.curl_as(Some(&auth), version, path, extra)
+    }
+
+    /// `curl` with the `auth` header given, or none.
+    fn curl_as(
+        &self,
+        auth: Option<&str>,
+        version: &str,
+        path: &str,
+        extra: &[&str],
+    ) -> (u16, Value, String) {
+        let ca = self.dir.path().join("gw.pem");
         let resolve = format!("localhost:{}:127.0.0.1", self.port);
         let url = format!("https://localhost:{}{path}", self.port);
+        let auth: Vec<&str> = auth.map(|a| vec!["-H", a]).unwrap_or_default();
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "5", version, "--cacert"])
             .arg(&ca)
-            .args(["--resolve", &resolve, "-H", &auth])
+            .args(["--resolve", &resolve])
+            .args(auth)
             .args(extra)
             .args(["-w", "\n%{http_code} %{http_version}", &url])
             .output()
@@ -284,8 +297,8 @@ fn json_clients_call_the_payment_service() {
 
 // Story: a client sends broken JSON, a field the message does not have, a field of the
 // wrong type, a body in another content type, a method the service does not have and a
-// body over the gateway's 1 KiB limit: each gets its 4xx with a JSON message saying what
-// is wrong, and the payment app never sees any of them.
+// body over the gateway's 1 KiB limit, or no valid token: each gets its 4xx with a JSON
+// message saying what is wrong, and the payment app never sees any of them.
 #[test]
 fn bad_json_is_refused_before_the_app() {
     let e = Edge::start();
@@ -351,6 +364,17 @@ fn bad_json_is_refused_before_the_app() {
             "the request body is over the limit of 1024 bytes"
         );
     }
+
+    // The gateway's own refusals come back to a JSON client as JSON too.
+    let json_body = ["-H", "content-type: application/json", "-d", "{}"];
+    let path = "/payment.v1.PaymentService/CreatePayment";
+    for auth in [None, Some("authorization: Bearer not-a-jwt")] {
+        let (code, err, _) = e.curl_as(auth, "--http2", path, &json_body);
+        assert_eq!(code, 401, "{err}");
+        assert_eq!(err["code"], json!(16), "{err}");
+    }
+    let (_, err, _) = e.curl_as(None, "--http1.1", path, &json_body);
+    assert!(message(&err).starts_with("credentials required"), "{err}");
 
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(e.app_calls(), seen, "a refused call reached the app");

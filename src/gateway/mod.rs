@@ -8,7 +8,9 @@
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
 //! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> credentials stripped,
 //! `x-user-id` and `x-forwarded-for` set (anything the client sent under those names is
-//! dropped) -> `outbound::forward_as`. Every request, refused or proxied, ends in one
+//! dropped) -> a JSON client's call of a `gateway.transcoding` service is made a gRPC call
+//! (`transcode`; bad input refused there with 4xx) -> `outbound::forward_as` (and the
+//! transcoded call's answer made JSON). Every request, refused or proxied, ends in one
 //! record: `gateway_requests_total`, `gateway_request_duration_seconds`,
 //! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
 //! user_agent.
@@ -385,19 +387,21 @@ impl Gateway {
         let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &path) else {
             call.refused = Some("no_route");
             let err = ProxyError::NoRoute(format!("no gateway route for {path}"));
-            return self.refuse(&req, protocol, call, err);
+            return self.refuse(&mut req, protocol, call, err).await;
         };
         call.service = route.name.clone();
         let user = match authenticate(route.auth, &self.creds.load(), req.headers()) {
             Ok(user) => user,
             Err(e) => {
                 call.refused = Some("unauthenticated");
-                return self.refuse(
-                    &req,
-                    protocol,
-                    call,
-                    ProxyError::Unauthenticated(e.to_string()),
-                );
+                return self
+                    .refuse(
+                        &mut req,
+                        protocol,
+                        call,
+                        ProxyError::Unauthenticated(e.to_string()),
+                    )
+                    .await;
             }
         };
         call.user_id = user.clone();
@@ -416,7 +420,7 @@ impl Gateway {
                     route.name,
                     wait.as_millis()
                 ));
-                let mut resp = self.refuse(&req, protocol, call, err);
+                let mut resp = self.refuse(&mut req, protocol, call, err).await;
                 resp.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
                 return resp;
@@ -470,14 +474,19 @@ impl Gateway {
         }
     }
 
-    /// Answers a request the gateway refused itself, counted and logged as denied.
-    fn refuse(
+    /// Answers a request the gateway refused itself, counted and logged as denied. An
+    /// HTTP client's body is read first (up to a cap), so it gets the answer and not a
+    /// reset stream.
+    async fn refuse(
         &self,
-        req: &Request<H2Body>,
+        req: &mut Request<H2Body>,
         protocol: Protocol,
         call: Box<GatewayCall>,
         err: ProxyError,
     ) -> Response<ProxyBody> {
+        if protocol == Protocol::Http {
+            transcode::drain(req.body_mut()).await;
+        }
         let grpc_method = proxy::grpc_path(req.uri().path())
             .filter(|_| protocol == Protocol::Grpc)
             .map(|(s, m)| format!("{s}/{m}"));
@@ -487,8 +496,15 @@ impl Gateway {
             call.ip
         );
         let unauthenticated = matches!(err, ProxyError::Unauthenticated(_));
+        // A JSON client of a transcoded service reads its refusal as JSON too.
+        let json_client = protocol == Protocol::Http
+            && (self.transcoder.as_ref()).is_some_and(|t| t.method(req.uri().path()).is_some());
+        let json_error = json_client.then(|| (err.codes().0, err.to_string()));
         let record = self.refusal_record(telemetry::method_name(req.method()), grpc_method, call);
         let mut resp = proxy::respond_locally(record, protocol, err);
+        if let Some((code, message)) = json_error {
+            transcode::error_as_json(&mut resp, code, &message);
+        }
         if unauthenticated && protocol == Protocol::Http {
             resp.headers_mut().insert(
                 http::header::WWW_AUTHENTICATE,

@@ -112,8 +112,21 @@ impl TranscodeError {
 
 /// A JSON answer `{"code": N, "message": "..."}` with `status`.
 pub fn error_response(status: StatusCode, code: u32, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({"code": code, "message": message}).to_string();
-    json_response(status, Bytes::from(body))
+    json_response(status, error_body(code, message))
+}
+
+/// The gateway's own refusal (401, 429, ...) of a JSON client, its body made the JSON
+/// error shape; status and headers stay.
+pub fn error_as_json(resp: &mut Response<ProxyBody>, code: u32, message: &str) {
+    *resp.body_mut() = Either::Right(Full::new(error_body(code, message)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+}
+
+fn error_body(code: u32, message: &str) -> Bytes {
+    Bytes::from(serde_json::json!({"code": code, "message": message}).to_string())
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
@@ -381,6 +394,25 @@ async fn read_body(mut body: H2Body, max: u64) -> Result<Bytes, TranscodeError> 
         return Err(TranscodeError::TooLarge(max));
     }
     Ok(kept.freeze())
+}
+
+/// Reads and drops what is left of a refused request's body, up to 1 MiB and 1 s: an
+/// HTTP/2 stream dropped unread is reset, and the client would miss its answer.
+pub async fn drain(body: &mut H2Body) {
+    use http_body::Body;
+    if body.is_end_stream() {
+        return;
+    }
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > DRAIN_MIN {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
 }
 
 fn json_kind(v: &Value) -> &'static str {
