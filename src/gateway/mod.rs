@@ -6,11 +6,11 @@
 //! Flow per request: [`route`] (longest path prefix; none: gRPC UNIMPLEMENTED / 404) ->
 //! `gateway_auth::authenticate` (no valid credentials: UNAUTHENTICATED / 401) -> the
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
-//! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> credentials stripped,
-//! `x-user-id` and `x-forwarded-for` set (anything the client sent under those names is
-//! dropped) -> a JSON client's call of a `gateway.transcoding` service is made a gRPC call
-//! (`transcode`; bad input refused there with 4xx) -> `outbound::forward_as` (and the
-//! transcoded call's answer made JSON). Every request, refused or proxied, ends in one
+//! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> a JSON client's call of
+//! a `gateway.transcoding` service is made a gRPC call (`transcode`; bad input refused
+//! there with 4xx) -> credentials stripped, `x-user-id` and `x-forwarded-for` set
+//! (anything the client sent under those names is dropped) -> `outbound::forward_as`
+//! (a transcoded call's answer made JSON). Every request, refused or proxied, ends in one
 //! record: `gateway_requests_total`, `gateway_request_duration_seconds`,
 //! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
 //! user_agent.

@@ -1,6 +1,7 @@
 use super::rules::{self, FrameError, Payload, QueryError};
 use super::{TranscodeError, Transcoder};
 use crate::config::TranscodingConfig;
+use crate::proxy::ProxyBody;
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -314,5 +315,75 @@ fn a_descriptor_set_serves_as_the_protos() {
     assert_eq!(
         read(&from_set, r#"{"limit": 3}"#, "tags=a"),
         Ok(json!({"limit": "3", "tags": ["a"]}))
+    );
+}
+
+/// An app's unary answer: `grpc-status` (and `grpc-message`) in the headers, a body.
+fn app_answer(status: u32, message: &str, body: bytes::Bytes) -> http::Response<ProxyBody> {
+    let mut resp = http::Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+        body,
+    )));
+    let h = resp.headers_mut();
+    h.insert("grpc-status", status.into());
+    h.insert("grpc-message", message.parse().unwrap());
+    resp
+}
+
+/// What a JSON client reads: status and body.
+fn answered(t: &Transcoder, resp: http::Response<ProxyBody>) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let method = t.method("/shop.v1.Shop/Find").unwrap().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let resp = t.to_json(&method, resp).await;
+        let ct = resp.headers()[http::header::CONTENT_TYPE].clone();
+        assert_eq!(ct, "application/json");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    })
+}
+
+#[test]
+fn answers_come_back_as_json() {
+    use prost::Message;
+    let (t, _dir) = shop(|_| {});
+    let desc = t.pool.get_message_by_name("shop.v1.FindResponse").unwrap();
+    let message = prost_reflect::DynamicMessage::deserialize(desc, json!({"ids": ["a"]}))
+        .unwrap()
+        .encode_to_vec();
+    let ok = || app_answer(0, "", rules::frame(&message));
+    assert_eq!(answered(&t, ok()), (200, json!({"ids": ["a"]})));
+    let (t_all, _dir) = shop(|c| {
+        c.emit_defaults = true;
+        c.preserve_proto_field_names = true;
+    });
+    assert_eq!(
+        answered(&t_all, ok()),
+        (200, json!({"ids": ["a"], "total": "0"}))
+    );
+    let table = [
+        (5, "no%20such%20thing", 404, "no such thing"),
+        (3, "bad", 400, "bad"),
+        (16, "who", 401, "who"),
+        (14, "down", 503, "down"),
+        (13, "oops", 500, "oops"),
+    ];
+    for (code, raw, status, message) in table {
+        let got = answered(&t, app_answer(code, raw, bytes::Bytes::new()));
+        assert_eq!(
+            got,
+            (status, json!({"code": code, "message": message})),
+            "{code}"
+        );
+    }
+    let garbage = app_answer(0, "", bytes::Bytes::from_static(&[0, 0, 0, 0, 9, 1]));
+    let (status, body) = answered(&t, garbage);
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        body["message"],
+        json!("the gRPC answer is cut short: 1 bytes of a 9-byte message")
     );
 }
