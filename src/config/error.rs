@@ -140,6 +140,15 @@ pub enum ConfigError {
     /// A route asking for credentials the gateway has no way to check.
     #[error("{field} needs {needs} to be configured")]
     AuthWithoutCredentials { field: String, needs: &'static str },
+    /// `gateway.transcoding` names both or neither of `protos` and `descriptor_set`.
+    #[error("gateway.transcoding needs either protos or descriptor_set, not both")]
+    TranscodingSource,
+    /// The protos (or the descriptor set) of `gateway.transcoding` do not load.
+    #[error("{field}: {reason}")]
+    TranscodingProtos { field: String, reason: String },
+    /// `gateway.transcoding.services` names a service the protos do not define.
+    #[error("{field}: no service `{service}` in the protos")]
+    UnknownService { field: String, service: String },
     /// (warning) An inbound without a policy file: it fails closed, so the sidecar can
     /// never serve a call.
     #[error("inbound.policy is not set: every call to the inbound is denied and /ready stays 503")]

@@ -38,6 +38,161 @@ pub struct GatewayConfig {
     pub rate_limit: Option<RateLimit>,
     /// Path prefixes to upstreams; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
+    /// JSON clients: calls of these gRPC services in JSON become gRPC calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcoding: Option<TranscodingConfig>,
+}
+
+/// `gateway.transcoding:` — gRPC-JSON transcoding, from the API's own protos: a JSON (or
+/// GET) request to `/pkg.Service/Method` of a listed service becomes that gRPC call, and
+/// its answer comes back as JSON.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TranscodingConfig {
+    /// `.proto` files, compiled in-process at start (no `protoc`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protos: Vec<PathBuf>,
+    /// Where the protos' imports are found; the protos' own folders when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub import_paths: Vec<PathBuf>,
+    /// A `FileDescriptorSet` (`protoc --include_imports -o api.pb`), instead of `protos`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_set: Option<PathBuf>,
+    /// The fully qualified services JSON clients may call, e.g. `payment.v1.PaymentService`.
+    pub services: Vec<String>,
+    /// Fields the message does not have are skipped instead of refused with 400.
+    #[serde(default)]
+    pub ignore_unknown_fields: bool,
+    /// Answers carry fields at their default value (0, "", []) instead of leaving them out.
+    #[serde(default)]
+    pub emit_defaults: bool,
+    /// Answers name fields as the proto does (`payment_id`), not in lowerCamelCase.
+    #[serde(default)]
+    pub preserve_proto_field_names: bool,
+    /// The largest JSON body accepted (bytes, or `64KiB`, `4MiB`); larger ones get 413.
+    #[serde(default = "default_max_body", with = "byte_size")]
+    pub max_body: u64,
+}
+
+fn default_max_body() -> u64 {
+    4 << 20
+}
+
+/// Why the protos of `gateway.transcoding` do not give a descriptor pool.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptorError {
+    /// A proto does not compile (the message names the file and position).
+    #[error("{0}")]
+    Compile(#[from] Box<protox::Error>),
+    /// The descriptor set file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The descriptor set file is not a valid `FileDescriptorSet`.
+    #[error("{path}: {source}")]
+    Decode {
+        path: PathBuf,
+        source: prost_reflect::DescriptorError,
+    },
+}
+
+impl TranscodingConfig {
+    /// The API's messages and services: the protos compiled, or the descriptor set read.
+    pub fn descriptors(&self) -> Result<prost_reflect::DescriptorPool, DescriptorError> {
+        if let Some(path) = &self.descriptor_set {
+            let bytes = std::fs::read(path).map_err(|source| DescriptorError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return prost_reflect::DescriptorPool::decode(bytes.as_slice()).map_err(|source| {
+                DescriptorError::Decode {
+                    path: path.clone(),
+                    source,
+                }
+            });
+        }
+        let mut includes = self.import_paths.clone();
+        if includes.is_empty() {
+            for p in &self.protos {
+                let dir = p.parent().map_or_else(|| PathBuf::from("."), PathBuf::from);
+                let dir = if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                };
+                if !includes.contains(&dir) {
+                    includes.push(dir);
+                }
+            }
+        }
+        let mut compiler = protox::Compiler::new(&includes).map_err(Box::new)?;
+        compiler.include_imports(true);
+        compiler.open_files(&self.protos).map_err(Box::new)?;
+        Ok(compiler.descriptor_pool())
+    }
+}
+
+/// A size in bytes, written as a number or with a unit (`KiB`, `MiB`).
+mod byte_size {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Bytes(n) => Ok(n),
+            Written::Text(t) => parse(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "size `{t}` must be a number of bytes, KiB or MiB, e.g. 4MiB"
+                ))
+            }),
+        }
+    }
+
+    /// `4MiB`, `64KiB`, `512`: the number of bytes.
+    pub fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let scale = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "KB" | "K" => 1 << 10,
+            "MiB" | "MB" | "M" => 1 << 20,
+            _ => return None,
+        };
+        n.checked_mul(scale)
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn sizes_read_with_their_unit() {
+    let table = [
+        ("4MiB", Some(4 << 20)),
+        ("64KiB", Some(64 << 10)),
+        ("512B", Some(512)),
+        ("512", Some(512)),
+        ("1 MiB", Some(1 << 20)),
+        ("MiB", None),
+        ("4GiB", None),
+    ];
+    for (text, want) in table {
+        assert_eq!(byte_size::parse(text), want, "{text}");
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -188,6 +343,43 @@ pub(crate) fn check(
                 needs,
             };
             out.push(src.problem(&at("auth"), error));
+        }
+    }
+    if let Some(t) = &g.transcoding {
+        check_transcoding(t, src, out);
+    }
+}
+
+/// The transcoding protos load and define every listed service.
+fn check_transcoding(t: &TranscodingConfig, src: &Source, out: &mut Vec<ConfigProblem>) {
+    if t.protos.is_empty() == t.descriptor_set.is_none() {
+        out.push(src.problem("gateway.transcoding", ConfigError::TranscodingSource));
+        return;
+    }
+    let field = if t.protos.is_empty() {
+        "gateway.transcoding.descriptor_set"
+    } else {
+        "gateway.transcoding.protos"
+    };
+    let pool = match t.descriptors() {
+        Ok(pool) => pool,
+        Err(e) => {
+            let error = ConfigError::TranscodingProtos {
+                field: field.into(),
+                reason: e.to_string(),
+            };
+            out.push(src.problem(field, error));
+            return;
+        }
+    };
+    for (i, service) in t.services.iter().enumerate() {
+        if pool.get_service_by_name(service).is_none() {
+            let field = format!("gateway.transcoding.services[{i}]");
+            let error = ConfigError::UnknownService {
+                field: field.clone(),
+                service: service.clone(),
+            };
+            out.push(src.problem(&field, error));
         }
     }
 }

@@ -359,7 +359,8 @@ pub use crate::config::endpoints::{
 };
 pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity, ValueError};
 pub use crate::config::gateway::{
-    GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
+    DescriptorError, GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
+    TranscodingConfig,
 };
 pub use crate::config::intercept::{TransparentConfig, Unmatched};
 pub use crate::config::resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};

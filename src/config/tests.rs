@@ -523,3 +523,37 @@ fn parsed_values_read_back_as_written() {
     );
     assert_eq!(json["identity"]["expect"], "spiffe://td/me");
 }
+
+#[test]
+fn transcoding_protos_must_define_the_listed_services() {
+    // A gateway that transcodes JSON names its services; `meshd check` finds one the
+    // protos do not define, and protos that do not load, at their position.
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/payment.proto");
+    let gateway = |transcoding: &str| {
+        format!("service: s\noutbound:\n  - name: a\n    endpoints: [\"a:1\"]\n    server_id: spiffe://td/a\ngateway:\n  tls: {{cert: c, key: k}}\n  api_keys: keys.yaml\n  routes:\n    - {{name: p, prefix: /p/, upstream: a}}\n  transcoding:\n{transcoding}")
+    };
+    let table: &[(String, Vec<String>)] = &[
+        (
+            gateway(&format!("    protos: [{proto}]\n    services: [payment.v1.PaymentService]\n    max_body: 64KiB\n")),
+            vec![],
+        ),
+        (
+            gateway(&format!("    protos: [{proto}]\n    services:\n      - payment.v1.PaymentService\n      - payment.v1.Nope\n")),
+            vec!["m.yaml:15:9: gateway.transcoding.services[1]: no service `payment.v1.Nope` in the protos".into()],
+        ),
+        (
+            gateway("    services: [payment.v1.PaymentService]\n"),
+            vec!["m.yaml:11:3: gateway.transcoding needs either protos or descriptor_set, not both".into()],
+        ),
+    ];
+    for (text, want) in table {
+        assert_eq!(&problems(text, &[]), want, "{text}");
+    }
+    let missing = gateway("    protos: [/nonexistent/api.proto]\n    services: [a.B]\n");
+    let got = problems(&missing, &[]);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("m.yaml:12:5: gateway.transcoding.protos: "),
+        "{got:?}"
+    );
+}

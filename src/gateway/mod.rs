@@ -6,9 +6,11 @@
 //! Flow per request: [`route`] (longest path prefix; none: gRPC UNIMPLEMENTED / 404) ->
 //! `gateway_auth::authenticate` (no valid credentials: UNAUTHENTICATED / 401) -> the
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
-//! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> credentials stripped,
-//! `x-user-id` and `x-forwarded-for` set (anything the client sent under those names is
-//! dropped) -> `outbound::forward_as`. Every request, refused or proxied, ends in one
+//! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> a JSON client's call of
+//! a `gateway.transcoding` service is made a gRPC call (`transcode`; bad input refused
+//! there with 4xx) -> credentials stripped, `x-user-id` and `x-forwarded-for` set
+//! (anything the client sent under those names is dropped) -> `outbound::forward_as`
+//! (a transcoded call's answer made JSON). Every request, refused or proxied, ends in one
 //! record: `gateway_requests_total`, `gateway_request_duration_seconds`,
 //! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
 //! user_agent.
@@ -17,7 +19,9 @@
 //! (checked every 2 s); a bad file keeps the last good one and is logged.
 
 mod auth;
+mod transcode;
 pub use auth::p256_jwks;
+pub use transcode::TranscodeError;
 
 use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
 use crate::gateway::auth::{authenticate, ApiKeys, AuthError, Credentials, JwtKeys};
@@ -52,6 +56,9 @@ pub enum GatewayError {
     /// `meshd check`: the API keys file is missing or malformed.
     #[error("gateway.api_keys: {0}")]
     ApiKeys(AuthError),
+    /// The transcoding protos do not load or miss a listed service.
+    #[error("{0}")]
+    Transcoding(#[from] TranscodeError),
     /// A route names an outbound that does not exist (`meshd check` says so first).
     #[error("gateway route {route}: no outbound is named {upstream}")]
     UnknownUpstream { route: String, upstream: String },
@@ -94,6 +101,8 @@ pub struct Gateway {
     tls: ArcSwap<rustls::ServerConfig>,
     config: GatewayConfig,
     log: Arc<AccessLogger>,
+    /// JSON clients' calls made gRPC calls; none without `gateway.transcoding`.
+    transcoder: Option<transcode::Transcoder>,
 }
 
 fn load_credentials(config: &GatewayConfig) -> Result<Credentials, AuthError> {
@@ -256,6 +265,11 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         let tls = load_tls(config)?;
         let creds = load_credentials(config)?;
+        let transcoder = config
+            .transcoding
+            .as_ref()
+            .map(transcode::Transcoder::new)
+            .transpose()?;
         let shared = config.rate_limit.and_then(limiter);
         let mut routes = Vec::new();
         for r in &config.routes {
@@ -279,6 +293,7 @@ impl Gateway {
             tls: ArcSwap::from_pointee(tls),
             config: config.clone(),
             log,
+            transcoder,
         })
     }
 
@@ -372,19 +387,21 @@ impl Gateway {
         let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &path) else {
             call.refused = Some("no_route");
             let err = ProxyError::NoRoute(format!("no gateway route for {path}"));
-            return self.refuse(&req, protocol, call, err);
+            return self.refuse(&mut req, protocol, call, err).await;
         };
         call.service = route.name.clone();
         let user = match authenticate(route.auth, &self.creds.load(), req.headers()) {
             Ok(user) => user,
             Err(e) => {
                 call.refused = Some("unauthenticated");
-                return self.refuse(
-                    &req,
-                    protocol,
-                    call,
-                    ProxyError::Unauthenticated(e.to_string()),
-                );
+                return self
+                    .refuse(
+                        &mut req,
+                        protocol,
+                        call,
+                        ProxyError::Unauthenticated(e.to_string()),
+                    )
+                    .await;
             }
         };
         call.user_id = user.clone();
@@ -403,12 +420,39 @@ impl Gateway {
                     route.name,
                     wait.as_millis()
                 ));
-                let mut resp = self.refuse(&req, protocol, call, err);
+                let mut resp = self.refuse(&mut req, protocol, call, err).await;
                 resp.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
                 return resp;
             }
         }
+        // A JSON client's call of an exposed service: checked and made a gRPC call here,
+        // its answer made JSON; a refusal never reaches the app.
+        let json_call = match (&self.transcoder, grpc) {
+            (Some(t), false) => t.method(&path).map(|m| (t, m)),
+            _ => None,
+        };
+        let json_call = match json_call {
+            None => None,
+            Some((t, found)) => {
+                let http_method = telemetry::method_name(req.method());
+                match t.to_grpc(found, req).await {
+                    Ok((grpc_req, method)) => {
+                        req = grpc_req;
+                        Some((t, method))
+                    }
+                    Err(e) => {
+                        tracing::debug!("gateway refused {path} from {}: {e}", call.ip);
+                        call.refused = Some("bad_request");
+                        let mut record = self.refusal_record(http_method, None, call);
+                        let (status, code) = e.status();
+                        record.http_status = status.as_u16();
+                        record.finish();
+                        return transcode::error_response(status, code, &e.to_string());
+                    }
+                }
+            }
+        };
         let headers = req.headers_mut();
         for name in ["authorization", "x-api-key", "x-user-id", "x-forwarded-for"] {
             headers.remove(name);
@@ -423,17 +467,26 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&call.ip) {
             headers.insert("x-forwarded-for", v);
         }
-        outbound::forward_as(&route.upstream, req, Some(call)).await
+        let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
+        match json_call {
+            Some((t, method)) => t.to_json(&method, resp).await,
+            None => resp,
+        }
     }
 
-    /// Answers a request the gateway refused itself, counted and logged as denied.
-    fn refuse(
+    /// Answers a request the gateway refused itself, counted and logged as denied. An
+    /// HTTP client's body is read first (up to a cap), so it gets the answer and not a
+    /// reset stream.
+    async fn refuse(
         &self,
-        req: &Request<H2Body>,
+        req: &mut Request<H2Body>,
         protocol: Protocol,
         call: Box<GatewayCall>,
         err: ProxyError,
     ) -> Response<ProxyBody> {
+        if protocol == Protocol::Http {
+            transcode::drain(req.body_mut()).await;
+        }
         let grpc_method = proxy::grpc_path(req.uri().path())
             .filter(|_| protocol == Protocol::Grpc)
             .map(|(s, m)| format!("{s}/{m}"));
@@ -442,20 +495,16 @@ impl Gateway {
             req.uri().path(),
             call.ip
         );
-        let mut record = RequestRecord::new(
-            "gateway",
-            telemetry::OTHER,
-            SharedString::const_str(""),
-            telemetry::OTHER,
-            grpc_method,
-            telemetry::method_name(req.method()),
-            SharedString::const_str(""),
-            Some(self.log.clone()),
-        );
-        record.denied = true;
         let unauthenticated = matches!(err, ProxyError::Unauthenticated(_));
-        record.gateway = Some(call);
+        // A JSON client of a transcoded service reads its refusal as JSON too.
+        let json_client = protocol == Protocol::Http
+            && (self.transcoder.as_ref()).is_some_and(|t| t.method(req.uri().path()).is_some());
+        let json_error = json_client.then(|| (err.codes().0, err.to_string()));
+        let record = self.refusal_record(telemetry::method_name(req.method()), grpc_method, call);
         let mut resp = proxy::respond_locally(record, protocol, err);
+        if let Some((code, message)) = json_error {
+            transcode::error_as_json(&mut resp, code, &message);
+        }
         if unauthenticated && protocol == Protocol::Http {
             resp.headers_mut().insert(
                 http::header::WWW_AUTHENTICATE,
@@ -463,6 +512,28 @@ impl Gateway {
             );
         }
         resp
+    }
+
+    /// The record of a request the gateway refused itself (counted and logged as denied).
+    fn refusal_record(
+        &self,
+        http_method: SharedString,
+        grpc_method: Option<String>,
+        call: Box<GatewayCall>,
+    ) -> RequestRecord {
+        let mut record = RequestRecord::new(
+            "gateway",
+            telemetry::OTHER,
+            SharedString::const_str(""),
+            telemetry::OTHER,
+            grpc_method,
+            http_method,
+            SharedString::const_str(""),
+            Some(self.log.clone()),
+        );
+        record.denied = true;
+        record.gateway = Some(call);
+        record
     }
 }
 

@@ -216,7 +216,10 @@ fn reset_reason(mut e: &(dyn StdError + 'static)) -> Reason {
 /// gives its bytes back to the peer's flow-control window.
 #[derive(Debug)]
 pub struct H2Body {
-    recv: RecvStream,
+    /// The stream read from; none for a body made in-process.
+    recv: Option<RecvStream>,
+    /// A body made in-process (the gateway's transcoded JSON call), sent as one frame.
+    fixed: Option<Bytes>,
     /// All data frames were read; trailers come next.
     data_done: bool,
 }
@@ -224,7 +227,17 @@ pub struct H2Body {
 impl H2Body {
     pub fn new(recv: RecvStream) -> H2Body {
         H2Body {
-            recv,
+            recv: Some(recv),
+            fixed: None,
+            data_done: false,
+        }
+    }
+
+    /// A body of these bytes, then the end (no trailers).
+    pub fn fixed(bytes: Bytes) -> H2Body {
+        H2Body {
+            recv: None,
+            fixed: Some(bytes),
             data_done: false,
         }
     }
@@ -244,10 +257,13 @@ impl Body for H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        let Some(recv) = this.recv.as_mut() else {
+            return Poll::Ready(this.fixed.take().map(|b| Ok(Frame::data(b))));
+        };
         if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) if ended_cleanly(&e) => return Poll::Ready(None),
@@ -255,7 +271,7 @@ impl Body for H2Body {
                 None => this.data_done = true,
             }
         }
-        match ready!(this.recv.poll_trailers(cx)) {
+        match ready!(recv.poll_trailers(cx)) {
             Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
             Err(e) if ended_cleanly(&e) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e))),
@@ -263,7 +279,9 @@ impl Body for H2Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.recv
+            .as_ref()
+            .map_or(self.fixed.is_none(), RecvStream::is_end_stream)
     }
 }
 
