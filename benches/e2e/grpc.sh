@@ -17,12 +17,16 @@ if ! command -v ghz >/dev/null 2>&1 && [ ! -x "$gobin/ghz" ]; then
 fi
 ghz_bin=$(command -v ghz || echo "$gobin/ghz")
 
-read -r P_APP P_MGO P_MGO_ADMIN P_MGI P_MGI_ADMIN P_EGO P_EGO_WRONG P_EGO_ADMIN P_EGI P_EGI_ADMIN < <(free_ports 10)
+read -r P_MGO P_MGO_ADMIN P_MGI P_MGI_ADMIN P_EGO P_EGO_WRONG P_EGO_ADMIN P_EGI P_EGI_ADMIN < <(free_ports 9)
 if [ "$smoke" = 1 ]; then ghz_rps=200 ghz_n=200; else ghz_rps=1000 ghz_n=20000; fi
 
-start contact "$work/contact.log" "$MESHD_BIN" demo-app --service contact --listen "127.0.0.1:$P_APP"
+# The app binds a port of its own choosing and prints it (`demo-app ready 127.0.0.1:P`): a
+# port picked here and bound later was taken in between on a loaded machine (soak runs).
+start contact "$work/contact.log" "$MESHD_BIN" demo-app --service contact --listen "127.0.0.1:0"
 for i in $(seq 100); do grep -q "demo-app ready" "$work/contact.log" && break; alive contact; sleep 0.1; done
 grep -q "demo-app ready" "$work/contact.log" || die "demo contact app did not start (log: $work/contact.log)"
+P_APP=$(sed -n 's/.*demo-app ready 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/contact.log" | head -n 1)
+[ -n "$P_APP" ] || die "demo contact app printed no port (log: $work/contact.log)"
 
 meshd_outbound_yaml "$work/meshd-gout.yaml" "$P_MGO" grpc "$P_MGI" "$P_MGO_ADMIN"
 meshd_inbound_yaml "$work/meshd-gin.yaml" "$P_MGI" grpc "$P_APP" "$P_MGI_ADMIN"
