@@ -60,7 +60,7 @@ pub struct TranscodingConfig {
     pub descriptor_set: Option<PathBuf>,
     /// The fully qualified services JSON clients may call, e.g. `payment.v1.PaymentService`.
     pub services: Vec<String>,
-    /// Fields the message does not have are skipped instead of refused with 400.
+    /// Fields the message does not have are ignored instead of refused with 400.
     #[serde(default)]
     pub ignore_unknown_fields: bool,
     /// Answers carry fields at their default value (0, "", []) instead of leaving them out.

@@ -147,7 +147,7 @@ pub struct Transcoder {
     services: HashSet<String>,
     /// How JSON bodies are read (unknown fields refused unless configured).
     read: DeserializeOptions,
-    /// Unknown fields (in the body or the query) are skipped, not refused.
+    /// Unknown fields (in the body or the query) are ignored, not refused.
     ignore_unknown: bool,
     /// How answers are written (defaults, field names).
     write: SerializeOptions,

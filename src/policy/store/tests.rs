@@ -192,25 +192,35 @@ fn reload_is_atomic_for_readers() {
     let store = Arc::new(PolicyStore::new(&path));
     store.reload().expect("load");
     let done = Arc::new(AtomicBool::new(false));
+    // The reloads start once every reader has read: on a busy machine a reader thread may
+    // otherwise be scheduled only after the last reload.
+    let all_reading = Arc::new(std::sync::Barrier::new(5));
     let readers: Vec<_> = (0..4)
         .map(|_| {
-            let (store, done) = (store.clone(), done.clone());
+            let (store, done, all_reading) = (store.clone(), done.clone(), all_reading.clone());
             std::thread::spawn(move || {
                 let mut seen = 0u64;
-                while !done.load(Ordering::Relaxed) {
+                loop {
                     let (d, p) = store.decide(&gateway(), &target());
                     let expect = if p.rules[0].name.as_ref() == "gw" {
                         (true, RuleRef::Named(0))
                     } else {
                         (false, RuleRef::Named(0))
                     };
-                    assert_eq!((d.allowed, d.rule), expect, "version {}", p.version);
                     seen += 1;
+                    if seen == 1 {
+                        all_reading.wait();
+                    }
+                    assert_eq!((d.allowed, d.rule), expect, "version {}", p.version);
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
                 }
                 seen
             })
         })
         .collect();
+    all_reading.wait();
     for i in 0..50 {
         rename_over(&path, if i % 2 == 0 { OTHER } else { GOOD });
         store.reload().expect("reload");
