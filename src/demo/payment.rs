@@ -4,7 +4,9 @@
 //! outbound listeners, plaintext h2c) into lazily connecting channels. CreatePayment
 //! calls the three concurrently, passes any downstream status through unchanged, and
 //! records who was seen on the way in `identity_chain`: its own caller (from its XFCC),
-//! then the caller each downstream saw. GetPayment and ListPricingZones answer locally.
+//! then the caller each downstream saw. It takes the design's body too (`amount`,
+//! `payment_method`, `customer_id`). GetPayment, RefundPayment, ListPayments (a server
+//! stream, one message per payment of a customer) and ListPricingZones answer locally.
 
 use crate::demo::apps::{pause, seen_caller, DemoAppError, DemoOptions};
 use crate::pb::contact::contact_service_client::ContactServiceClient;
@@ -15,8 +17,8 @@ use crate::pb::family::family_service_client::FamilyServiceClient;
 use crate::pb::family::GetFamilyRequest;
 use crate::pb::payment::payment_service_server::{PaymentService, PaymentServiceServer};
 use crate::pb::payment::{
-    CreatePaymentRequest, GetPaymentRequest, ListPricingZonesRequest, ListPricingZonesResponse,
-    Payment,
+    CreatePaymentRequest, GetPaymentRequest, ListPaymentsRequest, ListPricingZonesRequest,
+    ListPricingZonesResponse, Payment, PaymentStatus, RefundPaymentRequest,
 };
 use rand::RngCore;
 use std::collections::HashMap;
@@ -32,10 +34,19 @@ pub struct PaymentApp {
     contact: ContactServiceClient<Channel>,
     family: FamilyServiceClient<Channel>,
     document: DocumentServiceClient<Channel>,
-    /// Payments created so far, for GetPayment (a demo: kept in memory, never pruned).
-    payments: Mutex<HashMap<String, Payment>>,
+    /// Payments created so far, for GetPayment, RefundPayment and ListPayments (a demo:
+    /// kept in memory, never pruned).
+    ledger: Mutex<Ledger>,
     /// Added before each answer (drain tests).
     delay: Duration,
+}
+
+/// The payments made, by ID and, in the order made, by customer.
+#[derive(Default)]
+struct Ledger {
+    by_id: HashMap<String, Payment>,
+    /// Payment IDs per customer, oldest first (ListPayments).
+    by_customer: HashMap<String, Vec<String>>,
 }
 
 impl PaymentApp {
@@ -45,7 +56,7 @@ impl PaymentApp {
             contact: ContactServiceClient::new(channel("contact", opts.contact.as_deref())?),
             family: FamilyServiceClient::new(channel("family", opts.family.as_deref())?),
             document: DocumentServiceClient::new(channel("document", opts.document.as_deref())?),
-            payments: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(Ledger::default()),
             delay: opts.delay,
         })
     }
@@ -55,8 +66,8 @@ impl PaymentApp {
         PaymentServiceServer::new(self)
     }
 
-    fn payments(&self) -> std::sync::MutexGuard<'_, HashMap<String, Payment>> {
-        self.payments.lock().unwrap_or_else(|p| p.into_inner())
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -82,6 +93,26 @@ fn channel(flag: &'static str, url: Option<&str>) -> Result<Channel, DemoAppErro
         .connect_lazy())
 }
 
+/// The amount asked for: `amount_cents`, else the design's `amount` (both minor units).
+fn amount(r: &CreatePaymentRequest) -> Result<i64, tonic::Status> {
+    match (r.amount_cents, r.amount) {
+        (c, _) if c > 0 => Ok(c),
+        (0, a) if a > 0 => Ok(a),
+        _ => Err(tonic::Status::invalid_argument(
+            "amount_cents must be positive",
+        )),
+    }
+}
+
+/// Now, as a protobuf Timestamp.
+fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(std::time::SystemTime::now())
+}
+
+/// The payments streamed by ListPayments.
+type PaymentStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Payment, tonic::Status>> + Send>>;
+
 #[tonic::async_trait]
 impl PaymentService for PaymentApp {
     async fn create_payment(
@@ -91,11 +122,12 @@ impl PaymentService for PaymentApp {
         pause(self.delay).await;
         let caller = seen_caller(&request);
         let r = request.into_inner();
-        if r.amount_cents <= 0 {
-            return Err(tonic::Status::invalid_argument(
-                "amount_cents must be positive",
-            ));
-        }
+        let amount_cents = amount(&r)?;
+        let contact_id = if r.contact_id.is_empty() {
+            r.customer_id.clone()
+        } else {
+            r.contact_id
+        };
         let (mut contact, mut family, mut document) = (
             self.contact.clone(),
             self.family.clone(),
@@ -103,7 +135,7 @@ impl PaymentService for PaymentApp {
         );
         let (c, f, d) = tokio::try_join!(
             contact.get_contact(GetContactRequest {
-                contact_id: r.contact_id,
+                contact_id,
                 payload: vec![],
             }),
             family.get_family(GetFamilyRequest {
@@ -121,7 +153,7 @@ impl PaymentService for PaymentApp {
                 "pay-{}",
                 id.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ),
-            amount_cents: r.amount_cents,
+            amount_cents,
             currency: if r.currency.is_empty() {
                 "EUR".into()
             } else {
@@ -131,8 +163,21 @@ impl PaymentService for PaymentApp {
             family_name: f.name,
             document_title: d.title,
             identity_chain: vec![caller, c.seen_caller, f.seen_caller, d.seen_caller],
+            payment_method: r.payment_method,
+            customer_id: r.customer_id,
+            status: PaymentStatus::Created.into(),
+            created_at: Some(now()),
+            metadata: r.metadata,
+            refunded_cents: 0,
         };
-        self.payments()
+        let mut ledger = self.ledger();
+        (ledger
+            .by_customer
+            .entry(payment.customer_id.clone())
+            .or_default())
+        .push(payment.payment_id.clone());
+        ledger
+            .by_id
             .insert(payment.payment_id.clone(), payment.clone());
         Ok(tonic::Response::new(payment))
     }
@@ -143,7 +188,7 @@ impl PaymentService for PaymentApp {
     ) -> Result<tonic::Response<Payment>, tonic::Status> {
         pause(self.delay).await;
         let id = request.into_inner().payment_id;
-        match self.payments().get(&id) {
+        match self.ledger().by_id.get(&id) {
             Some(p) => Ok(tonic::Response::new(p.clone())),
             None => Err(tonic::Status::not_found(format!("no payment {id}"))),
         }
@@ -157,6 +202,68 @@ impl PaymentService for PaymentApp {
         Ok(tonic::Response::new(ListPricingZonesResponse {
             zones: ZONES.iter().map(|z| z.to_string()).collect(),
         }))
+    }
+
+    async fn refund_payment(
+        &self,
+        request: tonic::Request<RefundPaymentRequest>,
+    ) -> Result<tonic::Response<Payment>, tonic::Status> {
+        pause(self.delay).await;
+        let r = request.into_inner();
+        let mut ledger = self.ledger();
+        let Some(p) = ledger.by_id.get_mut(&r.payment_id) else {
+            return Err(tonic::Status::not_found(format!(
+                "no payment {}",
+                r.payment_id
+            )));
+        };
+        let left = p.amount_cents - p.refunded_cents;
+        let asked = r.refund.map_or(0, |r| r.amount_cents);
+        let amount = if asked == 0 { left } else { asked };
+        if amount < 0 || amount > left {
+            return Err(tonic::Status::failed_precondition(format!(
+                "{} has {left} left to refund, not {amount}",
+                r.payment_id
+            )));
+        }
+        p.refunded_cents += amount;
+        if p.refunded_cents == p.amount_cents {
+            p.status = PaymentStatus::Refunded.into();
+        }
+        Ok(tonic::Response::new(p.clone()))
+    }
+
+    type ListPaymentsStream = PaymentStream;
+
+    async fn list_payments(
+        &self,
+        request: tonic::Request<ListPaymentsRequest>,
+    ) -> Result<tonic::Response<PaymentStream>, tonic::Status> {
+        pause(self.delay).await;
+        let r = request.into_inner();
+        let Some(customer) = r.parent.strip_prefix("customers/") else {
+            return Err(tonic::Status::invalid_argument(format!(
+                "parent `{}` is not customers/{{customer_id}}",
+                r.parent
+            )));
+        };
+        let ledger = self.ledger();
+        let ids = ledger
+            .by_customer
+            .get(customer)
+            .map_or(&[][..], Vec::as_slice);
+        let limit = if r.page_size == 0 {
+            usize::MAX
+        } else {
+            r.page_size as usize
+        };
+        let found: Vec<Result<Payment, tonic::Status>> = ids
+            .iter()
+            .filter_map(|id| ledger.by_id.get(id).cloned())
+            .take(limit)
+            .map(Ok)
+            .collect();
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(found))))
     }
 }
 
@@ -186,6 +293,7 @@ mod tests {
             document_id: "d1".into(),
             amount_cents: 1250,
             currency: "EUR".into(),
+            ..Default::default()
         });
         req.metadata_mut()
             .insert(XFCC_HEADER, xfcc.parse().unwrap());

@@ -166,6 +166,7 @@ fn create_request() -> CreatePaymentRequest {
         document_id: "d-3".into(),
         amount_cents: 1250,
         currency: "EUR".into(),
+        ..Default::default()
     }
 }
 
