@@ -64,6 +64,7 @@ fn assert_every_step_passed(out: &str) {
         "plaintext to inbound",
         "SVID rotation",
         "admin endpoints",
+        "JSON at the edge",
     ] {
         assert!(
             out.lines().any(|l| l.contains(step) && l.contains("PASS")),
@@ -71,7 +72,7 @@ fn assert_every_step_passed(out: &str) {
         );
     }
     assert!(!out.contains("FAIL"), "{out}");
-    assert!(out.contains("tour: all 5 steps passed"), "{out}");
+    assert!(out.contains("tour: all 6 steps passed"), "{out}");
 }
 
 // Story: CI runs the newcomer's one command; every step of the tour passes, the exit code
@@ -139,7 +140,8 @@ fn stop(mut demo: Proc) {
 
 // Story: a newcomer pastes the printed grpcurl and curl commands into a shell while the
 // demo runs; the allowed call answers with the identity chain, through the api-gateway's
-// sidecar and through the edge gateway with the demo's JWT; the intruder's is denied.
+// sidecar and through the edge gateway with the demo's JWT; the intruder's is denied; the
+// design's two curl commands get JSON answers from the edge gateway.
 #[test]
 fn printed_commands_work() {
     let _one = lock();
@@ -150,7 +152,7 @@ fn printed_commands_work() {
         .map(|l| l.trim())
         .filter(|l| l.starts_with("grpcurl ") || l.starts_with("curl "))
         .collect();
-    assert_eq!(commands.len(), 7, "{}", demo.dump());
+    assert_eq!(commands.len(), 9, "{}", demo.dump());
     let grpcurl = Command::new("grpcurl").arg("-version").output();
     assert!(
         grpcurl.is_ok(),
@@ -158,9 +160,24 @@ fn printed_commands_work() {
     );
     for cmd in commands {
         let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        if cmd.contains("grpcurl") && cmd.contains("-cacert") {
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let text = stdout.clone() + &String::from_utf8_lossy(&out.stderr);
+        if cmd.starts_with("curl --cacert") && cmd.contains("CreatePayment") {
+            // The design's first command: its JSON body verbatim, a JSON payment back.
+            assert!(out.status.success(), "{cmd}\n{text}");
+            let p: serde_json::Value = serde_json::from_str(&stdout).expect(&text);
+            assert_eq!(p["amountCents"], "2999", "{text}");
+            assert_eq!(p["customerId"], "user_123", "{text}");
+            assert_eq!(
+                p["identityChain"][0], "spiffe://jia.app/api-gateway",
+                "{text}"
+            );
+        } else if cmd.starts_with("curl --cacert") {
+            // The design's second command: a GET with no body.
+            assert!(out.status.success(), "{cmd}\n{text}");
+            let zones: serde_json::Value = serde_json::from_str(&stdout).expect(&text);
+            assert_eq!(zones["zones"].as_array().map(Vec::len), Some(3), "{text}");
+        } else if cmd.contains("grpcurl") && cmd.contains("-cacert") {
             // Through the edge gateway, with the demo's token.
             assert!(out.status.success(), "{cmd}\n{text}");
             assert!(text.contains("identityChain"), "{cmd}\n{text}");

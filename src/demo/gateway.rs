@@ -1,7 +1,9 @@
 //! The edge gateway of `meshd demo`: the api-gateway sidecar also runs the gateway (HTTPS,
 //! JWT) in front of payment, as in the reference topology. This module writes what it and
 //! its clients need into the demo's `gateway/` folder: a self-signed certificate for
-//! `localhost`, a signing key's JWKS, and one token a client can send.
+//! `localhost`, a signing key's JWKS, and one token a client can send. JSON clients are
+//! served too: the gateway transcodes calls of the payment API from the demo's
+//! `proto/payment.proto`, compiled at start.
 
 use crate::demo::TRUST_DOMAIN;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,9 @@ pub struct GatewayFiles {
     pub jwks: PathBuf,
     /// A JWT for `demo-client`, valid for a day.
     pub token: PathBuf,
+    /// The payment API the gateway transcodes JSON calls of (written with the demo's
+    /// other protos).
+    pub proto: PathBuf,
 }
 
 /// Writes the certificate, the JWKS and a token into `dir/gateway`.
@@ -61,6 +66,7 @@ pub fn write_files(dir: &Path) -> Result<GatewayFiles, GatewayFilesError> {
         key: folder.join("tls-key.pem"),
         jwks: folder.join("jwks.json"),
         token: folder.join("token.jwt"),
+        proto: dir.join("proto").join("payment.proto"),
     };
     let tls = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
         .map_err(GatewayFilesError::Certificate)?;
@@ -92,15 +98,17 @@ pub fn write_files(dir: &Path) -> Result<GatewayFiles, GatewayFilesError> {
 }
 
 /// The `gateway:` section of the api-gateway sidecar's config: one route, payments, for
-/// callers with a token.
+/// callers with a token, gRPC or JSON.
 pub fn config_yaml(port: u16, files: &GatewayFiles) -> String {
     let q = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap_or_default();
     format!(
         "gateway:\n  listen: 127.0.0.1:{port}\n  tls: {{cert: {}, key: {}}}\n  \
          jwt: {{issuer: \"{ISSUER}\", audiences: [{AUDIENCE}], jwks: {}}}\n  routes:\n    \
-         - {{name: payments, prefix: /payment.v1.PaymentService/, upstream: payment-service, auth: jwt}}\n",
+         - {{name: payments, prefix: /payment.v1.PaymentService/, upstream: payment-service, auth: jwt}}\n  \
+         transcoding: {{protos: [{}], services: [payment.v1.PaymentService]}}\n",
         q(&files.cert),
         q(&files.key),
         q(&files.jwks),
+        q(&files.proto),
     )
 }

@@ -12,6 +12,7 @@
 //! and removes the temp dir.
 
 mod apps;
+mod edge_call;
 mod gateway;
 mod payment;
 mod ports;
@@ -70,8 +71,16 @@ const POLICIES: [(&str, &str); 4] = [
 ];
 
 /// The reference protos, written out so the printed `grpcurl` commands work.
-const PROTOS: [(&str, &str); 4] = [
+const PROTOS: [(&str, &str); 6] = [
     ("payment.proto", include_str!("../../proto/payment.proto")),
+    (
+        "google/api/annotations.proto",
+        include_str!("../../proto/google/api/annotations.proto"),
+    ),
+    (
+        "google/api/http.proto",
+        include_str!("../../proto/google/api/http.proto"),
+    ),
     ("contact.proto", include_str!("../../proto/contact.proto")),
     ("family.proto", include_str!("../../proto/family.proto")),
     ("document.proto", include_str!("../../proto/document.proto")),

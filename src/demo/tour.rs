@@ -1,4 +1,4 @@
-//! The scripted tour of `meshd demo`: five steps against the running topology, each
+//! The scripted tour of `meshd demo`: six steps against the running topology, each
 //! printed as one row of a table (step | PASS/FAIL | detail) as soon as it ends, then
 //! where to look next (admin URLs, ready-to-paste `curl` and `grpcurl` commands).
 //!
@@ -46,7 +46,7 @@ pub struct Step {
 }
 
 impl Step {
-    fn new(name: &'static str, passed: bool, detail: Vec<String>) -> Step {
+    pub fn new(name: &'static str, passed: bool, detail: Vec<String>) -> Step {
         Step {
             name,
             passed,
@@ -124,14 +124,15 @@ pub async fn run(t: &Topology, ca: &DevCa, once: bool) -> bool {
         "result"
     );
     let mut failed = Vec::new();
-    let steps = 5;
+    let steps = 6;
     for number in 1..=steps {
         let step = match number {
             1 => allowed_call(t).await,
             2 => denied_call(t).await,
             3 => plaintext(t).await,
             4 => rotation(t, ca).await,
-            _ => admin(t).await,
+            5 => admin(t).await,
+            _ => crate::demo::edge_call::json_at_the_edge(t).await,
         };
         say!("{}", format_step(number, &step).trim_end());
         if !step.passed {
@@ -174,7 +175,7 @@ fn create_request() -> CreatePaymentRequest {
 const CREATE_JSON: &str = r#"{"contact_id":"c-42","family_id":"f-7","document_id":"d-3","amount_cents":1250,"currency":"EUR"}"#;
 
 /// The first line of a status message, shortened.
-fn short(text: &str) -> String {
+pub fn short(text: &str) -> String {
     let line = text.lines().next().unwrap_or("").trim();
     if line.chars().count() > 100 {
         format!("{}...", line.chars().take(100).collect::<String>())
@@ -473,6 +474,19 @@ fn print_next(t: &Topology, once: bool) {
         shell_word(&files.cert.display().to_string()),
         shell_word(&files.token.display().to_string()),
     );
+    let cacert = shell_word(&files.cert.display().to_string());
+    let bearer = format!(
+        "-H \"Authorization: Bearer $(cat {})\"",
+        shell_word(&files.token.display().to_string())
+    );
+    let edge = format!("https://localhost:{port}");
+    say!("  # the design's two curl commands, as JSON through the edge gateway:");
+    say!(
+        "    curl --cacert {cacert} -X POST {edge}/payment.v1.PaymentService/CreatePayment \
+         {bearer} -H \"Content-Type: application/json\" -d '{}'",
+        crate::demo::edge_call::DESIGN_BODY
+    );
+    say!("    curl --cacert {cacert} {bearer} {edge}/payment.v1.PaymentService/ListPricingZones");
     say!("  # the same as the intruder: PermissionDenied");
     say!("    {}", grpcurl(t.intruder_out));
     say!("  # identity, policy, an authorization question, metrics:");
