@@ -121,6 +121,8 @@ struct Edge {
     _payment: Sidecar,
     inbound: u16,
     socket: String,
+    /// An upstream that accepts connections and never answers a handshake.
+    stuck: std::net::TcpListener,
 }
 
 impl Edge {
@@ -162,7 +164,9 @@ impl Edge {
         std::fs::write(d.join("gw-key.pem"), cert.signing_key.serialize_pem()).unwrap();
         client_ca_and_cert(d, "partners-ca", "partner");
         client_ca_and_cert(d, "rogue-ca", "rogue");
+        let stuck = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
         Edge {
+            stuck,
             socket: ca.socket("api-gateway"),
             dir,
             _ca: ca,
@@ -189,6 +193,10 @@ outbound:
     protocol: grpc
     endpoints: ["127.0.0.1:{inbound}"]
     server_id: spiffe://jia.app/payment-service
+  - name: stuck
+    protocol: grpc
+    endpoints: ["{stuck}"]
+    server_id: spiffe://jia.app/stuck
 gateway:
   listen: 127.0.0.1:{file_listen}
   tls: {{cert: {d}/not-there.pem, key: {d}/not-there-key.pem, client_auth: {client_auth}}}
@@ -205,6 +213,10 @@ gateway:
       upstream: payment-service
       request_timeout: 300ms
       connect_timeout: 2s
+    - name: stuck
+      prefix: /contact.v1.ContactService/
+      upstream: stuck
+      connect_timeout: 200ms
   transcoding:
     protos: [{proto}]
     services: [payment.v1.PaymentService]
@@ -215,6 +227,7 @@ log:
 "#,
             socket = self.socket,
             inbound = self.inbound,
+            stuck = self.stuck.local_addr().unwrap(),
             d = self.dir.path().display(),
             proto = repo("proto/payment.proto").display(),
         )
@@ -446,6 +459,22 @@ fn the_design_variables_configure_the_gateway() {
     };
     wait_until(Duration::from_secs(5), || timeouts(&gw) >= 2.0);
     assert_eq!(timeouts(&gw), 2.0);
+
+    // The connect timeout: an upstream that never finishes a handshake is given up on.
+    let started = Instant::now();
+    let (_, code, body) = e.curl(
+        listen,
+        "/contact.v1.ContactService/GetContact",
+        "{}",
+        &["-H", &key],
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("(connect_timeout)"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Who called, as the access log says; the key itself is nowhere.
     let log = gw.proc.dump();
