@@ -10,13 +10,18 @@
 //!   replaces a file identity from the file (an error if `MTLS_*` are set too).
 //! - `GRPC_ADDRESS` and `MESHD_INBOUND_*` create the `inbound` section with its defaults
 //!   when the file has none: a sidecar told where its app is should front it.
+//! - The gateway's variables of the design (`API_GATEWAY_ADDRESS`, `API_GATEWAY_KEY`,
+//!   `API_GATEWAY_ENABLE_TLS`, `GATEWAY_CERT_FILE`, `GATEWAY_KEY_FILE`, `GATEWAY_CA_FILE`)
+//!   override the `gateway` section ([`gateway`]); without one they are ignored with a
+//!   warning (routes cannot come from the environment). `API_GATEWAY_KEY` is hashed at
+//!   once and never recorded as text; `API_GATEWAY_ENABLE_TLS` false is an error.
 //! - Empty values count as unset. Every key set here is recorded in [`Overrides`] so
 //!   that a semantic problem with it is reported against `env:VARIABLE`, not the file.
 
 use crate::config::raw::RawConfig;
 use crate::config::source::Overrides;
 use crate::config::{
-    parse_duration, ConfigError, ConfigProblem, Env, IdentityFiles, InboundConfig, Severity,
+    parse_duration, ApiKeyDigest, ConfigError, ConfigProblem, Env, IdentityFiles, InboundConfig,
     ValueError,
 };
 use std::path::PathBuf;
@@ -107,7 +112,67 @@ pub(crate) fn apply(
     ) {
         config.lifecycle.drain_timeout = v;
     }
+    gateway(config, &mut round);
     round.problems
+}
+
+/// The design's gateway variables, as overrides of the `gateway` section.
+const GATEWAY_VARS: [&str; 6] = [
+    "API_GATEWAY_ADDRESS",
+    "API_GATEWAY_KEY",
+    "API_GATEWAY_ENABLE_TLS",
+    "GATEWAY_CERT_FILE",
+    "GATEWAY_KEY_FILE",
+    "GATEWAY_CA_FILE",
+];
+
+/// Applies the design's gateway variables to `config.gateway` (see the module docs).
+fn gateway(config: &mut RawConfig, round: &mut Round) {
+    let Some(g) = config.gateway.as_mut() else {
+        for var in GATEWAY_VARS {
+            if round.env.get(var).is_some() {
+                round.problem(var, ConfigError::GatewayEnvWithoutGateway { var });
+            }
+        }
+        return;
+    };
+    if let Some(v) = round.value("API_GATEWAY_ADDRESS", "gateway.listen", parse_from_str) {
+        g.listen = v;
+    }
+    // Hashed here, once: the key's text goes no further than this line.
+    if let Some(v) = round.value("API_GATEWAY_KEY", "gateway.api_key", |t| {
+        Ok(ApiKeyDigest::of(t))
+    }) {
+        g.env_api_key = Some(v);
+    }
+    // Read, not recorded as an override: it sets no key (and must not claim gateway.tls).
+    if let Some(text) = round.env.get("API_GATEWAY_ENABLE_TLS") {
+        let var = "API_GATEWAY_ENABLE_TLS";
+        let value = text.to_string();
+        match parse_bool(text) {
+            Ok(true) => {}
+            Ok(false) => round.problem(var, ConfigError::PlaintextEdge { value }),
+            Err(reason) => round.problem(var, ConfigError::BadEnv { var, value, reason }),
+        }
+    }
+    if let Some(v) = round.value("GATEWAY_CERT_FILE", "gateway.tls.cert", parse_text) {
+        g.tls.cert = PathBuf::from(v);
+    }
+    if let Some(v) = round.value("GATEWAY_KEY_FILE", "gateway.tls.key", parse_text) {
+        g.tls.key = PathBuf::from(v);
+    }
+    if let Some(v) = round.value("GATEWAY_CA_FILE", "gateway.tls.client_ca", parse_text) {
+        g.tls.client_ca = Some(PathBuf::from(v));
+    }
+}
+
+/// `true`/`false` as people write them in environments (`1`, `yes`, `on`, any case).
+pub(crate) fn parse_bool(text: &str) -> Result<bool, ValueError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ValueError::Bool),
+    }
 }
 
 /// One pass over the environment: reads variables, records overrides, collects problems.
@@ -185,7 +250,7 @@ impl Round<'_> {
             file: PathBuf::from(format!("env:{var}")),
             line: 0,
             column: 0,
-            severity: Severity::Error,
+            severity: error.severity(),
             error,
         });
     }
@@ -201,3 +266,6 @@ where
 {
     text.parse::<T>().map_err(Into::into)
 }
+
+#[cfg(test)]
+mod tests;

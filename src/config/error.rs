@@ -149,6 +149,12 @@ pub enum ConfigError {
     /// `gateway.transcoding.services` names a service the protos do not define.
     #[error("{field}: no service `{service}` in the protos")]
     UnknownService { field: String, service: String },
+    /// `API_GATEWAY_ENABLE_TLS` says false: the edge has no plaintext listener to give.
+    #[error("API_GATEWAY_ENABLE_TLS=`{value}`: the gateway serves HTTPS only (there is no plaintext edge); unset it or set it to true")]
+    PlaintextEdge { value: String },
+    /// (warning) A gateway variable is set but the config has no `gateway` section.
+    #[error("{var} is set but the config has no gateway section: ignored")]
+    GatewayEnvWithoutGateway { var: &'static str },
     /// (warning) An inbound without a policy file: it fails closed, so the sidecar can
     /// never serve a call.
     #[error("inbound.policy is not set: every call to the inbound is denied and /ready stays 503")]
@@ -159,9 +165,9 @@ impl ConfigError {
     /// Whether this problem stops the config from loading.
     pub fn severity(&self) -> Severity {
         match self {
-            ConfigError::AdminNotLoopback { .. } | ConfigError::InboundWithoutPolicy => {
-                Severity::Warning
-            }
+            ConfigError::AdminNotLoopback { .. }
+            | ConfigError::InboundWithoutPolicy
+            | ConfigError::GatewayEnvWithoutGateway { .. } => Severity::Warning,
             _ => Severity::Error,
         }
     }
@@ -189,6 +195,9 @@ pub enum ValueError {
     /// Not a number of worker threads.
     #[error("expected a whole number of threads")]
     Threads,
+    /// Not a yes/no value (`true`, `false`, `1`, `0`).
+    #[error("expected true or false")]
+    Bool,
     /// Not `ip:port`.
     #[error("{0}")]
     SocketAddr(#[from] AddrParseError),

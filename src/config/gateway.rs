@@ -3,9 +3,10 @@
 //! keys against a file of their SHA-256 hashes), rate limits, and routes from a path prefix
 //! to an `outbound` entry, which carries the call over mTLS like any other.
 //!
-//! Flow: serde reads these with the rest of the config; [`check`] adds a problem per bad
-//! value to the config report (`file:line:column: message`); `app` builds the `gateway`
-//! from them.
+//! Flow: serde reads these with the rest of the config; `env` overrides some of them
+//! with the design's variables (`API_GATEWAY_*`, `GATEWAY_*_FILE`); [`check`] adds a
+//! problem per bad value to the config report (`file:line:column: message`); `app`
+//! builds the `gateway` from them.
 
 use crate::config::duration_str;
 use crate::config::error::{ConfigError, ConfigProblem};
@@ -41,6 +42,43 @@ pub struct GatewayConfig {
     /// JSON clients: calls of these gRPC services in JSON become gRPC calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transcoding: Option<TranscodingConfig>,
+    /// `API_GATEWAY_KEY`: one more API key, given in the environment and held only as its
+    /// SHA-256 (never read from the file; `/config` shows `"<redacted>"`).
+    #[serde(
+        rename = "api_key",
+        skip_deserializing,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redacted"
+    )]
+    pub env_api_key: Option<ApiKeyDigest>,
+}
+
+/// The user an `API_GATEWAY_KEY` caller is (logs, rate limits, `x-user-id`).
+pub const ENV_API_KEY_USER: &str = "api-gateway-key";
+
+/// The SHA-256 of an API key, as the API keys file holds them: the key itself is dropped
+/// as soon as it is hashed, and no `Debug` or `Serialize` shows even the hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKeyDigest(pub [u8; 32]);
+
+impl ApiKeyDigest {
+    /// SHA-256 of `key`.
+    pub fn of(key: &str) -> ApiKeyDigest {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        ApiKeyDigest(out)
+    }
+}
+
+impl std::fmt::Debug for ApiKeyDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("ApiKeyDigest(<redacted>)")
+    }
+}
+
+fn redacted<S: serde::Serializer>(_: &Option<ApiKeyDigest>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
 }
 
 /// `gateway.transcoding:` — gRPC-JSON transcoding, from the API's own protos: a JSON (or
@@ -199,12 +237,41 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
 
-/// The gateway's own certificate chain and key (PEM), reloaded when they change.
+/// The gateway's own certificate chain and key (PEM), and the CA of client
+/// certificates; all reloaded when they change.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Client certificates signed by these CAs (PEM) are verified, and name the user:
+    /// partners call with mutual TLS instead of a token. None: no client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client must present a certificate (`optional` when `client_ca` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+impl GatewayTls {
+    /// The effective client certificate mode: none without `client_ca`.
+    pub fn client_auth(&self) -> Option<ClientAuth> {
+        self.client_ca
+            .as_ref()
+            .map(|_| self.client_auth.unwrap_or_default())
+    }
+}
+
+/// `gateway.tls.client_auth:` — whether the TLS handshake asks for a client certificate
+/// or demands one.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// A client may present a certificate (it must then verify); tokens still work.
+    #[default]
+    Optional,
+    /// A handshake without a valid client certificate is refused.
+    Required,
 }
 
 /// `gateway.jwt:` — which tokens are accepted.
@@ -246,13 +313,16 @@ pub struct RateLimit {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteAuth {
-    /// A valid JWT or API key, whichever the gateway has configured.
+    /// A valid JWT or API key, whichever the gateway has configured, or else a verified
+    /// client certificate.
     #[default]
     Any,
     /// A valid JWT only.
     Jwt,
     /// A valid API key only.
     ApiKey,
+    /// A verified client certificate only (`gateway.tls.client_ca`).
+    Mtls,
     /// No credentials needed (public routes; rate-limited per client IP).
     None,
 }
@@ -272,6 +342,18 @@ pub struct RouteConfig {
     /// This route's own limit, instead of the gateway's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// The longest wait for a connection to the upstream (the design's dial timeout).
+    #[serde(default = "default_route_timeout", with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// The longest wait for the upstream's answer (its headers), instead of the outbound's
+    /// `timeout`; then 504 / DEADLINE_EXCEEDED. A client's shorter `grpc-timeout` wins.
+    #[serde(default = "default_route_timeout", with = "duration_str")]
+    pub request_timeout: Duration,
+}
+
+/// The design's dial and request timeouts.
+fn default_route_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// The gateway's rules: routes exist, have unique names and a prefix starting with `/`,
@@ -329,10 +411,13 @@ pub(crate) fn check(
             };
             out.push(src.problem(&at("upstream"), error));
         }
+        let keys = g.api_keys.is_some() || g.env_api_key.is_some();
+        let certs = g.tls.client_ca.is_some();
         let missing = match r.auth {
             RouteAuth::Jwt if g.jwt.is_none() => Some("gateway.jwt"),
-            RouteAuth::ApiKey if g.api_keys.is_none() => Some("gateway.api_keys"),
-            RouteAuth::Any if g.jwt.is_none() && g.api_keys.is_none() => {
+            RouteAuth::ApiKey if !keys => Some("gateway.api_keys"),
+            RouteAuth::Mtls if !certs => Some("gateway.tls.client_ca"),
+            RouteAuth::Any if g.jwt.is_none() && !keys && !certs => {
                 Some("gateway.jwt or gateway.api_keys")
             }
             _ => None,
@@ -344,6 +429,22 @@ pub(crate) fn check(
             };
             out.push(src.problem(&at("auth"), error));
         }
+        for (key, value) in [
+            ("connect_timeout", r.connect_timeout),
+            ("request_timeout", r.request_timeout),
+        ] {
+            if value.is_zero() {
+                let error = ConfigError::ZeroTimeout { field: at(key) };
+                out.push(src.problem(&at(key), error));
+            }
+        }
+    }
+    if g.tls.client_auth.is_some() && g.tls.client_ca.is_none() {
+        let error = ConfigError::AuthWithoutCredentials {
+            field: "gateway.tls.client_auth".into(),
+            needs: "gateway.tls.client_ca",
+        };
+        out.push(src.problem("gateway.tls.client_auth", error));
     }
     if let Some(t) = &g.transcoding {
         check_transcoding(t, src, out);

@@ -359,8 +359,8 @@ pub use crate::config::endpoints::{
 };
 pub use crate::config::error::{ConfigError, ConfigErrors, ConfigProblem, Severity, ValueError};
 pub use crate::config::gateway::{
-    DescriptorError, GatewayConfig, GatewayTls, JwtConfig, RateLimit, RouteAuth, RouteConfig,
-    TranscodingConfig,
+    ApiKeyDigest, ClientAuth, DescriptorError, GatewayConfig, GatewayTls, JwtConfig, RateLimit,
+    RouteAuth, RouteConfig, TranscodingConfig, ENV_API_KEY_USER,
 };
 pub use crate::config::intercept::{TransparentConfig, Unmatched};
 pub use crate::config::resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};

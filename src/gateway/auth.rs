@@ -6,7 +6,7 @@
 //! a bad file keeps the last good set); per request, [`authenticate`] is a plain function
 //! of the route's `auth`, the credentials and the request headers: the user, or why not.
 
-use crate::config::{JwtConfig, RouteAuth};
+use crate::config::{ApiKeyDigest, JwtConfig, RouteAuth, ENV_API_KEY_USER};
 use http::HeaderMap;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -131,6 +131,7 @@ impl JwtKeys {
 }
 
 /// API keys by the SHA-256 of the key.
+#[derive(Default)]
 pub struct ApiKeys {
     by_hash: HashMap<[u8; 32], String>,
 }
@@ -168,6 +169,14 @@ impl ApiKeys {
             }
         }
         Ok(ApiKeys { by_hash })
+    }
+
+    /// Adds the key of `API_GATEWAY_KEY` (its hash) as user [`ENV_API_KEY_USER`]; a key
+    /// the file lists too keeps the file's user.
+    pub fn add_env_key(&mut self, digest: &ApiKeyDigest) {
+        self.by_hash
+            .entry(digest.0)
+            .or_insert_with(|| ENV_API_KEY_USER.to_string());
     }
 
     /// The user a key belongs to. The key is hashed first, so the lookup's timing says
@@ -233,10 +242,16 @@ pub struct Credentials {
 /// Decides who is calling: `Ok(Some(user))`, `Ok(None)` on a public route (`auth: none`)
 /// without credentials, or why the request is refused. Credentials sent to a public
 /// route are still checked: a bad token is refused rather than ignored.
+///
+/// `client_cert` is the user of the connection's verified client certificate, if any.
+/// An `mtls` route takes only that; `any` and `none` routes take it when no token or key
+/// was sent (a sent one names the caller: e.g. a partner's end user over the partner's
+/// mutual TLS); `jwt` and `api_key` routes ignore it, as they ask for their kind only.
 pub fn authenticate(
     auth: RouteAuth,
     creds: &Credentials,
     headers: &HeaderMap,
+    client_cert: Option<&str>,
 ) -> Result<Option<String>, AuthError> {
     let bearer = headers
         .get(http::header::AUTHORIZATION)
@@ -247,6 +262,13 @@ pub fn authenticate(
         })
         .map(str::trim);
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    if auth == RouteAuth::Mtls {
+        return match (client_cert, bearer.is_some() || api_key.is_some()) {
+            (Some(user), _) => Ok(Some(user.to_string())),
+            (None, true) => Err(AuthError::WrongKind("client certificates")),
+            (None, false) => Err(AuthError::Missing("a client certificate")),
+        };
+    }
     let jwt_ok = matches!(auth, RouteAuth::Any | RouteAuth::Jwt | RouteAuth::None);
     let key_ok = matches!(auth, RouteAuth::Any | RouteAuth::ApiKey | RouteAuth::None);
     match (bearer, api_key) {
@@ -263,11 +285,12 @@ pub fn authenticate(
         },
         (Some(_), _) => Err(AuthError::WrongKind("API keys")),
         (_, Some(_)) => Err(AuthError::WrongKind("JWTs")),
-        (None, None) => match auth {
-            RouteAuth::None => Ok(None),
-            RouteAuth::Jwt => Err(AuthError::Missing("Authorization: Bearer <JWT>")),
-            RouteAuth::ApiKey => Err(AuthError::Missing("x-api-key")),
-            RouteAuth::Any => Err(AuthError::Missing(
+        (None, None) => match (auth, client_cert) {
+            (RouteAuth::Any | RouteAuth::None, Some(user)) => Ok(Some(user.to_string())),
+            (RouteAuth::None, None) => Ok(None),
+            (RouteAuth::Jwt, _) => Err(AuthError::Missing("Authorization: Bearer <JWT>")),
+            (RouteAuth::ApiKey, _) => Err(AuthError::Missing("x-api-key")),
+            (RouteAuth::Any | RouteAuth::Mtls, _) => Err(AuthError::Missing(
                 "Authorization: Bearer <JWT> or x-api-key",
             )),
         },

@@ -15,17 +15,28 @@
 //! `gateway_requests_failed_total{reason}` and an access-log line with user_id, ip and
 //! user_agent.
 //!
-//! The certificate, the JWKS and the API keys file are read again when they change
-//! (checked every 2 s); a bad file keeps the last good one and is logged.
+//! A client certificate (`gateway.tls.client_ca`, verified in the handshake) names the
+//! user of its connection (`client_cert`), a credential where the route takes one. The
+//! route's `connect_timeout` and `request_timeout` go with the request to the outbound
+//! (an expired one answers 504 / DEADLINE_EXCEEDED, `reason="timeout"`).
+//!
+//! The certificate, the client CA, the JWKS and the API keys file are read again when
+//! they change (checked every 2 s); a bad file keeps the last good one and is logged.
 
 mod auth;
+mod client_cert;
+mod files;
 mod transcode;
 pub use auth::p256_jwks;
+pub use client_cert::ClientCaError;
+pub use files::check_files;
 pub use transcode::TranscodeError;
 
 use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
-use crate::gateway::auth::{authenticate, ApiKeys, AuthError, Credentials, JwtKeys};
-use crate::outbound::{self, Outbound};
+use crate::gateway::auth::{authenticate, AuthError, Credentials};
+use crate::gateway::client_cert::ClientCertUser;
+use crate::gateway::files::{load_credentials, load_tls, modified};
+use crate::outbound::{self, CallTimeouts, Outbound};
 use crate::proxy::H2Body;
 use crate::proxy::{self, Drain, ProxyBody, ProxyError};
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
@@ -38,7 +49,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Why the gateway could not start, or what `meshd check` finds wrong with its files.
@@ -56,6 +67,9 @@ pub enum GatewayError {
     /// `meshd check`: the API keys file is missing or malformed.
     #[error("gateway.api_keys: {0}")]
     ApiKeys(AuthError),
+    /// The client CA file (`gateway.tls.client_ca`) is missing or malformed.
+    #[error("{0}")]
+    ClientCa(#[from] ClientCaError),
     /// The transcoding protos do not load or miss a listed service.
     #[error("{0}")]
     Transcoding(#[from] TranscodeError),
@@ -74,6 +88,8 @@ pub struct Route {
     pub upstream: Arc<Outbound>,
     /// The route's token buckets, keyed by user or `ip:ADDR`; none without a limit.
     pub limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    /// `connect_timeout` and `request_timeout`, handed to the outbound with each request.
+    pub timeouts: CallTimeouts,
 }
 
 /// The route for a path: the longest matching prefix.
@@ -103,39 +119,6 @@ pub struct Gateway {
     log: Arc<AccessLogger>,
     /// JSON clients' calls made gRPC calls; none without `gateway.transcoding`.
     transcoder: Option<transcode::Transcoder>,
-}
-
-fn load_credentials(config: &GatewayConfig) -> Result<Credentials, AuthError> {
-    Ok(Credentials {
-        jwt: config.jwt.as_ref().map(JwtKeys::load).transpose()?,
-        api_keys: config.api_keys.as_deref().map(ApiKeys::load).transpose()?,
-    })
-}
-
-fn load_tls(config: &GatewayConfig) -> Result<rustls::ServerConfig, GatewayError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let (cert, key) = (&config.tls.cert, &config.tls.key);
-    let bad = |path: &Path, reason: String| GatewayError::Tls {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad(cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(bad(cert, "no certificate in the file".into()));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-    let mut server =
-        rustls::ServerConfig::builder_with_provider(crate::identity::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| bad(cert, e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key_der)
-            .map_err(|e| bad(key, format!("{e} (certificate {})", cert.display())))?;
-    server.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec(), b"http/1.1".to_vec()];
-    Ok(server)
 }
 
 /// Headers of HTTP/1.1 that mean nothing (or are forbidden) in HTTP/2.
@@ -210,49 +193,9 @@ where
     }
 }
 
-/// `meshd check`: the gateway's certificate, JWKS and API keys file, read as `meshd run`
-/// would read them. One line per file: `ok`, or the error naming the file.
-pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
-    let mut lines = Vec::new();
-    let mut good = true;
-    let mut report = |what: String, result: Result<(), GatewayError>| {
-        good &= result.is_ok();
-        lines.push(match result {
-            Ok(()) => format!("{what}: ok"),
-            Err(e) => e.to_string(),
-        });
-    };
-    report(
-        format!("{} (gateway.tls)", config.tls.cert.display()),
-        load_tls(config).map(|_| ()),
-    );
-    if let Some(jwt) = &config.jwt {
-        report(
-            format!("{} (gateway.jwt.jwks)", jwt.jwks.display()),
-            JwtKeys::load(jwt).map(|_| ()).map_err(GatewayError::Jwks),
-        );
-    }
-    if let Some(keys) = &config.api_keys {
-        report(
-            format!("{} (gateway.api_keys)", keys.display()),
-            ApiKeys::load(keys)
-                .map(|_| ())
-                .map_err(GatewayError::ApiKeys),
-        );
-    }
-    (lines, good)
-}
-
 fn handshake_failed(reason: &'static str) {
     metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "gateway", "reason" => reason)
         .increment(1);
-}
-
-fn modified(paths: &[&Path]) -> Vec<Option<SystemTime>> {
-    paths
-        .iter()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
 }
 
 impl Gateway {
@@ -285,6 +228,10 @@ impl Gateway {
                 auth: r.auth,
                 upstream,
                 limiter: r.rate_limit.map_or(shared.clone(), limiter),
+                timeouts: CallTimeouts {
+                    connect: r.connect_timeout,
+                    request: r.request_timeout,
+                },
             });
         }
         Ok(Gateway {
@@ -301,6 +248,7 @@ impl Gateway {
     /// idle rate-limit keys.
     async fn follow_files(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut paths: Vec<&Path> = vec![&self.config.tls.cert, &self.config.tls.key];
+        paths.extend(self.config.tls.client_ca.as_deref());
         paths.extend(self.config.jwt.as_ref().map(|j| j.jwks.as_path()));
         paths.extend(self.config.api_keys.as_deref());
         let mut seen = modified(&paths);
@@ -354,8 +302,16 @@ impl Gateway {
                     }
                 };
                 let ip = from.ip();
-                let handle = move |req| {
+                // A client certificate got through the handshake only if it verified.
+                let cert_user = (tls.get_ref().1.peer_certificates())
+                    .and_then(|chain| chain.first())
+                    .and_then(|leaf| client_cert::user_of(leaf))
+                    .map(|u| ClientCertUser(u.into()));
+                let handle = move |mut req: Request<H2Body>| {
                     let this = this.clone();
+                    if let Some(u) = &cert_user {
+                        req.extensions_mut().insert(u.clone());
+                    }
                     async move { this.handle(req, ip).await }
                 };
                 if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
@@ -390,7 +346,12 @@ impl Gateway {
             return self.refuse(&mut req, protocol, call, err).await;
         };
         call.service = route.name.clone();
-        let user = match authenticate(route.auth, &self.creds.load(), req.headers()) {
+        let cert_user = req
+            .extensions()
+            .get::<ClientCertUser>()
+            .map(|u| u.0.clone());
+        let creds = &self.creds.load();
+        let user = match authenticate(route.auth, creds, req.headers(), cert_user.as_deref()) {
             Ok(user) => user,
             Err(e) => {
                 call.refused = Some("unauthenticated");
@@ -467,6 +428,7 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&call.ip) {
             headers.insert("x-forwarded-for", v);
         }
+        req.extensions_mut().insert(route.timeouts);
         let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
         match json_call {
             Some((t, method)) => t.to_json(&method, resp).await,

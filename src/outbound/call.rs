@@ -8,7 +8,10 @@
 //! to the endpoint's statistics and outlier detection -> when the outcome is safe to
 //! retry, attempts remain, the body can be replayed and the budget allows, wait a
 //! jittered back-off and attempt again on another endpoint; otherwise answer the app.
-//! A TCP connection ([`forward_tcp`]) is one mTLS connect, tried again on another
+//! A request may carry [`CallTimeouts`] (the edge gateway's route sets them): its request
+//! timeout then replaces the upstream's `timeout`, and its connect timeout bounds each
+//! attempt's wait for a connection (a pooled connection is shared, so this bounds the
+//! wait, not the dial of others). A TCP connection ([`forward_tcp`]) is one mTLS connect, tried again on another
 //! endpoint when it fails and retries are on, then a byte pipe.
 
 use crate::config::Protocol;
@@ -24,6 +27,17 @@ use http::{Request, Response};
 use http_body_util::Either;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// Timeouts a caller sets on one request (a request extension): the edge gateway's
+/// route `connect_timeout` and `request_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallTimeouts {
+    /// The longest wait for a connection to the endpoint, per attempt.
+    pub connect: Duration,
+    /// The longest wait for the answer's headers, all attempts included, instead of
+    /// the upstream's `timeout`.
+    pub request: Duration,
+}
 
 /// Why an attempt produced no response headers.
 #[derive(Debug)]
@@ -130,14 +144,17 @@ pub async fn forward_as(
         }
     };
     let started = Instant::now();
-    let deadline = proxy::request_deadline(ob.config.timeout, req.headers());
+    let timeouts = req.extensions_mut().remove::<CallTimeouts>();
+    let configured = timeouts.map_or(ob.config.timeout, |t| t.request);
+    let connect = timeouts.map(|t| t.connect);
+    let deadline = proxy::request_deadline(configured, req.headers());
     req.headers_mut().remove(XFCC);
     if ob.config.retries.attempts == 0 {
         // No retries: the request goes out as it came, with no copies.
         let (ep, result) = match ob.pick(&[]) {
             Some(ep) => {
-                let result =
-                    attempt(ob, &ep, req.map(ReplayBody::direct), started + deadline).await;
+                let req = req.map(ReplayBody::direct);
+                let result = attempt(ob, &ep, req, started + deadline, connect).await;
                 (ep, result)
             }
             None => {
@@ -150,12 +167,13 @@ pub async fn forward_as(
     // Boxed: the retry loop's state stays out of the per-stream task of calls
     // without retries.
     Box::pin(with_retries(
-        ob, req, record, protocol, admission, started, deadline,
+        ob, req, record, protocol, admission, started, deadline, connect,
     ))
     .await
 }
 
 /// The attempts of one request with retries on (see the module docs).
+#[allow(clippy::too_many_arguments)]
 async fn with_retries(
     ob: &Outbound,
     req: Request<H2Body>,
@@ -164,6 +182,7 @@ async fn with_retries(
     admission: Admission,
     started: Instant,
     deadline: Duration,
+    connect: Option<Duration>,
 ) -> Response<ProxyBody> {
     let grpc = protocol == Protocol::Grpc;
     ob.budget.deposit(started);
@@ -187,7 +206,7 @@ async fn with_retries(
             let err = ProxyError::Unavailable(ob.no_endpoints());
             return fail(ob, record, protocol, err);
         };
-        let result = attempt(ob, &ep, head.request(body), started + deadline).await;
+        let result = attempt(ob, &ep, head.request(body), started + deadline, connect).await;
         let outcome = match &result {
             Ok(resp) => classify(resp, grpc),
             Err(e) => e.outcome(),
@@ -215,12 +234,13 @@ async fn with_retries(
     }
 }
 
-/// One attempt on `ep`, bounded by `deadline_at`.
+/// One attempt on `ep`, bounded by `deadline_at`; its wait for a connection by `connect`.
 async fn attempt(
     ob: &Outbound,
     ep: &InFlight<Endpoint>,
     mut req: Request<ReplayBody>,
     deadline_at: Instant,
+    connect: Option<Duration>,
 ) -> Result<Response<H2Body>, AttemptError> {
     if ep.endpoint.tls.config.load().is_none() {
         return Err(AttemptError::NoIdentity);
@@ -239,9 +259,20 @@ async fn attempt(
                     .breaker
                     .wait_for_connection()
                     .map_err(AttemptError::Limit)?;
-                pool.sender()
-                    .await
-                    .map_err(|e| AttemptError::Send(e.into()))?
+                let dial = pool.sender();
+                match connect {
+                    Some(limit) => match tokio::time::timeout(limit, dial).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Err(AttemptError::Send(SendError::NotProcessed(format!(
+                                "no connection within {} ms (connect_timeout)",
+                                limit.as_millis()
+                            ))))
+                        }
+                    },
+                    None => dial.await,
+                }
+                .map_err(|e| AttemptError::Send(e.into()))?
             }
         };
         pool.send_via(sender, req).await.map_err(AttemptError::Send)

@@ -21,7 +21,7 @@ mod health_check;
 mod resilience;
 mod transparent;
 pub use balancer::{UpstreamView, Upstreams};
-pub use call::forward_as;
+pub use call::{forward_as, CallTimeouts};
 pub use transparent::{Claim, Transparent};
 
 use crate::config::{OutboundConfig, Protocol};

@@ -97,7 +97,7 @@ fn describe() {
     );
     describe_counter!(
         "gateway_requests_failed_total",
-        "Gateway requests that failed, by route and reason (unauthenticated, rate_limited, no_route, upstream)."
+        "Gateway requests that failed, by route and reason (unauthenticated, rate_limited, no_route, bad_request, timeout, upstream)."
     );
     describe_counter!(
         "gateway_rate_limit_hits_total",
@@ -415,7 +415,15 @@ impl RequestRecord {
                 Some(_) => status != "0",
                 None => self.http_status >= 500,
             };
-            if let Some(reason) = g.refused.or(failed.then_some("upstream")) {
+            // A call that ran out of time (the route's request_timeout, the client's
+            // grpc-timeout, or the app's own DEADLINE_EXCEEDED) is a timeout, not an
+            // upstream failure.
+            let timed_out = match self.grpc_method {
+                Some(_) => status == "4",
+                None => self.http_status == 504,
+            };
+            let failure = if timed_out { "timeout" } else { "upstream" };
+            if let Some(reason) = g.refused.or(failed.then_some(failure)) {
                 metric_cache::increment(
                     "gateway_requests_failed_total",
                     &[("service", service), ("reason", reason)],

@@ -107,13 +107,102 @@ fn each_route_kind_meets_each_credential() {
         ),
     ];
     for (auth, pairs, want) in table {
-        let got = authenticate(auth, &creds, &headers(&pairs));
+        let got = authenticate(auth, &creds, &headers(&pairs), Option::None);
         match (got, want) {
             (Ok(user), Ok(w)) => assert_eq!(user.as_deref(), w, "{auth:?} {pairs:?}"),
             (Err(e), Err(w)) => assert!(e.to_string().starts_with(w), "{auth:?}: {e} (want {w})"),
             (got, want) => panic!("{auth:?} {pairs:?}: got {got:?}, want {want:?}"),
         }
     }
+}
+
+/// A route's `auth`, the headers sent, the client certificate's user, and the user or
+/// the start of the error.
+type CertRow = (
+    RouteAuth,
+    Vec<(&'static str, String)>,
+    Option<&'static str>,
+    Result<Option<&'static str>, &'static str>,
+);
+
+#[test]
+fn a_client_certificate_counts_where_the_route_takes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (creds, sign) = setup(dir.path());
+    let exp = jsonwebtoken::get_current_timestamp() + 60;
+    let good = sign(serde_json::json!({"iss": ISSUER, "aud": "api", "sub": "alice", "exp": exp}));
+    let bearer = ("authorization", format!("Bearer {good}"));
+    let bad = ("authorization", "Bearer x.y.z".to_string());
+    let key = ("x-api-key", KEY.to_string());
+    let partner = Some("spiffe://partner.test/billing");
+    use RouteAuth::*;
+    let table: Vec<CertRow> = vec![
+        // mtls: the certificate alone decides.
+        (Mtls, vec![], partner, Ok(partner)),
+        (Mtls, vec![bearer.clone()], partner, Ok(partner)),
+        (
+            Mtls,
+            vec![],
+            Option::None,
+            Err("credentials required (a client certificate)"),
+        ),
+        (
+            Mtls,
+            vec![key.clone()],
+            Option::None,
+            Err("this route accepts client certificates only"),
+        ),
+        // any and none: a certificate when no token or key was sent; a sent one names the caller.
+        (Any, vec![], partner, Ok(partner)),
+        (Any, vec![bearer.clone()], partner, Ok(Some("alice"))),
+        (Any, vec![key.clone()], partner, Ok(Some("alice-svc"))),
+        (Any, vec![bad.clone()], partner, Err("invalid token")),
+        (None, vec![], partner, Ok(partner)),
+        (None, vec![bad], partner, Err("invalid token")),
+        // jwt and api_key: their kind only.
+        (
+            Jwt,
+            vec![],
+            partner,
+            Err("credentials required (Authorization"),
+        ),
+        (
+            ApiKey,
+            vec![],
+            partner,
+            Err("credentials required (x-api-key)"),
+        ),
+        (Jwt, vec![bearer], partner, Ok(Some("alice"))),
+    ];
+    for (auth, pairs, cert, want) in table {
+        let got = authenticate(auth, &creds, &headers(&pairs), cert);
+        match (got, want) {
+            (Ok(user), Ok(w)) => assert_eq!(user.as_deref(), w, "{auth:?} {pairs:?} {cert:?}"),
+            (Err(e), Err(w)) => assert!(e.to_string().starts_with(w), "{auth:?}: {e} (want {w})"),
+            (got, want) => panic!("{auth:?} {pairs:?} {cert:?}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_environment_key_sits_beside_the_keys_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut creds, _) = setup(dir.path());
+    let keys = creds.api_keys.as_mut().unwrap();
+    keys.add_env_key(&ApiKeyDigest::of("k-from-env"));
+    // The same key as the file's: the file's user stays.
+    keys.add_env_key(&ApiKeyDigest::of(KEY));
+    let table = [
+        ("k-from-env", Some(ENV_API_KEY_USER)),
+        (KEY, Some("alice-svc")),
+        ("k-other", Option::None),
+    ];
+    for (key, want) in table {
+        assert_eq!(creds.api_keys.as_ref().unwrap().user(key), want, "{key}");
+    }
+    let mut only_env = ApiKeys::default();
+    only_env.add_env_key(&ApiKeyDigest::of("k-from-env"));
+    assert_eq!(only_env.user("k-from-env"), Some(ENV_API_KEY_USER));
 }
 
 #[test]
