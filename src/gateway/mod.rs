@@ -210,7 +210,8 @@ where
     }
 }
 
-/// `meshd check`: the gateway's certificate, JWKS and API keys file, read as `meshd run`
+/// `meshd check`: the gateway's certificate, JWKS and API keys file (and the transcoding
+/// protos' `google.api.http` rules), read as `meshd run`
 /// would read them. One line per file: `ok`, or the error naming the file.
 pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
@@ -239,6 +240,12 @@ pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
                 .map(|_| ())
                 .map_err(GatewayError::ApiKeys),
         );
+    }
+    if let Some(t) = &config.transcoding {
+        // The protos and services are checked with the config; the REST rules here.
+        if let Err(e @ TranscodeError::Rule(_)) = transcode::Transcoder::new(t) {
+            report("gateway.transcoding".into(), Err(e.into()));
+        }
     }
     (lines, good)
 }
@@ -297,8 +304,8 @@ impl Gateway {
         })
     }
 
-    /// Reloads the certificate and the credentials when their files change; forgets
-    /// idle rate-limit keys.
+    /// Reloads the certificate and the credentials when their files change (and the
+    /// transcoding protos, see `Transcoder::follow`); forgets idle rate-limit keys.
     async fn follow_files(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut paths: Vec<&Path> = vec![&self.config.tls.cert, &self.config.tls.key];
         paths.extend(self.config.jwt.as_ref().map(|j| j.jwks.as_path()));
@@ -314,6 +321,9 @@ impl Gateway {
                 if let Some(l) = &r.limiter {
                     l.retain_recent();
                 }
+            }
+            if let Some(t) = &self.transcoder {
+                t.follow();
             }
             let now = modified(&paths);
             if now == seen {
@@ -384,7 +394,17 @@ impl Gateway {
             refused: None,
         });
         let path = req.uri().path().to_string();
-        let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &path) else {
+        // A JSON client's call of an exposed method, by its gRPC path or a REST path of
+        // its `google.api.http` rule, is routed by the gRPC path.
+        let found = match (&self.transcoder, grpc) {
+            (Some(t), false) => t.lookup(req.method(), &path).map(|c| (t, c)),
+            _ => None,
+        };
+        let grpc_path = match &found {
+            Some((_, Ok(call))) => call.grpc_path(),
+            _ => path.clone(),
+        };
+        let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &grpc_path) else {
             call.refused = Some("no_route");
             let err = ProxyError::NoRoute(format!("no gateway route for {path}"));
             return self.refuse(&mut req, protocol, call, err).await;
@@ -428,18 +448,14 @@ impl Gateway {
         }
         // A JSON client's call of an exposed service: checked and made a gRPC call here,
         // its answer made JSON; a refusal never reaches the app.
-        let json_call = match (&self.transcoder, grpc) {
-            (Some(t), false) => t.method(&path).map(|m| (t, m)),
-            _ => None,
-        };
-        let json_call = match json_call {
+        let json_call = match found {
             None => None,
             Some((t, found)) => {
                 let http_method = telemetry::method_name(req.method());
                 match t.to_grpc(found, req).await {
-                    Ok((grpc_req, method)) => {
+                    Ok((grpc_req, call)) => {
                         req = grpc_req;
-                        Some((t, method))
+                        Some((t, call))
                     }
                     Err(e) => {
                         tracing::debug!("gateway refused {path} from {}: {e}", call.ip);
@@ -469,7 +485,7 @@ impl Gateway {
         }
         let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
         match json_call {
-            Some((t, method)) => t.to_json(&method, resp).await,
+            Some((t, call)) => t.to_json(&call, resp).await,
             None => resp,
         }
     }
@@ -498,7 +514,10 @@ impl Gateway {
         let unauthenticated = matches!(err, ProxyError::Unauthenticated(_));
         // A JSON client of a transcoded service reads its refusal as JSON too.
         let json_client = protocol == Protocol::Http
-            && (self.transcoder.as_ref()).is_some_and(|t| t.method(req.uri().path()).is_some());
+            && (self.transcoder.as_ref()).is_some_and(|t| {
+                transcode::wants_json(req.headers())
+                    || t.lookup(req.method(), req.uri().path()).is_some()
+            });
         let json_error = json_client.then(|| (err.codes().0, err.to_string()));
         let record = self.refusal_record(telemetry::method_name(req.method()), grpc_method, call);
         let mut resp = proxy::respond_locally(record, protocol, err);
