@@ -3,7 +3,9 @@
 //! an outbound, which carries it over mTLS with the gateway's SVID to the service's
 //! sidecar, whose policy then decides on the gateway's SPIFFE ID.
 //!
-//! Flow per request: [`route`] (longest path prefix; none: gRPC UNIMPLEMENTED / 404) ->
+//! Flow per request: [`route`] (longest path prefix; a JSON call of a REST path that a
+//! `google.api.http` rule declares is routed by the gRPC path it maps to; none: gRPC
+//! UNIMPLEMENTED / 404, as JSON to a JSON client) ->
 //! `gateway_auth::authenticate` (no valid credentials: UNAUTHENTICATED / 401) -> the
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
 //! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> a JSON client's call of
