@@ -318,11 +318,11 @@ fn bad_json_is_refused_before_the_app() {
             "{err}"
         );
     }
-    let (code, err) = e.post("--http2", "CreatePayment", r#"{"amount": 2999}"#);
+    let (code, err) = e.post("--http2", "CreatePayment", r#"{"amount_in_cents": 2999}"#);
     assert_eq!(code, 400, "{err}");
     assert_eq!(err["code"], json!(3));
     assert!(
-        message(&err).starts_with("amount: unrecognized field name"),
+        message(&err).starts_with("amount_in_cents: unrecognized field name"),
         "{err}"
     );
     let (code, err) = e.post("--http2", "CreatePayment", r#"{"amount_cents": "lots"}"#);
@@ -349,11 +349,11 @@ fn bad_json_is_refused_before_the_app() {
         message(&err),
         "content type `text/plain` is neither application/json nor application/grpc"
     );
-    let (code, err) = e.post("--http2", "RefundPayment", "{}");
+    let (code, err) = e.post("--http2", "RefundAll", "{}");
     assert_eq!(code, 404, "{err}");
     assert_eq!(
         message(&err),
-        "payment.v1.PaymentService has no method RefundPayment"
+        "payment.v1.PaymentService has no method RefundAll"
     );
     let big = format!("{{\"currency\": \"{}\"}}", "x".repeat(2048));
     for version in ["--http2", "--http1.1"] {
@@ -384,6 +384,163 @@ fn bad_json_is_refused_before_the_app() {
     assert_eq!(refused, 9.0);
 }
 
+// Story: a web client uses the REST surface payment.proto declares with google.api.http:
+// it creates payments with the design's body verbatim (POST /v1/payments, HTTP/2 and
+// HTTP/1.1), reads one back by its path, lists the pricing zones by the additional
+// binding, refunds part of a payment (the body is the Refund), and lists a customer's
+// payments, a server stream, as a JSON array and as NDJSON. Timestamps come back as RFC
+// 3339 and a Struct round-trips. A path variable that does not read and an unknown REST
+// path are refused by the gateway (400, JSON 404) and never reach the app; grpcurl reads
+// the same stream over gRPC.
+#[test]
+fn rest_clients_call_the_paths_the_protos_declare() {
+    let e = Edge::start();
+    let json_body = |body: &'static str| ["-H", "content-type: application/json", "-d", body];
+    let design = r#"{"amount": 2999, "currency": "usd", "payment_method": "credit_card", "customer_id": "user_123"}"#;
+    let mut created = Vec::new();
+    for version in ["--http2", "--http1.1"] {
+        let (code, p, http) = e.curl(version, "/v1/payments", &json_body(design));
+        assert_eq!(code, 200, "{version} {http}: {p}");
+        assert_eq!(p["amountCents"], json!("2999"), "{p}");
+        assert_eq!(p["currency"], json!("usd"), "{p}");
+        assert_eq!(p["paymentMethod"], json!("credit_card"), "{p}");
+        assert_eq!(p["customerId"], json!("user_123"), "{p}");
+        assert_eq!(p["status"], json!("PAYMENT_STATUS_CREATED"), "{p}");
+        let at = p["createdAt"].as_str().unwrap_or_default();
+        assert!(humantime::parse_rfc3339(at).is_ok(), "{p}");
+        created.push(p);
+    }
+    let with_metadata = r#"{"amount": 5, "customer_id": "user_123", "metadata": {"order": "o-1", "items": [1, "two", {"gift": true}], "note": null}}"#;
+    let (code, p, _) = e.curl("--http2", "/v1/payments", &json_body(with_metadata));
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(
+        p["metadata"],
+        json!({"order": "o-1", "items": [1.0, "two", {"gift": true}], "note": null}),
+        "{p}"
+    );
+    created.push(p);
+    let id = created[0]["paymentId"].as_str().unwrap().to_string();
+
+    for version in ["--http2", "--http1.1"] {
+        let (code, got, _) = e.curl(version, &format!("/v1/payments/{id}"), &[]);
+        assert_eq!((code, &got), (200, &created[0]), "{version}");
+    }
+    for path in ["/v1/zones", "/v1/pricing-zones"] {
+        let (code, zones, _) = e.curl("--http2", path, &[]);
+        assert_eq!(code, 200, "{path}: {zones}");
+        assert!(
+            zones["zones"].as_array().is_some_and(|z| z.len() == 3),
+            "{zones}"
+        );
+    }
+
+    let refund = format!("/v1/payments/{id}:refund");
+    let (code, p, _) = e.curl(
+        "--http2",
+        &refund,
+        &json_body(r#"{"amount_cents": 999, "reason": "damaged"}"#),
+    );
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["refundedCents"], json!("999"), "{p}");
+    let (code, p, _) = e.curl("--http1.1", &refund, &json_body("{}"));
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["refundedCents"], json!("2999"), "{p}");
+    assert_eq!(p["status"], json!("PAYMENT_STATUS_REFUNDED"), "{p}");
+    let (code, err, _) = e.curl("--http2", "/v1/payments/nope:refund", &json_body("{}"));
+    assert_eq!(
+        (code, err),
+        (404, json!({"code": 5, "message": "no payment nope"}))
+    );
+
+    // The stream: each payment created, oldest first, as they come.
+    let ids: Vec<Value> = created.iter().map(|p| p["paymentId"].clone()).collect();
+    let list = "/v1/customers/user_123/payments";
+    for version in ["--http2", "--http1.1"] {
+        let (code, all, _) = e.curl(version, list, &[]);
+        assert_eq!(code, 200, "{version}: {all}");
+        let got: Vec<Value> = all
+            .as_array()
+            .unwrap_or_else(|| panic!("{all}"))
+            .iter()
+            .map(|p| p["paymentId"].clone())
+            .collect();
+        assert_eq!(got, ids, "{version}");
+    }
+    let (code, lines, _) = e.curl(
+        "--http2",
+        &format!("{list}?page_size=2"),
+        &["-H", "accept: application/x-ndjson"],
+    );
+    assert_eq!(code, 200, "{lines}");
+    let text = lines
+        .as_str()
+        .unwrap_or_else(|| panic!("not NDJSON: {lines}"));
+    let got: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["paymentId"].clone())
+        .collect();
+    assert_eq!(got, ids[..2], "{text}");
+    let (code, none, _) = e.curl("--http2", "/v1/customers/nobody/payments", &[]);
+    assert_eq!((code, none), (200, json!([])));
+
+    // Refused at the gateway: the app never sees these.
+    assert!(wait_until(Duration::from_secs(5), || e.app_calls() >= 1.0));
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = e.app_calls();
+    let (code, err, _) = e.curl("--http2", "/v1/payments/%FF", &[]);
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(
+        err["message"],
+        json!("path variable payment_id: not UTF-8 once percent-decoded")
+    );
+    let (code, err, _) = e.curl("--http2", "/v1/payments/p-1?amount=1", &[]);
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(
+        err["message"],
+        json!("query parameter amount: no field `amount`")
+    );
+    let (code, err, _) = e.curl(
+        "--http1.1",
+        "/v1/nothing",
+        &["-H", "accept: application/json"],
+    );
+    assert_eq!(code, 404, "{err}");
+    assert_eq!(
+        err["message"],
+        json!("no gateway route for /v1/nothing"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(e.app_calls(), seen, "a refused call reached the app");
+
+    // grpcurl reads the same stream over gRPC, on the same port and route.
+    let proto_dir = repo("proto").display().to_string();
+    let ca = e.dir.path().join("gw.pem").display().to_string();
+    let auth = format!("authorization: Bearer {}", e.token);
+    let addr = format!("127.0.0.1:{}", e.port);
+    let out = Command::new(tool("grpcurl"))
+        .args([
+            "-max-time",
+            "5",
+            "-import-path",
+            &proto_dir,
+            "-proto",
+            "payment.proto",
+        ])
+        .args(["-cacert", &ca, "-servername", "localhost", "-H", &auth])
+        .args(["-d", r#"{"parent": "customers/user_123"}"#])
+        .args([addr.as_str(), "payment.v1.PaymentService/ListPayments"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("\"paymentId\"").count(), ids.len(), "{text}");
+}
+
 // Story: an operator lists a service the protos do not define, next to one they do;
 // `meshd check` names it with the file, line and column, and fails.
 #[test]
@@ -409,4 +566,40 @@ fn check_names_a_service_missing_from_the_protos() {
         config.display()
     );
     assert!(report.contains(&want), "{want} not in:\n{report}");
+}
+
+// Story: an operator declares a REST path with a typo in its template; `meshd check`
+// names the proto position, the method and the template, and fails.
+#[test]
+fn check_names_a_bad_rest_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("google/api")).unwrap();
+    for f in ["annotations.proto", "http.proto"] {
+        std::fs::copy(
+            repo("proto/google/api").join(f),
+            d.join("google/api").join(f),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        d.join("shop.proto"),
+        "syntax = \"proto3\";\npackage shop.v1;\nimport \"google/api/annotations.proto\";\nservice Shop {\n  rpc Get(M) returns (M) { option (google.api.http) = {get: \"/v1/{name\"}; }\n}\nmessage M { string name = 1; }\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "service: api-gateway\noutbound:\n  - name: p\n    endpoints: [\"127.0.0.1:1\"]\n    server_id: spiffe://jia.app/p\ngateway:\n  tls: {{cert: {d}/none.pem, key: {d}/none-key.pem}}\n  api_keys: {d}/keys.yaml\n  routes: [{{name: r, prefix: /, upstream: p}}]\n  transcoding:\n    protos: [{d}/shop.proto]\n    services: [shop.v1.Shop]\n",
+        d = d.display(),
+    );
+    let config = d.join("gw.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = Command::new(common::meshd::meshd_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let want = "gateway.transcoding: shop.proto:5:3: shop.v1.Shop.Get: google.api.http `/v1/{name`: a `{` is not closed";
+    assert!(report.contains(want), "{want} not in:\n{report}");
 }

@@ -106,6 +106,12 @@ pub fn check_files(config: &GatewayConfig) -> (Vec<String>, bool) {
                 .map_err(GatewayError::ApiKeys),
         );
     }
+    if let Some(t) = &config.transcoding {
+        // The protos and services are checked with the config; the REST rules here.
+        if let Err(e @ super::TranscodeError::Rule(_)) = super::transcode::Transcoder::new(t) {
+            report("gateway.transcoding".into(), Err(e.into()));
+        }
+    }
     (lines, good)
 }
 

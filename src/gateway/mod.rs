@@ -3,7 +3,9 @@
 //! an outbound, which carries it over mTLS with the gateway's SVID to the service's
 //! sidecar, whose policy then decides on the gateway's SPIFFE ID.
 //!
-//! Flow per request: [`route`] (longest path prefix; none: gRPC UNIMPLEMENTED / 404) ->
+//! Flow per request: [`route`] (longest path prefix; a JSON call of a REST path that a
+//! `google.api.http` rule declares is routed by the gRPC path it maps to; none: gRPC
+//! UNIMPLEMENTED / 404, as JSON to a JSON client) ->
 //! `gateway_auth::authenticate` (no valid credentials: UNAUTHENTICATED / 401) -> the
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
 //! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> a JSON client's call of
@@ -244,8 +246,8 @@ impl Gateway {
         })
     }
 
-    /// Reloads the certificate and the credentials when their files change; forgets
-    /// idle rate-limit keys.
+    /// Reloads the certificate and the credentials when their files change (and the
+    /// transcoding protos, see `Transcoder::follow`); forgets idle rate-limit keys.
     async fn follow_files(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut paths: Vec<&Path> = vec![&self.config.tls.cert, &self.config.tls.key];
         paths.extend(self.config.tls.client_ca.as_deref());
@@ -262,6 +264,9 @@ impl Gateway {
                 if let Some(l) = &r.limiter {
                     l.retain_recent();
                 }
+            }
+            if let Some(t) = &self.transcoder {
+                t.follow();
             }
             let now = modified(&paths);
             if now == seen {
@@ -340,7 +345,17 @@ impl Gateway {
             refused: None,
         });
         let path = req.uri().path().to_string();
-        let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &path) else {
+        // A JSON client's call of an exposed method, by its gRPC path or a REST path of
+        // its `google.api.http` rule, is routed by the gRPC path.
+        let found = match (&self.transcoder, grpc) {
+            (Some(t), false) => t.lookup(req.method(), &path).map(|c| (t, c)),
+            _ => None,
+        };
+        let grpc_path = match &found {
+            Some((_, Ok(call))) => call.grpc_path(),
+            _ => path.clone(),
+        };
+        let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &grpc_path) else {
             call.refused = Some("no_route");
             let err = ProxyError::NoRoute(format!("no gateway route for {path}"));
             return self.refuse(&mut req, protocol, call, err).await;
@@ -389,18 +404,14 @@ impl Gateway {
         }
         // A JSON client's call of an exposed service: checked and made a gRPC call here,
         // its answer made JSON; a refusal never reaches the app.
-        let json_call = match (&self.transcoder, grpc) {
-            (Some(t), false) => t.method(&path).map(|m| (t, m)),
-            _ => None,
-        };
-        let json_call = match json_call {
+        let json_call = match found {
             None => None,
             Some((t, found)) => {
                 let http_method = telemetry::method_name(req.method());
                 match t.to_grpc(found, req).await {
-                    Ok((grpc_req, method)) => {
+                    Ok((grpc_req, call)) => {
                         req = grpc_req;
-                        Some((t, method))
+                        Some((t, call))
                     }
                     Err(e) => {
                         tracing::debug!("gateway refused {path} from {}: {e}", call.ip);
@@ -431,7 +442,7 @@ impl Gateway {
         req.extensions_mut().insert(route.timeouts);
         let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
         match json_call {
-            Some((t, method)) => t.to_json(&method, resp).await,
+            Some((t, call)) => t.to_json(&call, resp).await,
             None => resp,
         }
     }
@@ -460,7 +471,10 @@ impl Gateway {
         let unauthenticated = matches!(err, ProxyError::Unauthenticated(_));
         // A JSON client of a transcoded service reads its refusal as JSON too.
         let json_client = protocol == Protocol::Http
-            && (self.transcoder.as_ref()).is_some_and(|t| t.method(req.uri().path()).is_some());
+            && (self.transcoder.as_ref()).is_some_and(|t| {
+                transcode::wants_json(req.headers())
+                    || t.lookup(req.method(), req.uri().path()).is_some()
+            });
         let json_error = json_client.then(|| (err.codes().0, err.to_string()));
         let record = self.refusal_record(telemetry::method_name(req.method()), grpc_method, call);
         let mut resp = proxy::respond_locally(record, protocol, err);

@@ -220,6 +220,9 @@ pub struct H2Body {
     recv: Option<RecvStream>,
     /// A body made in-process (the gateway's transcoded JSON call), sent as one frame.
     fixed: Option<Bytes>,
+    /// A body made in-process frame by frame (the gateway's streamed JSON answer); it
+    /// ends when the sender is dropped.
+    piped: Option<tokio::sync::mpsc::Receiver<Frame<Bytes>>>,
     /// All data frames were read; trailers come next.
     data_done: bool,
 }
@@ -229,6 +232,7 @@ impl H2Body {
         H2Body {
             recv: Some(recv),
             fixed: None,
+            piped: None,
             data_done: false,
         }
     }
@@ -238,6 +242,17 @@ impl H2Body {
         H2Body {
             recv: None,
             fixed: Some(bytes),
+            piped: None,
+            data_done: false,
+        }
+    }
+
+    /// A body of the frames sent on `frames`, ending when its sender is dropped.
+    pub fn channel(frames: tokio::sync::mpsc::Receiver<Frame<Bytes>>) -> H2Body {
+        H2Body {
+            recv: None,
+            fixed: None,
+            piped: Some(frames),
             data_done: false,
         }
     }
@@ -257,6 +272,9 @@ impl Body for H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        if let Some(frames) = this.piped.as_mut() {
+            return frames.poll_recv(cx).map(|f| f.map(Ok));
+        }
         let Some(recv) = this.recv.as_mut() else {
             return Poll::Ready(this.fixed.take().map(|b| Ok(Frame::data(b))));
         };
@@ -279,9 +297,10 @@ impl Body for H2Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv
-            .as_ref()
-            .map_or(self.fixed.is_none(), RecvStream::is_end_stream)
+        self.recv.as_ref().map_or(
+            self.fixed.is_none() && self.piped.is_none(),
+            RecvStream::is_end_stream,
+        )
     }
 }
 

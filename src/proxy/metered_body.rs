@@ -34,6 +34,13 @@ impl MeteredBody {
         }
     }
 
+    /// Puts `inner` in place of the stream read so far and gives that back: the gateway
+    /// reads the app's stream itself and sends the client what it makes of it, still
+    /// measured here.
+    pub fn replace_inner(&mut self, inner: H2Body) -> H2Body {
+        std::mem::replace(&mut self.inner, inner)
+    }
+
     /// Keeps `guard` alive until this body ends or is dropped (the request stays counted
     /// as in progress that long).
     pub fn holding(mut self, guard: BodyGuard) -> MeteredBody {

@@ -1,34 +1,55 @@
 //! gRPC-JSON transcoding at the gateway, from the API's own protos (as Envoy's
 //! `grpc_json_transcoder`, without `protoc`): JSON clients call `/pkg.Service/Method`
-//! of an exposed unary method and get JSON back; gRPC clients are not touched.
+//! of an exposed method, or a REST path its `google.api.http` rule declares, and get
+//! JSON back; gRPC clients are not touched.
 //!
 //! Flow: [`Transcoder::new`] loads the descriptors (protos compiled with protox, or a
-//! descriptor set) -> per request that is not gRPC, [`Transcoder::method`] says whether
-//! its path is an exposed service (no: the request goes on as before) ->
+//! descriptor set) and parses every `google.api.http` template once into a table ->
+//! per request that is not gRPC, [`Transcoder::lookup`] says whether its path is an
+//! exposed method, by its gRPC path or by a REST binding (no: the request goes on as
+//! before); the gateway routes it by the gRPC path ([`Call::grpc_path`]) ->
 //! [`Transcoder::to_grpc`] reads the body up to `max_body` (413; read even when refused,
 //! so the client gets its answer, not a reset stream), checks the method (404) and the
-//! content type (415), fills the request message from the JSON body and the query
-//! (400 naming the position or the field) and makes it a gRPC request, which the gateway
-//! sends like any other -> [`Transcoder::to_json`] reads the unary answer: its message as
-//! JSON with 200, or `{"code", "message"}` with the HTTP status of its gRPC status.
+//! content type (415), fills the request message from the JSON body (all of it, or one
+//! field per the rule's `body`), the path variables and the query (400 naming the
+//! position or the field) and makes it a gRPC request, which the gateway sends like any
+//! other -> [`Transcoder::to_json`] reads the answer: a unary message as JSON with 200, a
+//! server stream as a JSON array or NDJSON written as messages arrive (`stream`), or
+//! `{"code", "message", "details"}` with the HTTP status of its gRPC status (`status`).
+//! When the protos change, [`Transcoder::follow`] compiles them again and swaps them in
+//! (`reload`).
 
+mod bindings;
+mod http_rule;
+mod reload;
+mod request;
 mod rules;
+mod status;
+mod stream;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rest;
+#[cfg(test)]
+mod tests_wkt;
 
 use crate::config::{DescriptorError, TranscodingConfig};
 use crate::proxy::{H2Body, ProxyBody, GRPC_STATUS};
+use arc_swap::ArcSwap;
+use bindings::{Binding, BodyRule};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use prost::Message;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor,
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, MethodDescriptor,
     SerializeOptions,
 };
 use rules::Payload;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::HashSet;
+
+pub use bindings::BindingError;
 
 /// Why a JSON call was refused before reaching the app, or its answer could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +60,16 @@ pub enum TranscodeError {
     /// A listed service is not in the protos (`meshd check` says so first).
     #[error("gateway.transcoding: no service `{0}` in the protos")]
     UnknownService(String),
+    /// A `google.api.http` rule that cannot be served (bad template, unknown field).
+    #[error("gateway.transcoding: {0}")]
+    Rule(#[from] BindingError),
     /// The content type is neither gRPC nor JSON (415).
     #[error("content type `{0}` is neither application/json nor application/grpc")]
     UnsupportedMediaType(String),
     /// The exposed service has no such method (404).
     #[error("{service} has no method {method}")]
     UnknownMethod { service: String, method: String },
-    /// A streaming method, which this gateway does not transcode yet (501).
+    /// A client- or bidi-streaming method, which this gateway does not transcode (501).
     #[error("{0} streams; only unary methods are transcoded")]
     Streaming(String),
     /// The body is over `max_body` (413).
@@ -60,6 +84,19 @@ pub enum TranscodeError {
     /// The body is JSON but not an object (400).
     #[error("the JSON body must be an object, not {0}")]
     NotAnObject(&'static str),
+    /// A body sent to a REST binding without `body` (400): it would be ignored.
+    #[error("{0} takes no request body (its google.api.http rule has no `body`)")]
+    UnexpectedBody(String),
+    /// A path variable that is not text after percent-decoding (400).
+    #[error("path variable {0}: not UTF-8 once percent-decoded")]
+    PathNotUtf8(String),
+    /// A path variable that is not a value of its field (400).
+    #[error("path variable {field}: `{value}` is not a {expected}")]
+    BadPathValue {
+        field: String,
+        value: String,
+        expected: &'static str,
+    },
     /// A field that does not exist or holds the wrong type (400).
     #[error("{path}: {reason}")]
     BadField { path: String, reason: String },
@@ -98,6 +135,9 @@ impl TranscodeError {
             E::BodyRead(_)
             | E::MalformedJson(_)
             | E::NotAnObject(_)
+            | E::UnexpectedBody(_)
+            | E::PathNotUtf8(_)
+            | E::BadPathValue { .. }
             | E::BadField { .. }
             | E::BadQuery(_) => (StatusCode::BAD_REQUEST, 3),
             E::ResponseBody(_)
@@ -105,7 +145,9 @@ impl TranscodeError {
             | E::ResponseMessage { .. }
             | E::ResponseJson(_)
             | E::NotGrpc(_) => (StatusCode::BAD_GATEWAY, 13),
-            E::Descriptors(_) | E::UnknownService(_) => (StatusCode::INTERNAL_SERVER_ERROR, 13),
+            E::Descriptors(_) | E::UnknownService(_) | E::Rule(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, 13)
+            }
         }
     }
 }
@@ -139,12 +181,44 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     resp
 }
 
-/// The exposed services' descriptors and the JSON options.
-pub struct Transcoder {
+/// What the protos give, compiled once and swapped whole when they change.
+pub struct Compiled {
     /// The API's messages and services.
     pool: DescriptorPool,
     /// The services JSON clients may call, fully qualified.
     services: HashSet<String>,
+    /// The REST surface of the exposed methods, most specific first.
+    bindings: Vec<Binding>,
+}
+
+impl Compiled {
+    /// Loads the descriptors, checks that each listed service is in them and parses the
+    /// `google.api.http` rules of their methods.
+    fn load(config: &TranscodingConfig) -> Result<Compiled, TranscodeError> {
+        let pool = config.descriptors()?;
+        for s in &config.services {
+            if pool.get_service_by_name(s).is_none() {
+                return Err(TranscodeError::UnknownService(s.clone()));
+            }
+        }
+        let bindings = bindings::bindings(&pool, &config.services)?;
+        Ok(Compiled {
+            pool,
+            services: config.services.iter().cloned().collect(),
+            bindings,
+        })
+    }
+}
+
+/// The exposed services' descriptors and the JSON options.
+pub struct Transcoder {
+    /// The current protos, swapped by [`Transcoder::follow`] when their files change.
+    compiled: ArcSwap<Compiled>,
+    /// Where the protos come from, to compile them again.
+    config: TranscodingConfig,
+    /// The proto files last loaded, with their modification times, and the last failed
+    /// reload's message (logged once).
+    watch: std::sync::Mutex<reload::Watch>,
     /// How JSON bodies are read (unknown fields refused unless configured).
     read: DeserializeOptions,
     /// Unknown fields (in the body or the query) are ignored, not refused.
@@ -155,18 +229,41 @@ pub struct Transcoder {
     max_body: u64,
 }
 
+/// A JSON call found: the gRPC method and how the request maps onto it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: MethodDescriptor,
+    /// Where the body goes (the `/pkg.Service/Method` form: the whole message).
+    body: BodyRule,
+    /// The path variables' captures (REST bindings only).
+    captures: Vec<http_rule::Capture>,
+    /// `response_body`: only this field of the answer is sent.
+    response_body: Option<FieldDescriptor>,
+    /// How a server stream is written, from the client's `Accept`.
+    framing: stream::Framing,
+}
+
+impl Call {
+    /// `/pkg.Service/Method`: what the gateway routes by and sends upstream.
+    pub fn grpc_path(&self) -> String {
+        format!(
+            "/{}/{}",
+            self.method.parent_service().full_name(),
+            self.method.name()
+        )
+    }
+}
+
 impl Transcoder {
-    /// Loads the descriptors and checks that each listed service is in them.
+    /// Loads the descriptors and checks that each listed service is in them; parses the
+    /// `google.api.http` rules.
     pub fn new(config: &TranscodingConfig) -> Result<Transcoder, TranscodeError> {
-        let pool = config.descriptors()?;
-        for s in &config.services {
-            if pool.get_service_by_name(s).is_none() {
-                return Err(TranscodeError::UnknownService(s.clone()));
-            }
-        }
+        let compiled = Compiled::load(config)?;
+        let watch = reload::Watch::new(config, &compiled.pool);
         Ok(Transcoder {
-            pool,
-            services: config.services.iter().cloned().collect(),
+            compiled: ArcSwap::from_pointee(compiled),
+            config: config.clone(),
+            watch: std::sync::Mutex::new(watch),
             read: DeserializeOptions::new().deny_unknown_fields(!config.ignore_unknown_fields),
             ignore_unknown: config.ignore_unknown_fields,
             write: SerializeOptions::new()
@@ -176,23 +273,53 @@ impl Transcoder {
         })
     }
 
-    /// For a path of an exposed service: its method, or why not. None: not transcoded.
+    /// For a path of an exposed service (`/pkg.Service/Method`): its method, or why not.
+    /// None: not transcoded.
     pub fn method(&self, path: &str) -> Option<Result<MethodDescriptor, TranscodeError>> {
         let (service, method) = crate::proxy::grpc_path(path)?;
-        if !self.services.contains(service) {
+        let compiled = self.compiled.load();
+        if !compiled.services.contains(service) {
             return None;
         }
-        let svc = self.pool.get_service_by_name(service)?;
+        let svc = compiled.pool.get_service_by_name(service)?;
         let found = svc.methods().find(|m| m.name() == method);
         Some(match found {
             None => Err(TranscodeError::UnknownMethod {
                 service: service.into(),
                 method: method.into(),
             }),
-            Some(m) if m.is_client_streaming() || m.is_server_streaming() => {
+            Some(m) if m.is_client_streaming() => {
                 Err(TranscodeError::Streaming(format!("{service}/{method}")))
             }
             Some(m) => Ok(m),
+        })
+    }
+
+    /// The call a JSON request makes: by its gRPC path, else by the first REST binding
+    /// whose method and template match. None: not transcoded.
+    pub fn lookup(&self, http: &Method, path: &str) -> Option<Result<Call, TranscodeError>> {
+        if let Some(found) = self.method(path) {
+            return Some(found.map(|method| Call {
+                method,
+                body: BodyRule::Whole,
+                captures: Vec::new(),
+                response_body: None,
+                framing: stream::Framing::Array,
+            }));
+        }
+        let compiled = self.compiled.load();
+        compiled.bindings.iter().find_map(|b| {
+            if b.http != *http {
+                return None;
+            }
+            let captures = b.template.matches(path)?;
+            Some(Ok(Call {
+                method: b.method.clone(),
+                body: b.body.clone(),
+                captures,
+                response_body: b.response_body.clone(),
+                framing: stream::Framing::Array,
+            }))
         })
     }
 
@@ -201,12 +328,12 @@ impl Transcoder {
     /// stream (an HTTP/2 stream dropped unread is reset).
     pub async fn to_grpc(
         &self,
-        found: Result<MethodDescriptor, TranscodeError>,
+        found: Result<Call, TranscodeError>,
         req: Request<H2Body>,
-    ) -> Result<(Request<H2Body>, MethodDescriptor), TranscodeError> {
+    ) -> Result<(Request<H2Body>, Call), TranscodeError> {
         let (mut parts, body) = req.into_parts();
         let bytes = read_body(body, self.max_body).await?;
-        let method = found?;
+        let mut call = found?;
         let content_type = parts
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -216,17 +343,19 @@ impl Transcoder {
                 content_type.unwrap_or_default(),
             ));
         }
+        call.framing = stream::framing(parts.headers.get(http::header::ACCEPT));
         let query = parts.uri.query().unwrap_or("");
-        let message = self.request_message(&method.input(), &bytes, query)?;
+        let message = self.call_message(&call, &bytes, query)?;
         let mut uri = http::uri::Parts::from(parts.uri.clone());
-        uri.path_and_query = Some(
-            format!("/{}/{}", method.parent_service().full_name(), method.name())
-                .parse()
-                .map_err(|_| TranscodeError::UnknownMethod {
-                    service: method.parent_service().full_name().into(),
-                    method: method.name().into(),
-                })?,
-        );
+        uri.path_and_query =
+            Some(
+                call.grpc_path()
+                    .parse()
+                    .map_err(|_| TranscodeError::UnknownMethod {
+                        service: call.method.parent_service().full_name().into(),
+                        method: call.method.name().into(),
+                    })?,
+            );
         if let Ok(u) = http::Uri::from_parts(uri) {
             parts.uri = u;
         }
@@ -240,84 +369,17 @@ impl Transcoder {
         );
         h.insert(http::header::TE, HeaderValue::from_static("trailers"));
         let framed = rules::frame(&message.encode_to_vec());
-        Ok((Request::from_parts(parts, H2Body::fixed(framed)), method))
-    }
-
-    /// The request message from the JSON body (empty: the empty message) and the query.
-    fn request_message(
-        &self,
-        desc: &MessageDescriptor,
-        body: &[u8],
-        query: &str,
-    ) -> Result<DynamicMessage, TranscodeError> {
-        let mut object = if body.iter().all(u8::is_ascii_whitespace) {
-            Map::new()
-        } else {
-            match serde_json::from_slice::<Value>(body).map_err(TranscodeError::MalformedJson)? {
-                Value::Object(o) => o,
-                other => return Err(TranscodeError::NotAnObject(json_kind(&other))),
-            }
-        };
-        let query = rules::query_json(desc, query, self.ignore_unknown)?;
-        rules::merge_query(&mut object, query);
-        DynamicMessage::deserialize_with_options(
-            desc.clone(),
-            Value::Object(object.clone()),
-            &self.read,
-        )
-        .map_err(|e| {
-            let (path, reason) = self
-                .locate(desc, &object)
-                .unwrap_or_else(|| (desc.full_name().to_string(), e.to_string()));
-            TranscodeError::BadField { path, reason }
-        })
-    }
-
-    /// The field of `object` that `desc` does not read, with why: each field alone, and
-    /// into nested messages, so the client sees `payment.amount_cents`, not just "error".
-    fn locate(
-        &self,
-        desc: &MessageDescriptor,
-        object: &Map<String, Value>,
-    ) -> Option<(String, String)> {
-        for (key, value) in object {
-            let alone = Map::from_iter([(key.clone(), value.clone())]);
-            let Err(e) = DynamicMessage::deserialize_with_options(
-                desc.clone(),
-                Value::Object(alone),
-                &self.read,
-            ) else {
-                continue;
-            };
-            let field = desc
-                .get_field_by_name(key)
-                .or_else(|| desc.get_field_by_json_name(key));
-            if let (Some(f), Value::Object(inner)) = (&field, value) {
-                if let prost_reflect::Kind::Message(m) = f.kind() {
-                    let wkt = m.full_name().starts_with("google.protobuf.");
-                    if !f.is_list() && !f.is_map() && !wkt {
-                        if let Some((path, reason)) = self.locate(&m, inner) {
-                            return Some((format!("{key}.{path}"), reason));
-                        }
-                    }
-                }
-            }
-            let reason = match field {
-                Some(f) => format!("expected {} ({e})", rules::expected_json(&f)),
-                None => e.to_string(),
-            };
-            return Some((key.clone(), reason));
-        }
-        None
+        Ok((Request::from_parts(parts, H2Body::fixed(framed)), call))
     }
 
     /// The gRPC answer as JSON (see the module docs).
-    pub async fn to_json(
-        &self,
-        method: &MethodDescriptor,
-        resp: Response<ProxyBody>,
-    ) -> Response<ProxyBody> {
-        match self.answer(method, resp).await {
+    pub async fn to_json(&self, call: &Call, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let answered = if call.method.is_server_streaming() {
+            self.stream_answer(call, resp).await
+        } else {
+            self.answer(call, resp).await
+        };
+        match answered {
             Ok(resp) => resp,
             Err(e) => {
                 let (status, code) = e.status();
@@ -328,44 +390,76 @@ impl Transcoder {
 
     async fn answer(
         &self,
-        method: &MethodDescriptor,
+        call: &Call,
         resp: Response<ProxyBody>,
     ) -> Result<Response<ProxyBody>, TranscodeError> {
         let (parts, body) = resp.into_parts();
         let collected = body.collect().await.map_err(TranscodeError::ResponseBody)?;
         let trailers = collected.trailers().cloned().unwrap_or_default();
         let bytes = collected.to_bytes();
-        let status_of = |h: &http::HeaderMap| {
-            h.get(GRPC_STATUS)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u32>().ok())
-        };
-        let Some(code) = status_of(&trailers).or_else(|| status_of(&parts.headers)) else {
+        let Some(code) = grpc_status(&trailers).or_else(|| grpc_status(&parts.headers)) else {
             return Err(TranscodeError::NotGrpc(parts.status.as_u16()));
         };
         if code != 0 {
-            let message = trailers
-                .get("grpc-message")
-                .or_else(|| parts.headers.get("grpc-message"))
-                .map(|v| rules::grpc_message_decode(v.as_bytes()))
-                .unwrap_or_default();
-            return Ok(error_response(rules::http_status(code), code, &message));
+            return Ok(self.grpc_error(code, &trailers, &parts.headers));
         }
+        let message = self.decode(&call.method, rules::unframe(&bytes)?)?;
+        let json = match &call.response_body {
+            None => self.to_json_bytes(&message)?,
+            Some(field) => self.field_json(&message, field)?,
+        };
+        Ok(json_response(StatusCode::OK, json))
+    }
+
+    /// A message of the method's output type, from its bytes.
+    fn decode(
+        &self,
+        method: &MethodDescriptor,
+        bytes: &[u8],
+    ) -> Result<DynamicMessage, TranscodeError> {
         let output = method.output();
-        let message =
-            DynamicMessage::decode(output.clone(), rules::unframe(&bytes)?).map_err(|source| {
-                TranscodeError::ResponseMessage {
-                    message: output.full_name().into(),
-                    source,
-                }
-            })?;
-        let mut json = Vec::with_capacity(bytes.len() * 2);
+        DynamicMessage::decode(output.clone(), bytes).map_err(|source| {
+            TranscodeError::ResponseMessage {
+                message: output.full_name().into(),
+                source,
+            }
+        })
+    }
+
+    fn to_json_bytes(&self, message: &DynamicMessage) -> Result<Bytes, TranscodeError> {
+        let mut json = Vec::with_capacity(message.encoded_len() * 2);
         let mut ser = serde_json::Serializer::new(&mut json);
         message
             .serialize_with_options(&mut ser, &self.write)
             .map_err(TranscodeError::ResponseJson)?;
-        Ok(json_response(StatusCode::OK, Bytes::from(json)))
+        Ok(Bytes::from(json))
     }
+
+    /// `response_body`: one field of the answer, its default value included.
+    fn field_json(
+        &self,
+        message: &DynamicMessage,
+        field: &FieldDescriptor,
+    ) -> Result<Bytes, TranscodeError> {
+        let opts = self.write.clone().skip_default_fields(false);
+        let whole = message
+            .serialize_with_options(serde_json::value::Serializer, &opts)
+            .map_err(TranscodeError::ResponseJson)?;
+        let name = if self.config.preserve_proto_field_names {
+            field.name()
+        } else {
+            field.json_name()
+        };
+        let value = whole.get(name).cloned().unwrap_or(Value::Null);
+        Ok(Bytes::from(value.to_string()))
+    }
+}
+
+/// The `grpc-status` in `h`, if any.
+fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    h.get(GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
 }
 
 /// Past `max_body`, this much more of a body is still read (and dropped) so the client
@@ -415,13 +509,15 @@ pub async fn drain(body: &mut H2Body) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+/// A JSON client: it sent JSON or asks for it (`Accept: application/json` or NDJSON).
+pub fn wants_json(headers: &http::HeaderMap) -> bool {
+    let has = |name, what: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| String::from_utf8_lossy(v.as_bytes()).contains(what))
+    };
+    has(http::header::CONTENT_TYPE, "application/json")
+        || has(http::header::ACCEPT, "application/json")
+        || has(http::header::ACCEPT, "application/x-ndjson")
 }

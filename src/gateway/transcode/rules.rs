@@ -176,7 +176,7 @@ pub fn query_json(
                 };
                 continue;
             }
-            let v = query_value(&field.kind(), &value).ok_or_else(|| QueryError::BadValue {
+            let v = scalar_json(&field.kind(), &value).ok_or_else(|| QueryError::BadValue {
                 param: param.to_string(),
                 value: value.to_string(),
                 expected: expected(&field.kind()),
@@ -204,7 +204,7 @@ fn not_a_message(param: &str, field: &str) -> QueryError {
     }
 }
 
-fn expected(kind: &Kind) -> &'static str {
+pub fn expected(kind: &Kind) -> &'static str {
     match kind {
         Kind::Bool => "boolean (true or false)",
         _ => "number",
@@ -231,8 +231,8 @@ pub fn expected_json(field: &prost_reflect::FieldDescriptor) -> String {
     }
 }
 
-/// One query value as the JSON its field reads; none if it cannot be one.
-fn query_value(kind: &Kind, text: &str) -> Option<Value> {
+/// One query value or path variable as the JSON its field reads; none if it cannot be one.
+pub fn scalar_json(kind: &Kind, text: &str) -> Option<Value> {
     match kind {
         Kind::Bool => match text {
             "true" => Some(Value::Bool(true)),

@@ -11,6 +11,7 @@ import "google/protobuf/timestamp.proto";
 service Shop {
   rpc Find(FindRequest) returns (FindResponse);
   rpc Watch(FindRequest) returns (stream FindResponse);
+  rpc Upload(stream FindRequest) returns (FindResponse);
 }
 enum Color { COLOR_UNSPECIFIED = 0; RED = 1; }
 message Filter { int32 min_price = 1; bool in_stock = 2; }
@@ -27,7 +28,7 @@ message FindResponse { repeated string ids = 1; int64 total = 2; }
 "#;
 
 /// A transcoder for `shop.v1.Shop` (the proto written to a temporary folder).
-fn shop(tweak: impl FnOnce(&mut TranscodingConfig)) -> (Transcoder, tempfile::TempDir) {
+pub fn shop(tweak: impl FnOnce(&mut TranscodingConfig)) -> (Transcoder, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let proto = dir.path().join("shop.proto");
     std::fs::write(&proto, TEST_PROTO).unwrap();
@@ -119,7 +120,12 @@ fn grpc_messages_are_percent_decoded() {
 #[test]
 fn query_parameters_fill_fields_by_their_type() {
     let (t, _dir) = shop(|_| {});
-    let desc = t.pool.get_message_by_name("shop.v1.FindRequest").unwrap();
+    let desc = t
+        .compiled
+        .load()
+        .pool
+        .get_message_by_name("shop.v1.FindRequest")
+        .unwrap();
     let table = [
         ("", json!({})),
         ("query_text=red+shoes", json!({"query_text": "red shoes"})),
@@ -146,7 +152,12 @@ fn query_parameters_fill_fields_by_their_type() {
 #[test]
 fn bad_query_parameters_are_named() {
     let (t, _dir) = shop(|_| {});
-    let desc = t.pool.get_message_by_name("shop.v1.FindRequest").unwrap();
+    let desc = t
+        .compiled
+        .load()
+        .pool
+        .get_message_by_name("shop.v1.FindRequest")
+        .unwrap();
     let table = [
         ("nope=1", "query parameter nope: no field `nope`"),
         (
@@ -202,13 +213,20 @@ fn methods_of_exposed_services_only() {
     let missing = t.method("/shop.v1.Shop/Nope").unwrap().unwrap_err();
     assert_eq!(missing.status().0, StatusCode::NOT_FOUND);
     assert_eq!(missing.to_string(), "shop.v1.Shop has no method Nope");
-    let streaming = t.method("/shop.v1.Shop/Watch").unwrap().unwrap_err();
+    // Server streams are transcoded (see `stream`); client streams are not.
+    assert!(t.method("/shop.v1.Shop/Watch").unwrap().is_ok());
+    let streaming = t.method("/shop.v1.Shop/Upload").unwrap().unwrap_err();
     assert_eq!(streaming.status().0, StatusCode::NOT_IMPLEMENTED);
 }
 
 /// The request message a body and query make, as JSON again (proto names), or the error.
 fn read(t: &Transcoder, body: &str, query: &str) -> Result<Value, String> {
-    let desc = t.pool.get_message_by_name("shop.v1.FindRequest").unwrap();
+    let desc = t
+        .compiled
+        .load()
+        .pool
+        .get_message_by_name("shop.v1.FindRequest")
+        .unwrap();
     let msg = t
         .request_message(&desc, body.as_bytes(), query)
         .map_err(|e: TranscodeError| e.to_string())?;
@@ -306,7 +324,7 @@ fn a_descriptor_set_serves_as_the_protos() {
     // `protoc --include_imports -o api.pb` output instead of the .proto files.
     let (t, dir) = shop(|_| {});
     let set = dir.path().join("api.pb");
-    std::fs::write(&set, t.pool.encode_to_vec()).unwrap();
+    std::fs::write(&set, t.compiled.load().pool.encode_to_vec()).unwrap();
     let (from_set, _dir) = shop(|c| {
         c.protos.clear();
         c.descriptor_set = Some(set);
@@ -319,7 +337,7 @@ fn a_descriptor_set_serves_as_the_protos() {
 }
 
 /// An app's unary answer: `grpc-status` (and `grpc-message`) in the headers, a body.
-fn app_answer(status: u32, message: &str, body: bytes::Bytes) -> http::Response<ProxyBody> {
+pub fn app_answer(status: u32, message: &str, body: bytes::Bytes) -> http::Response<ProxyBody> {
     let mut resp = http::Response::new(http_body_util::Either::Right(http_body_util::Full::new(
         body,
     )));
@@ -332,12 +350,15 @@ fn app_answer(status: u32, message: &str, body: bytes::Bytes) -> http::Response<
 /// What a JSON client reads: status and body.
 fn answered(t: &Transcoder, resp: http::Response<ProxyBody>) -> (u16, Value) {
     use http_body_util::BodyExt;
-    let method = t.method("/shop.v1.Shop/Find").unwrap().unwrap();
+    let call = t
+        .lookup(&http::Method::POST, "/shop.v1.Shop/Find")
+        .unwrap()
+        .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     rt.block_on(async {
-        let resp = t.to_json(&method, resp).await;
+        let resp = t.to_json(&call, resp).await;
         let ct = resp.headers()[http::header::CONTENT_TYPE].clone();
         assert_eq!(ct, "application/json");
         let status = resp.status().as_u16();
@@ -350,7 +371,12 @@ fn answered(t: &Transcoder, resp: http::Response<ProxyBody>) -> (u16, Value) {
 fn answers_come_back_as_json() {
     use prost::Message;
     let (t, _dir) = shop(|_| {});
-    let desc = t.pool.get_message_by_name("shop.v1.FindResponse").unwrap();
+    let desc = t
+        .compiled
+        .load()
+        .pool
+        .get_message_by_name("shop.v1.FindResponse")
+        .unwrap();
     let message = prost_reflect::DynamicMessage::deserialize(desc, json!({"ids": ["a"]}))
         .unwrap()
         .encode_to_vec();
