@@ -152,7 +152,7 @@ fn printed_commands_work() {
         .map(|l| l.trim())
         .filter(|l| l.starts_with("grpcurl ") || l.starts_with("curl "))
         .collect();
-    assert_eq!(commands.len(), 9, "{}", demo.dump());
+    assert_eq!(commands.len(), 10, "{}", demo.dump());
     let grpcurl = Command::new("grpcurl").arg("-version").output();
     assert!(
         grpcurl.is_ok(),
@@ -172,6 +172,14 @@ fn printed_commands_work() {
                 p["identityChain"][0], "spiffe://jia.app/api-gateway",
                 "{text}"
             );
+        } else if cmd.starts_with("curl --cacert") && cmd.contains("/v1/customers/") {
+            // The REST surface: a JSON array of user_123's payments (the tour's and the
+            // one the design's command above just made).
+            assert!(out.status.success(), "{cmd}\n{text}");
+            let list: serde_json::Value = serde_json::from_str(&stdout).expect(&text);
+            let list = list.as_array().expect(&text);
+            assert!(list.len() >= 2, "{text}");
+            assert!(list.iter().all(|p| p["customerId"] == "user_123"), "{text}");
         } else if cmd.starts_with("curl --cacert") {
             // The design's second command: a GET with no body.
             assert!(out.status.success(), "{cmd}\n{text}");

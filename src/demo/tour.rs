@@ -487,6 +487,8 @@ fn print_next(t: &Topology, once: bool) {
         crate::demo::edge_call::DESIGN_BODY
     );
     say!("    curl --cacert {cacert} {bearer} {edge}/payment.v1.PaymentService/ListPricingZones");
+    say!("  # the REST surface payment.proto declares (google.api.http): a customer's payments");
+    say!("    curl --cacert {cacert} {bearer} {edge}/v1/customers/user_123/payments");
     say!("  # the same as the intruder: PermissionDenied");
     say!("    {}", grpcurl(t.intruder_out));
     say!("  # identity, policy, an authorization question, metrics:");
