@@ -293,6 +293,29 @@ fn json_clients_call_the_payment_service() {
     );
     let got: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(got["paymentId"], json!(id), "{text}");
+
+    // The gateway counts the status each client saw: the HTTP status for JSON clients
+    // (NOT_FOUND answered 404, INVALID_ARGUMENT 400), the gRPC status for gRPC clients.
+    let count = |protocol: &str, status: &str| {
+        let (p, s) = (
+            format!("protocol=\"{protocol}\""),
+            format!("status=\"{status}\""),
+        );
+        e.gateway
+            .metric("gateway_requests_total", &[p.as_str(), s.as_str()])
+    };
+    let settled = wait_until(Duration::from_secs(5), || {
+        count("json", "404") == 1.0 && count("json", "400") == 1.0 && count("grpc", "0") == 1.0
+    });
+    assert!(
+        settled,
+        "json 404: {}, json 400: {}, grpc 0: {}, json 200: {}",
+        count("json", "404"),
+        count("json", "400"),
+        count("grpc", "0"),
+        count("json", "200")
+    );
+    assert_eq!(count("json", "200"), 6.0);
 }
 
 // Story: a client sends broken JSON, a field the message does not have, a field of the

@@ -342,6 +342,8 @@ impl Gateway {
             user_id: None,
             ip: ip.to_string(),
             user_agent,
+            protocol: if grpc { "grpc" } else { "http" },
+            client_status: None,
             refused: None,
         });
         let path = req.uri().path().to_string();
@@ -355,6 +357,10 @@ impl Gateway {
             Some((_, Ok(call))) => call.grpc_path(),
             _ => path.clone(),
         };
+        if found.is_some() {
+            call.protocol = "json";
+            call.client_status = Some(transcode::client_status);
+        }
         let Some(route) = route(&self.routes, |r| r.prefix.as_str(), &grpc_path) else {
             call.refused = Some("no_route");
             let err = ProxyError::NoRoute(format!("no gateway route for {path}"));

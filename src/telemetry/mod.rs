@@ -88,7 +88,7 @@ fn describe() {
     );
     describe_counter!(
         "gateway_requests_total",
-        "Requests through the edge gateway, by route (service) and status."
+        "Requests through the edge gateway, by route (service), the status the client saw (the HTTP status for JSON and HTTP clients, the gRPC status for gRPC clients) and protocol (grpc, json: transcoded, http)."
     );
     describe_histogram!(
         "gateway_request_duration_seconds",
@@ -306,6 +306,12 @@ pub struct GatewayCall {
     /// The client's IP address.
     pub ip: String,
     pub user_agent: Option<String>,
+    /// How the client called: `grpc`, `json` (a call the gateway transcodes) or `http`;
+    /// the `protocol` label of `gateway_requests_total`.
+    pub protocol: &'static str,
+    /// For a transcoded call: the HTTP status its gRPC status became for the JSON
+    /// client, so that `gateway_requests_total` counts what the client saw.
+    pub client_status: Option<fn(u32) -> u16>,
     /// Why the gateway refused the request itself (`unauthenticated`, `rate_limited`,
     /// `no_route`); none when it was proxied.
     pub refused: Option<&'static str>,
@@ -401,9 +407,18 @@ impl RequestRecord {
         }
         if let Some(g) = &self.gateway {
             let service: &str = &g.service;
+            let mut seen = Digits::default();
+            let client_status = match (g.client_status, &self.grpc_method) {
+                (Some(as_http), Some(_)) => seen.format(u32::from(as_http(self.status()))),
+                _ => status,
+            };
             metric_cache::increment(
                 "gateway_requests_total",
-                &[("service", service), ("status", status)],
+                &[
+                    ("service", service),
+                    ("status", client_status),
+                    ("protocol", g.protocol),
+                ],
                 1,
             );
             metric_cache::record(

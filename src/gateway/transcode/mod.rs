@@ -152,6 +152,12 @@ impl TranscodeError {
     }
 }
 
+/// The HTTP status a JSON client sees for a gRPC status (google.rpc's mapping): the
+/// `status` a transcoded call counts with in `gateway_requests_total`.
+pub fn client_status(grpc_code: u32) -> u16 {
+    rules::http_status(grpc_code).as_u16()
+}
+
 /// A JSON answer `{"code": N, "message": "..."}` with `status`.
 pub fn error_response(status: StatusCode, code: u32, message: &str) -> Response<ProxyBody> {
     json_response(status, error_body(code, message))
