@@ -32,7 +32,7 @@ mod transcode;
 pub use auth::p256_jwks;
 pub use client_cert::ClientCaError;
 pub use files::check_files;
-pub use transcode::TranscodeError;
+pub use transcode::{Call, TranscodeError, Transcoder};
 
 use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
 use crate::gateway::auth::{authenticate, AuthError, Credentials};
