@@ -70,7 +70,7 @@ pub enum TranscodeError {
     #[error("{service} has no method {method}")]
     UnknownMethod { service: String, method: String },
     /// A client- or bidi-streaming method, which this gateway does not transcode (501).
-    #[error("{0} streams; only unary methods are transcoded")]
+    #[error("{0} streams from the client; only unary and server-streaming methods are transcoded")]
     Streaming(String),
     /// The body is over `max_body` (413).
     #[error("the request body is over the limit of {0} bytes")]
