@@ -291,6 +291,11 @@ mod tests {
     fn generated_configs_pass_meshd_check() {
         // Every generated sidecar config is one `meshd run` accepts, loopback only.
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in crate::demo::PROTOS {
+            let path = dir.path().join("proto").join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
         let specs = [
             SidecarSpec {
                 name: "payment".into(),
