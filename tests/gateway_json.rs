@@ -469,6 +469,20 @@ fn rest_clients_call_the_paths_the_protos_declare() {
     assert_eq!(code, 200, "{p}");
     assert_eq!(p["refundedCents"], json!("2999"), "{p}");
     assert_eq!(p["status"], json!("PAYMENT_STATUS_REFUNDED"), "{p}");
+    // Nothing left: the app's FAILED_PRECONDITION carries the refund asked for in
+    // grpc-status-details-bin, which comes back as `details` in JSON.
+    let (code, err, _) = e.curl(
+        "--http2",
+        &refund,
+        &json_body(r#"{"amount_cents": 5, "reason": "again"}"#),
+    );
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(err["code"], json!(9), "{err}");
+    assert_eq!(
+        err["details"],
+        json!([{"@type": "type.googleapis.com/payment.v1.Refund", "amountCents": "5", "reason": "again"}]),
+        "{err}"
+    );
     let (code, err, _) = e.curl("--http2", "/v1/payments/nope:refund", &json_body("{}"));
     assert_eq!(
         (code, err),

@@ -18,7 +18,7 @@ use crate::pb::family::GetFamilyRequest;
 use crate::pb::payment::payment_service_server::{PaymentService, PaymentServiceServer};
 use crate::pb::payment::{
     CreatePaymentRequest, GetPaymentRequest, ListPaymentsRequest, ListPricingZonesRequest,
-    ListPricingZonesResponse, Payment, PaymentStatus, RefundPaymentRequest,
+    ListPricingZonesResponse, Payment, PaymentStatus, Refund, RefundPaymentRequest,
 };
 use rand::RngCore;
 use std::collections::HashMap;
@@ -102,6 +102,35 @@ fn amount(r: &CreatePaymentRequest) -> Result<i64, tonic::Status> {
             "amount_cents must be positive",
         )),
     }
+}
+
+/// `google.rpc.Status`, the rich error model: what `grpc-status-details-bin` carries.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// FAILED_PRECONDITION for a refund over what is left, with the refund asked for in the
+/// status details (as apps using the rich error model do), so JSON clients see it too.
+fn refused_refund(message: String, refund: &Refund) -> tonic::Status {
+    let details = RpcStatus {
+        code: tonic::Code::FailedPrecondition as i32,
+        message: message.clone(),
+        details: vec![prost_types::Any {
+            type_url: "type.googleapis.com/payment.v1.Refund".into(),
+            value: prost::Message::encode_to_vec(refund),
+        }],
+    };
+    tonic::Status::with_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        prost::Message::encode_to_vec(&details).into(),
+    )
 }
 
 /// Now, as a protobuf Timestamp.
@@ -218,13 +247,15 @@ impl PaymentService for PaymentApp {
             )));
         };
         let left = p.amount_cents - p.refunded_cents;
-        let asked = r.refund.map_or(0, |r| r.amount_cents);
-        let amount = if asked == 0 { left } else { asked };
+        let refund = r.refund.unwrap_or_default();
+        let amount = if refund.amount_cents == 0 {
+            left
+        } else {
+            refund.amount_cents
+        };
         if amount < 0 || amount > left {
-            return Err(tonic::Status::failed_precondition(format!(
-                "{} has {left} left to refund, not {amount}",
-                r.payment_id
-            )));
+            let message = format!("{} has {left} left to refund, not {amount}", r.payment_id);
+            return Err(refused_refund(message, &refund));
         }
         p.refunded_cents += amount;
         if p.refunded_cents == p.amount_cents {
