@@ -2,5 +2,8 @@
 
 mod inject;
 mod iptables;
-pub use inject::{inject_file, InjectArgs};
+pub use inject::{
+    inject_file, mutate_pod, skip_reason, InjectArgs, PodOutcome, PodShapeError, SidecarOptions,
+    Skip,
+};
 pub use iptables::{iptables_main, IptablesCommand};
