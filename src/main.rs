@@ -51,6 +51,9 @@ enum Command {
     DemoApp(meshd::demo::DemoAppArgs),
     /// Print a Kubernetes manifest with meshd added to every pod template.
     Inject(meshd::k8s::InjectArgs),
+    /// The mutating admission webhook that injects pods at creation (HTTPS, POST /inject);
+    /// `meshd injector certs` makes its CA and serving certificate.
+    Injector(meshd::k8s::InjectorArgs),
     /// Ask the local admin server for /ready or /live: exit 0 on 200 (the injected
     /// sidecar's exec probes).
     Probe {
@@ -187,6 +190,18 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("meshd inject: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Injector(args) => match meshd::k8s::injector_main(args) {
+            Ok(text) => {
+                if !text.is_empty() {
+                    println!("{text}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshd injector: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -3,7 +3,8 @@
 //!
 //! Flow: the file is read as a stream of YAML documents; each workload (Pod, Deployment,
 //! StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, and the items of a List) gets, in its
-//! pod spec, [`pod_additions`]: a plain function of the pod's metadata and the options,
+//! pod spec, [`mutate_pod`] (which `meshd injector` runs too): [`skip_reason`] decides, and
+//! [`pod_additions`], a plain function of the pod's metadata and the options,
 //! with no I/O. Everything else (Services, ConfigMaps, ...) passes through unchanged, as
 //! do pods that opt out (`meshd.io/inject: "false"`), pods on the node's network
 //! (`hostNetwork: true`: their iptables are the node's) and pods that already have a
@@ -61,6 +62,14 @@ pub struct InjectArgs {
     /// The manifest (one or more YAML documents); `-` reads standard input.
     #[arg(short = 'f', long = "filename")]
     pub file: PathBuf,
+    /// What the sidecar is made of.
+    #[command(flatten)]
+    pub sidecar: SidecarOptions,
+}
+
+/// What a pod's sidecar is made of: the options `meshd inject` and `meshd injector` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarOptions {
     /// The meshd image of the sidecar and its init container.
     #[arg(long, default_value = concat!("ghcr.io/meshd/meshd:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
@@ -73,6 +82,51 @@ pub struct InjectArgs {
     /// CSI driver (`csi.spiffe.io`).
     #[arg(long)]
     pub spire_host_path: Option<String>,
+}
+
+/// Why a pod is left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The pod says `meshd.io/inject: "false"`.
+    OptedOut,
+    /// The pod is on the node's network: its iptables are the node's.
+    HostNetwork,
+    /// The pod already has a `meshd` container: injecting twice is injecting once.
+    AlreadyInjected,
+}
+
+impl Skip {
+    /// The reason as a word, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::OptedOut => "opted out (meshd.io/inject: \"false\")",
+            Skip::HostNetwork => "hostNetwork pod",
+            Skip::AlreadyInjected => "already has the meshd sidecar",
+        }
+    }
+}
+
+/// What [`mutate_pod`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodOutcome {
+    /// The pod got the init step, the sidecar and the volumes.
+    Injected,
+    /// The pod is left as it is, and why.
+    Skipped(Skip),
+}
+
+/// Why a pod could not be mutated: its spec is not where or what Kubernetes puts there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodShapeError {
+    /// No `spec` mapping under the pod (template).
+    #[error("the pod template has no spec mapping")]
+    NoSpec,
+    /// No `containers` list in the spec.
+    #[error("the pod spec has no containers list")]
+    NoContainers,
+    /// `initContainers` or `volumes` is there but not a list.
+    #[error("spec.{0} is not a list")]
+    NotAList(&'static str),
 }
 
 /// Reads the manifest, injects every pod template, and returns the documents as YAML.
@@ -112,7 +166,7 @@ pub fn inject_text(text: &str, path: &Path, args: &InjectArgs) -> Result<String,
     Ok(out.join("---\n"))
 }
 
-fn text_at<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a str> {
+pub(super) fn text_at<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a str> {
     keys.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
@@ -154,37 +208,58 @@ fn inject_document(
             .get_mut(key)
             .ok_or_else(|| shape(format!("no {} here", template_path.join("."))))?;
     }
-    let meta = pod.get("metadata").cloned().unwrap_or(Value::Null);
-    let spec = pod
-        .get_mut("spec")
-        .and_then(Value::as_mapping_mut)
-        .ok_or_else(|| shape("the pod template has no spec mapping".into()))?;
-    let containers = spec
-        .get("containers")
-        .and_then(Value::as_sequence)
-        .ok_or_else(|| shape("the pod spec has no containers list".into()))?;
+    mutate_pod(pod, &name, &args.sidecar).map_err(|e| shape(e.to_string()))?;
+    Ok(())
+}
+
+/// Why the pod with this metadata and spec is left alone, or `None` to inject it: the one
+/// decision of `meshd inject` and `meshd injector`.
+pub fn skip_reason(meta: &Value, spec: &Mapping, containers: &[Value]) -> Option<Skip> {
     let inits = spec.get("initContainers").and_then(Value::as_sequence);
+    if text_at(meta, &["annotations", "meshd.io/inject"]) == Some("false") {
+        return Some(Skip::OptedOut);
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Some(Skip::HostNetwork);
+    }
     let injected = containers
         .iter()
         .chain(inits.into_iter().flatten())
         .any(|c| text_at(c, &["name"]) == Some("meshd"));
-    // A pod on the node's network would have the node's iptables rewritten.
-    let host_network = spec.get("hostNetwork").and_then(Value::as_bool) == Some(true);
-    if injected || host_network {
-        return Ok(());
+    injected.then_some(Skip::AlreadyInjected)
+}
+
+/// The mutation: gives the pod (a Pod, or a workload's pod template: a mapping with
+/// `metadata` and `spec`) of workload `workload` the additions of [`pod_additions`], unless
+/// [`skip_reason`] says to leave it alone.
+pub fn mutate_pod(
+    pod: &mut Value,
+    workload: &str,
+    options: &SidecarOptions,
+) -> Result<PodOutcome, PodShapeError> {
+    let meta = pod.get("metadata").cloned().unwrap_or(Value::Null);
+    let spec = pod
+        .get_mut("spec")
+        .and_then(Value::as_mapping_mut)
+        .ok_or(PodShapeError::NoSpec)?;
+    let containers = spec
+        .get("containers")
+        .and_then(Value::as_sequence)
+        .ok_or(PodShapeError::NoContainers)?;
+    if let Some(skip) = skip_reason(&meta, spec, containers) {
+        return Ok(PodOutcome::Skipped(skip));
     }
-    let Some(add) = pod_additions(&meta, &name, args) else {
-        return Ok(()); // opted out
+    let Some(add) = pod_additions(&meta, workload, options) else {
+        return Ok(PodOutcome::Skipped(Skip::OptedOut));
     };
     // In front of the pod's own init containers, so that they too run with the sidecar.
-    let not_a_list = |key: &str| shape(format!("spec.{key} is not a list"));
     list_at(spec, "initContainers")
-        .ok_or_else(|| not_a_list("initContainers"))?
+        .ok_or(PodShapeError::NotAList("initContainers"))?
         .splice(0..0, add.init_containers);
     list_at(spec, "volumes")
-        .ok_or_else(|| not_a_list("volumes"))?
+        .ok_or(PodShapeError::NotAList("volumes"))?
         .extend(add.volumes);
-    Ok(())
+    Ok(PodOutcome::Injected)
 }
 
 /// The list at `key`, created empty when absent; `None` when something else is there.
@@ -203,7 +278,7 @@ pub struct PodAdditions {
 
 /// The additions for a pod with this metadata (annotations and labels), in a workload
 /// called `workload`; `None` when the pod opts out with `meshd.io/inject: "false"`.
-pub fn pod_additions(meta: &Value, workload: &str, args: &InjectArgs) -> Option<PodAdditions> {
+pub fn pod_additions(meta: &Value, workload: &str, args: &SidecarOptions) -> Option<PodAdditions> {
     let annotation = |k: &str| text_at(meta, &["annotations", k]);
     if annotation("meshd.io/inject") == Some("false") {
         return None;

@@ -5,9 +5,11 @@ use super::*;
 fn args() -> InjectArgs {
     InjectArgs {
         file: PathBuf::from("m.yaml"),
-        image: "meshd:test".into(),
-        config_map: None,
-        spire_host_path: None,
+        sidecar: SidecarOptions {
+            image: "meshd:test".into(),
+            config_map: None,
+            spire_host_path: None,
+        },
     }
 }
 
@@ -162,8 +164,11 @@ fn injecting_twice_is_injecting_once() {
 #[test]
 fn options_and_annotations_shape_the_pod_but_never_its_structure() {
     let a = InjectArgs {
-        config_map: Some("shared-meshd".into()),
-        spire_host_path: Some("/run/spire/sockets".into()),
+        sidecar: SidecarOptions {
+            config_map: Some("shared-meshd".into()),
+            spire_host_path: Some("/run/spire/sockets".into()),
+            ..args().sidecar
+        },
         ..args()
     };
     let text = "kind: Pod\nmetadata:\n  annotations:\n    meshd.io/interception: \"false\"\nspec: {containers: [{name: app}]}";
@@ -221,7 +226,7 @@ fn bad_input_names_the_file_the_document_and_the_problem() {
 #[test]
 fn every_template_parses() {
     let meta: Value = serde_yaml_ng::from_str("annotations: {}").unwrap();
-    let add = pod_additions(&meta, "w", &args()).unwrap();
+    let add = pod_additions(&meta, "w", &args().sidecar).unwrap();
     for v in add.init_containers.iter().chain(&add.volumes) {
         assert!(v.is_mapping(), "{v:?}");
     }
