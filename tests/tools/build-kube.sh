@@ -113,7 +113,15 @@ fi
 say "$(echo "$staging" | wc -w) staging modules replaced by $staging_version; go mod tidy ($(elapsed))"
 go mod tidy >&2 || die "go mod tidy (kube-apiserver)"
 say "go build kube-apiserver ($(elapsed))"
-go build -trimpath -ldflags="$ldflags" -o "$work/bin/kube-apiserver" . >&2 || die "go build kube-apiserver"
+# The version the release reports (/version, --version), as upstream's hack/lib/version.sh
+# stamps it; unstamped, it would say v0.0.0-master.
+minor=${kube_version#v1.}
+minor=${minor%%.*}
+stamp=
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  stamp+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+done
+go build -trimpath -ldflags="$ldflags$stamp" -o "$work/bin/kube-apiserver" . >&2 || die "go build kube-apiserver"
 "$work/bin/kube-apiserver" --version >&2 || die "the built kube-apiserver does not run"
 
 # Into the cache in one rename (a half-built folder never looks done).
