@@ -8,9 +8,10 @@
 #
 # Installs only what is missing, so a second run goes straight to cargo:
 #   - SPIRE v1.13.3 (spire/install.sh, built with Go into the cache)
+#   - etcd and kube-apiserver v1.34.2 (tests/tools/build-kube.sh, the same way)
 #   - Debian packages for missing commands (apt-get update once, then apt-get install -y)
 #   - grpcurl and ghz (go install into $MESHD_CACHE/bin), upstream promtool (built there too)
-# Exports PATH (cache bin folders first) and MESHD_SPIRE_BIN for the tests.
+# Exports PATH (cache bin folders first), MESHD_SPIRE_BIN and MESHD_KUBE_BIN for the tests.
 #   MESHD_CACHE   cache root (default: ~/.cache/meshd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +64,11 @@ need_deb iptables iptables
 # 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
 MESHD_SPIRE_BIN=$(spire/install.sh)
 export MESHD_SPIRE_BIN
+
+# 2b. etcd and kube-apiserver v1.34.2 for tests/k8s_apiserver.rs (built once into the cache
+# from the Go module proxy; 15-25 minutes the first time; prints its bin folder).
+MESHD_KUBE_BIN=$(tests/tools/build-kube.sh)
+export MESHD_KUBE_BIN
 
 # 3. Go tools, pinned.
 gobin=$MESHD_CACHE/bin
