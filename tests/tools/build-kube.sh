@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Builds etcd and kube-apiserver (Kubernetes v1.34.2, the etcd it pins) from the Go module
-# proxy into a cache folder outside the repository, once. Prints the folder that holds them.
-# tests/k8s_apiserver.rs starts both on loopback; no cluster, container runtime or kubelet.
+# Builds etcd, kube-apiserver and kube-controller-manager (Kubernetes v1.34.2, the etcd it
+# pins) from the Go module proxy into a cache folder outside the repository, once. Prints the
+# folder that holds them. tests/common/kube.rs starts them on loopback; no cluster, container
+# runtime, scheduler or kubelet.
 #
-#   tests/tools/build-kube.sh          build when missing; prints the bin folder
+#   tests/tools/build-kube.sh          build what is missing; prints the bin folder
 #   MESHD_CACHE   cache root (default: ~/.cache/meshd)
 #
-# `go install pkg@version` refuses both (their go.mod files have replace directives), so each
+# `go install pkg@version` refuses them (their go.mod files have replace directives), so each
 # is built from a scratch wrapper module:
 #   - etcd: a main calling go.etcd.io/etcd/server/v3/etcdmain.Main(os.Args);
-#   - kube-apiserver: a main calling app.NewAPIServerCommand() from
-#     k8s.io/kubernetes/cmd/kube-apiserver/app, with each k8s.io/* staging module (the
-#     `=> ./staging/...` lines of k8s.io/kubernetes's go.mod) replaced by its published v0.34.2.
-# Both build in a temporary folder; the bin folder appears whole (one rename) or not at all.
-# The first build takes 15-25 minutes on 2 busy cores (kube-apiserver is ~150 MB of Go).
+#   - kube-apiserver and kube-controller-manager: one module with a main for each, calling
+#     app.NewAPIServerCommand() from k8s.io/kubernetes/cmd/kube-apiserver/app and
+#     app.NewControllerManagerCommand() from k8s.io/kubernetes/cmd/kube-controller-manager/app,
+#     with each k8s.io/* staging module (the `=> ./staging/...` lines of k8s.io/kubernetes's
+#     go.mod) replaced by its published v0.34.2.
+# Only the missing binaries are built (a cache from before the controller manager builds just
+# that one), in a temporary folder; each appears in the bin folder whole (one rename) or not
+# at all. The first build takes 20-30 minutes on 2 busy cores (kube-apiserver is ~150 MB of
+# Go); the controller manager alone, with the Go build cache warm, a few minutes.
 set -euo pipefail
 kube_version=v1.34.2
 staging_version=v0.34.2
@@ -27,12 +32,17 @@ die() {
   exit 1
 }
 
-if [ -x "$bin/etcd" ] && [ -x "$bin/kube-apiserver" ]; then
+k8s_cmds=(kube-apiserver kube-controller-manager)
+missing_k8s=()
+for c in "${k8s_cmds[@]}"; do [ -x "$bin/$c" ] || missing_k8s+=("$c"); done
+need_etcd=0
+[ -x "$bin/etcd" ] || need_etcd=1
+if [ "$need_etcd" = 0 ] && [ "${#missing_k8s[@]}" = 0 ]; then
   echo "$bin"
   exit 0
 fi
 
-command -v go >/dev/null || die "go is required to build etcd and kube-apiserver (https://go.dev/dl)"
+command -v go >/dev/null || die "go is required to build etcd, kube-apiserver and kube-controller-manager (https://go.dev/dl)"
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/.kube-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -55,12 +65,15 @@ if [ "$(printf '%s\n%s\n' "$need_go" "$have_go" | sort -V | head -1)" != "$need_
 fi
 say "go $have_go (modules need >= $need_go)"
 
+mkdir -p "$work/bin"
+
 # etcd.
-say "[1/2] building etcd $etcd_version ($(elapsed))"
-mkdir -p "$work/etcd" "$work/bin"
-cd "$work/etcd"
-go mod init meshd.local/etcd-build >/dev/null 2>&1
-cat >main.go <<'EOF'
+if [ "$need_etcd" = 1 ]; then
+  say "building etcd $etcd_version ($(elapsed))"
+  mkdir -p "$work/etcd"
+  cd "$work/etcd"
+  go mod init meshd.local/etcd-build >/dev/null 2>&1
+  cat >main.go <<'EOF'
 // etcd, built from the module proxy for meshd's API server tests.
 package main
 
@@ -72,22 +85,30 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 EOF
-go get "go.etcd.io/etcd/server/v3@$etcd_version" >&2 || die "go get etcd $etcd_version"
-go mod tidy >&2 || die "go mod tidy (etcd)"
-go build -trimpath -ldflags="$ldflags" -o "$work/bin/etcd" . >&2 || die "go build etcd"
-"$work/bin/etcd" --version >&2 || die "the built etcd does not run"
+  go get "go.etcd.io/etcd/server/v3@$etcd_version" >&2 || die "go get etcd $etcd_version"
+  go mod tidy >&2 || die "go mod tidy (etcd)"
+  go build -trimpath -ldflags="$ldflags" -o "$work/bin/etcd" . >&2 || die "go build etcd"
+  "$work/bin/etcd" --version >&2 || die "the built etcd does not run"
+fi
 
-# kube-apiserver.
-say "[2/2] building kube-apiserver $kube_version ($(elapsed); the long one, 15-25 min on 2 cores)"
-mkdir -p "$work/apiserver"
-cd "$work/apiserver"
-go mod init meshd.local/kube-apiserver-build >/dev/null 2>&1
-go mod edit -go="$need_go"
-cat >main.go <<'EOF'
-// kube-apiserver, built from the module proxy for meshd's API server tests.
+# kube-apiserver and kube-controller-manager: one wrapper module, a main for each missing one,
+# as upstream's cmd/<name>/<name>.go.
+if [ "${#missing_k8s[@]}" != 0 ]; then
+  say "building ${missing_k8s[*]} $kube_version ($(elapsed); kube-apiserver is the long one, 15-25 min on 2 cores)"
+  mkdir -p "$work/k8s"
+  cd "$work/k8s"
+  go mod init meshd.local/kube-build >/dev/null 2>&1
+  go mod edit -go="$need_go"
+  for c in "${missing_k8s[@]}"; do
+    case $c in
+    kube-apiserver) constructor=NewAPIServerCommand ;;
+    kube-controller-manager) constructor=NewControllerManagerCommand ;;
+    esac
+    mkdir -p "cmd/$c"
+    cat >"cmd/$c/main.go" <<EOF
+// $c, built from the module proxy for meshd's Kubernetes tests.
 package main
 
-// As upstream's cmd/kube-apiserver/apiserver.go.
 import (
 	"os"
 	_ "time/tzdata" // for CronJob time zone support
@@ -96,37 +117,41 @@ import (
 	_ "k8s.io/component-base/logs/json/register"
 	_ "k8s.io/component-base/metrics/prometheus/clientgo"
 	_ "k8s.io/component-base/metrics/prometheus/version"
-	"k8s.io/kubernetes/cmd/kube-apiserver/app"
+	"k8s.io/kubernetes/cmd/$c/app"
 )
 
-func main() { os.Exit(cli.Run(app.NewAPIServerCommand())) }
+func main() { os.Exit(cli.Run(app.$constructor())) }
 EOF
-staging=$(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$gomod")
-[ -n "$staging" ] || die "found no staging modules in $gomod"
-edits=(-require="k8s.io/kubernetes@$kube_version")
-for m in $staging; do edits+=(-replace="$m=$m@$staging_version"); done
-go mod edit "${edits[@]}"
-# The upstream module's GODEBUG defaults, so the server behaves as the release does.
-if grep -q '^godebug default=' "$gomod"; then
-  go mod edit -godebug="$(awk '$1 == "godebug" { print $2; exit }' "$gomod")"
+  done
+  staging=$(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$gomod")
+  [ -n "$staging" ] || die "found no staging modules in $gomod"
+  edits=(-require="k8s.io/kubernetes@$kube_version")
+  for m in $staging; do edits+=(-replace="$m=$m@$staging_version"); done
+  go mod edit "${edits[@]}"
+  # The upstream module's GODEBUG defaults, so the servers behave as the release does.
+  if grep -q '^godebug default=' "$gomod"; then
+    go mod edit -godebug="$(awk '$1 == "godebug" { print $2; exit }' "$gomod")"
+  fi
+  say "$(echo "$staging" | wc -w) staging modules replaced by $staging_version; go mod tidy ($(elapsed))"
+  go mod tidy >&2 || die "go mod tidy (${missing_k8s[*]})"
+  # The version the release reports (/version, --version), as upstream's hack/lib/version.sh
+  # stamps it; unstamped, it would say v0.0.0-master.
+  minor=${kube_version#v1.}
+  minor=${minor%%.*}
+  stamp=
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    stamp+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  for c in "${missing_k8s[@]}"; do
+    say "go build $c ($(elapsed))"
+    go build -trimpath -ldflags="$ldflags$stamp" -o "$work/bin/$c" "./cmd/$c" >&2 || die "go build $c"
+    "$work/bin/$c" --version >&2 || die "the built $c does not run"
+  done
 fi
-say "$(echo "$staging" | wc -w) staging modules replaced by $staging_version; go mod tidy ($(elapsed))"
-go mod tidy >&2 || die "go mod tidy (kube-apiserver)"
-say "go build kube-apiserver ($(elapsed))"
-# The version the release reports (/version, --version), as upstream's hack/lib/version.sh
-# stamps it; unstamped, it would say v0.0.0-master.
-minor=${kube_version#v1.}
-minor=${minor%%.*}
-stamp=
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  stamp+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
-done
-go build -trimpath -ldflags="$ldflags$stamp" -o "$work/bin/kube-apiserver" . >&2 || die "go build kube-apiserver"
-"$work/bin/kube-apiserver" --version >&2 || die "the built kube-apiserver does not run"
 
-# Into the cache in one rename (a half-built folder never looks done).
-rm -rf "$bin"
-mkdir -p "$dest"
-mv "$work/bin" "$bin"
+# Into the cache, each binary in one rename (a half-built one never looks done); what was
+# there already stays.
+mkdir -p "$bin"
+for f in "$work/bin"/*; do mv -f "$f" "$bin/"; done
 say "done in $(elapsed): $bin"
 echo "$bin"
