@@ -3,7 +3,10 @@
 //! in a temporary folder, with a self-signed serving certificate (openssl), a static token
 //! for an admin in `system:masters`, service account keys, RBAC and the admission plugins a
 //! cluster has (MutatingAdmissionWebhook among them). `KubeApi::start` waits for `/readyz`;
-//! `api` calls the REST API with curl and the token. Both processes stop (by PID) on drop.
+//! `api` calls the REST API with curl and the token. Opt-in, `start_controller_manager` adds
+//! kube-controller-manager (the deployment, replicaset and garbage collector controllers, as
+//! the admin) so Deployments get ReplicaSets and Pod objects; no scheduler or kubelet, so the
+//! pods are never scheduled. Every process stops (by PID) on drop.
 #![allow(dead_code)]
 
 use super::meshd::{free_port, http, wait_until, Proc};
@@ -17,7 +20,7 @@ use std::time::Duration;
 /// The Kubernetes release the script builds (and its cache folder's name).
 pub const KUBE_VERSION: &str = "v1.34.2";
 
-/// The folder with `etcd` and `kube-apiserver`: `$MESHD_KUBE_BIN`, else
+/// The folder with `etcd`, `kube-apiserver` (and `kube-controller-manager`): `$MESHD_KUBE_BIN`, else
 /// `$MESHD_CACHE/kube-v1.34.2/bin` (cache default `~/.cache/meshd`). Panics, naming the
 /// script that builds them, when either is missing: these tests never skip.
 pub fn kube_bin() -> PathBuf {
@@ -43,9 +46,12 @@ pub fn kube_bin() -> PathBuf {
     dir
 }
 
-/// etcd and kube-apiserver on loopback, and how to call the latter.
+/// etcd and kube-apiserver on loopback (and kube-controller-manager when asked), and how to
+/// call the API server.
 pub struct KubeApi {
-    /// Declared first so it stops before its etcd.
+    /// `start_controller_manager`'s; declared first so it stops before its API server.
+    pub controller_manager: Option<Proc>,
+    /// Declared before etcd so it stops first.
     pub apiserver: Proc,
     pub etcd: Proc,
     /// `https://127.0.0.1:PORT`.
@@ -163,6 +169,7 @@ impl KubeApi {
         ]);
         let apiserver = Proc::spawn("kube-apiserver", cmd, None);
         let mut api = KubeApi {
+            controller_manager: None,
             apiserver,
             etcd,
             url: format!("https://127.0.0.1:{port}"),
@@ -185,6 +192,69 @@ impl KubeApi {
             );
         }
         api
+    }
+
+    /// Starts kube-controller-manager against this API server, as the admin (a kubeconfig
+    /// with the token and the CA), with only the controllers that turn a Deployment into Pod
+    /// objects and clean up after a delete (deployment, replicaset, garbagecollector), and
+    /// waits until its `/healthz` answers 200. Stopped on drop, before the API server.
+    pub fn start_controller_manager(&mut self) {
+        let d = self.dir.path();
+        let kubeconfig = d.join("controller-manager.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    \
+                 server: {}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    \
+                 token: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    \
+                 user: admin\ncurrent-context: test\n",
+                self.url,
+                self.ca.display(),
+                self.token
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let kc = kubeconfig.display().to_string();
+        let bin = kube_bin().join("kube-controller-manager");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run tests/tools/build-kube.sh (it builds what is missing; tests/run.sh \
+             runs it)",
+            bin.display()
+        );
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--controllers=deployment,replicaset,garbagecollector".to_string(),
+            "--use-service-account-credentials=false".to_string(),
+            "--leader-elect=false".to_string(),
+            "--bind-address=127.0.0.1".to_string(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", d.join("controller-manager").display()),
+            "--profiling=false".to_string(),
+        ]);
+        let mut proc = Proc::spawn("kube-controller-manager", cmd, None);
+        let healthy = wait_until(Duration::from_secs(120), || {
+            Command::new("curl")
+                .args(["-sfk", "--max-time", "5"])
+                .arg(format!("https://127.0.0.1:{port}/healthz"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if !healthy {
+            let exited = proc.child.try_wait().ok().flatten();
+            let log = proc.dump();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "kube-controller-manager not healthy in 120 s (exit: {exited:?}):\n{}",
+                tail.join("\n")
+            );
+        }
+        self.controller_manager = Some(proc);
     }
 
     /// One REST call as the admin: the status (0 when curl could not connect) and the body
