@@ -8,7 +8,8 @@
 #
 # Installs only what is missing, so a second run goes straight to cargo:
 #   - SPIRE v1.13.3 (spire/install.sh, built with Go into the cache)
-#   - etcd and kube-apiserver v1.34.2 (tests/tools/build-kube.sh, the same way)
+#   - etcd, kube-apiserver and kube-controller-manager v1.34.2 (tests/tools/build-kube.sh,
+#     the same way)
 #   - Debian packages for missing commands (apt-get update once, then apt-get install -y)
 #   - grpcurl and ghz (go install into $MESHD_CACHE/bin), upstream promtool (built there too)
 # Exports PATH (cache bin folders first), MESHD_SPIRE_BIN and MESHD_KUBE_BIN for the tests.
@@ -65,8 +66,9 @@ need_deb iptables iptables
 MESHD_SPIRE_BIN=$(spire/install.sh)
 export MESHD_SPIRE_BIN
 
-# 2b. etcd and kube-apiserver v1.34.2 for tests/k8s_apiserver.rs (built once into the cache
-# from the Go module proxy; 15-25 minutes the first time; prints its bin folder).
+# 2b. etcd, kube-apiserver and kube-controller-manager v1.34.2 for tests/k8s_*.rs (built once
+# into the cache from the Go module proxy, only what is missing; 20-30 minutes the first time;
+# prints its bin folder).
 MESHD_KUBE_BIN=$(tests/tools/build-kube.sh)
 export MESHD_KUBE_BIN
 
