@@ -21,7 +21,7 @@
 //! - `gateway/`: the edge (HTTPS, JWT, API keys, rate limits).
 //! - `admin/`: the admin HTTP server and `meshd probe`.
 //! - `app`: the composition root of `meshd run`.
-//! - Beside the sidecar: `k8s/` (`meshd inject`, `meshd iptables`), `dev_ca/` (the development
+//! - Beside the sidecar: `k8s/` (`meshd inject`, `meshd injector`, `meshd iptables`), `dev_ca/` (the development
 //!   CA), `demo/` (`meshd demo` and the demo apps).
 #![forbid(unsafe_code)]
 
