@@ -267,3 +267,75 @@ fn identity_from_files_follows_rewrites_and_keeps_the_last_good() {
         s.proc.dump()
     );
 }
+
+// Story: a foreign Workload API client, SPIRE's own `spire-agent api fetch x509`, reads the
+// development CA's socket: it names the SPIFFE ID, writes the SVID, its key and the bundle,
+// the SVID's URI SAN is the identity, the key is the certificate's, and the bundle verifies
+// the SVID (openssl verify).
+#[test]
+fn spire_agent_api_fetch_x509_reads_the_dev_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::start(dir.path(), &["payment-service"], "1h", &[]);
+    let out_dir = dir.path().join("fetched");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let socket = ca.socket("payment-service");
+    let socket = socket.trim_start_matches("unix://");
+    let agent = common::spire::installed_bin("spire-agent");
+    let out = std::process::Command::new(&agent)
+        .args([
+            "api",
+            "fetch",
+            "x509",
+            "-timeout",
+            "10s",
+            "-socketPath",
+            socket,
+            "-write",
+        ])
+        .arg(&out_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", agent.display()));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "spire-agent api fetch x509: {text}");
+    assert!(
+        text.contains("SPIFFE ID:") && text.contains("spiffe://jia.app/payment-service"),
+        "{text}"
+    );
+    for file in ["svid.0.pem", "svid.0.key", "bundle.0.pem"] {
+        let len = std::fs::metadata(out_dir.join(file)).map_or(0, |m| m.len());
+        assert!(len > 0, "{file} not written (or empty): {text}");
+    }
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&out_dir)
+            .output()
+            .expect("openssl is needed (Debian package openssl; tests/run.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, san) = openssl(&[
+        "x509",
+        "-in",
+        "svid.0.pem",
+        "-noout",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(ok, "{san}");
+    let uris: Vec<&str> = san
+        .split([',', '\n'])
+        .filter_map(|s| s.trim().strip_prefix("URI:"))
+        .collect();
+    assert_eq!(uris, ["spiffe://jia.app/payment-service"], "{san}");
+    let (ok, verify) = openssl(&["verify", "-CAfile", "bundle.0.pem", "svid.0.pem"]);
+    assert!(ok && verify.contains("svid.0.pem: OK"), "{verify}");
+    let (ok, from_key) = openssl(&["pkey", "-in", "svid.0.key", "-pubout"]);
+    assert!(ok, "{from_key}");
+    let (ok, from_cert) = openssl(&["x509", "-in", "svid.0.pem", "-noout", "-pubkey"]);
+    assert!(ok, "{from_cert}");
+    assert_eq!(from_key, from_cert, "the key written is the SVID's");
+}

@@ -290,6 +290,13 @@ impl Drop for Spire {
     }
 }
 
+/// `spire-server` or `spire-agent` from `MESHD_SPIRE_BIN`, for tests that run a SPIRE command
+/// without starting SPIRE (e.g. `spire-agent api fetch` against another Workload API).
+pub fn installed_bin(name: &str) -> PathBuf {
+    check_binaries();
+    PathBuf::from(std::env::var_os("MESHD_SPIRE_BIN").unwrap_or_default()).join(name)
+}
+
 /// Fails the test, naming the fix, when `MESHD_SPIRE_BIN` or the binaries are missing.
 fn check_binaries() {
     let Some(dir) = std::env::var_os("MESHD_SPIRE_BIN") else {
