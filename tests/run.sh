@@ -60,6 +60,7 @@ need_deb iperf3 iperf3
 need_deb socat socat
 need_deb ip iproute2
 need_deb iptables iptables
+need_deb testssl testssl.sh
 [ "$soak" = 0 ] || need_deb stress-ng stress-ng
 
 # 2. SPIRE (built once into the cache; prints its bin folder; needs go only the first time).
