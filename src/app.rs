@@ -10,8 +10,8 @@
 //! returns on SIGTERM/SIGINT, `POST /shutdown`, or the app's exit, and [`drain`] lets
 //! the connections in flight finish.
 
-use crate::admin::{self, AdminState};
-use crate::config::{Config, GatewayConfig, IdentityConfig, TransparentConfig};
+use crate::admin::{self, AdminScope, AdminState};
+use crate::config::{AdminConfig, Config, GatewayConfig, IdentityConfig, TransparentConfig};
 use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
 use crate::gateway::Gateway;
@@ -97,7 +97,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         log_reload: telemetry.log_reload,
         upstreams: Some(Arc::new(outbounds.upstreams)),
     };
-    let shutdown = start_admin(config.admin.listen, admin, &tasks.background).await?;
+    let shutdown = start_admin(&config.admin, admin, &tasks.background).await?;
 
     let stop = Stop {
         shutdown: shutdown.clone(),
@@ -413,15 +413,38 @@ async fn start_gateway(
 /// The admin server, started once every listener is bound; returns the token that
 /// `POST /shutdown` cancels.
 async fn start_admin(
-    listen: SocketAddr,
+    config: &AdminConfig,
     state: AdminState,
     background: &CancellationToken,
 ) -> anyhow::Result<CancellationToken> {
-    let listener = bind(listen, "admin").await?;
+    let listener = bind(config.listen, "admin").await?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(bind(addr, "admin metrics").await?),
+        None => None,
+    };
     let state = Arc::new(state);
     state.listeners_bound.store(true, Ordering::Release);
     tracing::info!("admin listening on {}", listener.local_addr()?);
-    tokio::spawn(admin::serve(listener, state.clone(), background.clone()));
+    let stop = background.clone();
+    tokio::spawn(admin::serve(
+        listener,
+        state.clone(),
+        AdminScope::Full,
+        stop,
+    ));
+    if let Some(listener) = metrics {
+        tracing::info!(
+            "admin metrics (/metrics /ready /live) listening on {}",
+            listener.local_addr()?
+        );
+        let stop = background.clone();
+        tokio::spawn(admin::serve(
+            listener,
+            state.clone(),
+            AdminScope::MetricsOnly,
+            stop,
+        ));
+    }
     Ok(state.shutdown.clone())
 }
 

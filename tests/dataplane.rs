@@ -528,3 +528,38 @@ async fn timeouts_become_deadline_exceeded() {
     assert!(msg.contains("200 ms"), "{msg}");
     assert!(start.elapsed() < Duration::from_millis(450));
 }
+
+// Story: an operator lets Prometheus scrape a pod without opening the admin API: with
+// `admin.metrics_listen` on the pod network, that port answers /metrics, /ready and /live,
+// and /config and /shutdown only on the loopback admin port.
+#[test]
+fn the_metrics_listener_serves_metrics_and_probes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::start(dir.path(), &["contact-service"], "1h", &[]);
+    let app = DemoApp::start("contact", &[]);
+    let (inbound, admin, metrics) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        "service: contact-service\nidentity:\n  workload_api: {sock}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  forward: {app}\n  policy: {policy}\nadmin:\n  listen: 127.0.0.1:{admin}\n  metrics_listen: 127.0.0.1:{metrics}\n",
+        sock = ca.socket("contact-service"),
+        app = app.addr,
+        policy = repo("deploy/policies/contact-service.yaml").display(),
+    );
+    let contact = Sidecar::start("contact-sidecar", dir.path(), &yaml, admin);
+    contact.wait_ready();
+    let at = ([127, 0, 0, 1], metrics).into();
+    let get = |path| common::meshd::http(at, "GET", path).map(|(c, _)| c);
+    assert_eq!(get("/ready"), Some(200), "{}", contact.proc.dump());
+    assert_eq!(get("/live"), Some(200));
+    let (code, body) = common::meshd::http(at, "GET", "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("meshd_svid_expiry_timestamp_seconds"),
+        "{body}"
+    );
+    for path in ["/config", "/identity", "/policy"] {
+        assert_eq!(get(path), Some(404), "{path}");
+    }
+    let shutdown = common::meshd::http(at, "POST", "/shutdown").map(|(c, _)| c);
+    assert_eq!(shutdown, Some(404));
+    assert_eq!(contact.get("/config").0, 200);
+}

@@ -95,6 +95,12 @@ fn aead_with_forward_secrecy(iana: &str) -> bool {
     (tls13 || ephemeral) && aead
 }
 
+/// The client renegotiation check testssl skips on a port it sees requiring a client
+/// certificate (a WARN about the test, not about the server).
+fn untestable_client_renego(f: &Finding) -> bool {
+    f.finding == "client x509-based authentication prevents this from being tested"
+}
+
 /// Every way the findings of one listener fail the audit, each named.
 fn audit(label: &str, findings: &[Finding]) -> Vec<String> {
     let mut failed = Vec::new();
@@ -112,6 +118,10 @@ fn audit(label: &str, findings: &[Finding]) -> Vec<String> {
     ] {
         match by_id(id) {
             Some(f) if f.finding.starts_with(want) => {}
+            // testssl sometimes (timing) marks the inbound port "certificate-based" and
+            // then does not try a client renegotiation there. rustls never renegotiates,
+            // and the gateway scan, the same rustls, shows it; any other finding fails.
+            Some(f) if id == "secure_client_renego" && untestable_client_renego(f) => {}
             Some(f) => failed.push(format!(
                 "{label}: {id} is `{}` ({}), want `{want}`",
                 f.finding, f.severity
@@ -148,7 +158,10 @@ fn audit(label: &str, findings: &[Finding]) -> Vec<String> {
         }
     }
     // `engine_problem` (WARN) is about the local OpenSSL (no GOST engine), not the server.
-    for f in findings.iter().filter(|f| f.id != "engine_problem") {
+    let noise = |f: &&Finding| {
+        f.id == "engine_problem" || (f.id == "secure_client_renego" && untestable_client_renego(f))
+    };
+    for f in findings.iter().filter(|f| !noise(f)) {
         let bad = ["LOW", "MEDIUM", "HIGH", "CRITICAL", "WARN", "FATAL"];
         if bad.contains(&f.severity.as_str()) {
             failed.push(format!(

@@ -74,8 +74,26 @@ impl AdminState {
     }
 }
 
+/// What a listener of the admin server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminScope {
+    /// Every endpoint (`admin.listen`, loopback by default).
+    Full,
+    /// `/metrics`, `/ready` and `/live` only (`admin.metrics_listen`, for Prometheus and
+    /// kubelet on the pod network); the rest is 404 there.
+    MetricsOnly,
+}
+
+/// The endpoints a metrics-only listener serves.
+const METRICS_ONLY: [&str; 3] = ["/metrics", "/ready", "/live"];
+
 /// Serves admin requests until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    scope: AdminScope,
+    stop: CancellationToken,
+) {
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -85,7 +103,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+                async move { Ok::<_, Infallible>(handle(req, &state, scope).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -149,8 +167,18 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    state: &AdminState,
+    scope: AdminScope,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    if scope == AdminScope::MetricsOnly && !METRICS_ONLY.contains(&path.as_str()) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {path} on the metrics listener (only /metrics, /ready, /live)\n"),
+        );
+    }
     let query = match parse_query(req.uri().query().unwrap_or("")) {
         Some(q) => q,
         None => return text(StatusCode::BAD_REQUEST, "malformed query string\n"),

@@ -102,6 +102,9 @@ pub(crate) fn validate(
     let intercepts = crate::config::intercept::check(config, src, &mut out, &mut listeners);
     crate::config::gateway::check(config, src, &mut out, &mut listeners);
     listeners.push(("admin.listen".into(), config.admin.listen));
+    if let Some(addr) = config.admin.metrics_listen {
+        listeners.push(("admin.metrics_listen".into(), addr));
+    }
     for (j, (field, addr)) in listeners.iter().enumerate() {
         if let Some((other_field, other_addr)) =
             listeners[..j].iter().find(|(_, a)| collide(*a, *addr))

@@ -186,14 +186,20 @@ pub enum BalancerPolicy {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// The whole admin API (`/config`, `/shutdown`, ...): loopback by default.
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// A second listener serving only `/metrics`, `/ready` and `/live`, so Prometheus
+    /// (and kubelet) can reach a pod's metrics while the admin API stays on loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            metrics_listen: None,
         }
     }
 }

@@ -200,7 +200,7 @@ fn syntax_type_and_unknown_key_errors_carry_the_parser_position() {
     // Errors found while deserializing are positioned by serde_yaml_ng and stop there.
     let table: &[(&str, &str)] = &[
         ("service: s\nadmin:\n  listen: 127.0.0.1:15000\n  lisen: 1\n",
-         "m.yaml:4:3: admin: unknown field `lisen`, expected `listen`"),
+         "m.yaml:4:3: admin: unknown field `lisen`, expected `listen` or `metrics_listen`"),
         ("service: s\ninbound:\n  protocol: grpcx\n",
          "m.yaml:3:13: inbound.protocol: unknown variant `grpcx`, expected one of `grpc`, `http`, `tcp`"),
         ("identity: {}\n", "m.yaml:1:1: missing field `service`"),
