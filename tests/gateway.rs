@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::edge::{repo, tool};
+use common::edge::{gateway_payment_sidecar, repo, tool, write_gateway_cert};
 use common::meshd::{free_port, wait_until, DemoApp, DevCa, Sidecar};
 use std::path::Path;
 use std::process::Command;
@@ -51,26 +51,10 @@ impl Edge {
                 nowhere,
             ],
         );
-        let policy = d.join("payment-policy.yaml");
-        std::fs::write(
-            &policy,
-            "service: payment-service\ndefault: deny\nrules:\n  - name: gateway-calls-payments\n    from: [\"spiffe://jia.app/api-gateway\"]\n    to:\n      grpc: [\"payment.v1.PaymentService/*\"]\n",
-        )
-        .unwrap();
-        let (inbound, admin) = (free_port(), free_port());
-        let yaml = format!(
-            "service: payment-service\nidentity:\n  workload_api: {}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  forward: {}\n  protocol: grpc\n  policy: {}\nadmin:\n  listen: 127.0.0.1:{admin}\n",
-            ca.socket("payment-service"),
-            app.addr,
-            policy.display()
-        );
-        let payment = Sidecar::start("payment-sidecar", d, &yaml, admin);
-        payment.wait_ready();
+        let (payment, inbound) = gateway_payment_sidecar(d, &ca, app.addr);
 
         // The gateway's certificate (for "localhost"), the JWKS and the API keys file.
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(d.join("gw.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(d.join("gw-key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        write_gateway_cert(d);
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let point = key.public_key_raw();
         assert_eq!(point.len(), 65, "an uncompressed P-256 point");

@@ -2,7 +2,7 @@
 //! with a time limit, and sidecar configs for one inbound or one outbound listener.
 #![allow(dead_code)]
 
-use super::meshd::{free_port, Sidecar};
+use super::meshd::{free_port, DevCa, Sidecar};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -74,6 +74,38 @@ pub async fn run(tool_name: &str, args: &[&str], limit: Duration) -> Run {
             stdout: Vec::new(),
         },
     }
+}
+
+/// The payment sidecar behind the edge gateway tests' gateway: gRPC inbound to `app`,
+/// whose policy lets only `spiffe://jia.app/api-gateway` call PaymentService; ready.
+/// Returns it and its inbound port.
+pub fn gateway_payment_sidecar(
+    dir: &Path,
+    ca: &DevCa,
+    app: impl std::fmt::Display,
+) -> (Sidecar, u16) {
+    let policy = dir.join("payment-policy.yaml");
+    std::fs::write(
+        &policy,
+        "service: payment-service\ndefault: deny\nrules:\n  - name: gateway-calls-payments\n    from: [\"spiffe://jia.app/api-gateway\"]\n    to:\n      grpc: [\"payment.v1.PaymentService/*\"]\n",
+    )
+    .unwrap();
+    let (inbound, admin) = (free_port(), free_port());
+    let yaml = format!(
+        "service: payment-service\nidentity:\n  workload_api: {}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  forward: {app}\n  protocol: grpc\n  policy: {}\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        ca.socket("payment-service"),
+        policy.display()
+    );
+    let payment = Sidecar::start("payment-sidecar", dir, &yaml, admin);
+    payment.wait_ready();
+    (payment, inbound)
+}
+
+/// The gateway's self-signed certificate for `localhost`: `dir/gw.pem`, `dir/gw-key.pem`.
+pub fn write_gateway_cert(dir: &Path) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("gw.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("gw-key.pem"), cert.signing_key.serialize_pem()).unwrap();
 }
 
 /// A sidecar with only an inbound listener on `inbound`, forwarding to `forward`.
