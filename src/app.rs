@@ -21,6 +21,7 @@ use crate::outbound::Outbound;
 use crate::outbound::{Claim, Transparent};
 use crate::outbound::{UpstreamView, Upstreams};
 use crate::policy::PolicyStore;
+use crate::proxy::ConnectionGate;
 use crate::proxy::Drain;
 use crate::proxy::{Connector, H2Pool};
 use crate::telemetry::{self, AccessLogger, Labels, LogReload};
@@ -58,9 +59,28 @@ pub fn main(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     rt.block_on(run(config, opts))
 }
 
+/// Raises the soft limit on open files to the hard one (as the Go runtime does): each
+/// connection is a descriptor, and `connections.max` (not a default of 1024) should be
+/// what bounds a listener. Says so when the hard limit is below what the config allows.
+fn raise_open_files_limit(config: &Config) {
+    let wanted = [
+        config.inbound.as_ref().map(|i| i.connections.max),
+        config.gateway.as_ref().map(|g| g.connections.max),
+    ];
+    let wanted: u64 = wanted.iter().flatten().map(|&m| m as u64).sum();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            "open files limit is {limit}; connections.max allows {wanted} connections: raise the hard limit (ulimit -Hn) or lower connections.max"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 /// Builds and runs everything; returns after a complete drain.
 pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let telemetry = start_telemetry(&config);
+    raise_open_files_limit(&config);
     let tasks = Tasks::default();
     let identity = start_identity(&config.identity, &tasks.background);
     let tls = start_tls(&config, &identity.status);
@@ -253,10 +273,21 @@ fn set_label_bounds(labels: &Labels, policy: Option<&PolicyStore>) {
     labels.set(policy.map(PolicyStore::label_bounds).unwrap_or_default());
 }
 
+/// A listener on `addr` with an accept queue of 4096 (the kernel caps it at
+/// `net.core.somaxconn`): a burst of new connections (a flood, or every client
+/// reconnecting at once) waits in the queue instead of having its SYNs dropped, which
+/// costs each client a one-second retransmit.
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot bind the {what} listener on {addr}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)
+    };
+    listen().with_context(|| format!("cannot bind the {what} listener on {addr}"))
 }
 
 /// The inbound mTLS listener, if configured; returns its bound port (0 without one).
@@ -280,6 +311,8 @@ async fn start_inbound(
         app: H2Pool::new(Connector::Plain(ib.forward)),
         labels: shared.labels.clone(),
         log: shared.access.clone(),
+        limits: ib.connections,
+        gate: ConnectionGate::new("inbound", Some(ib.connections)),
     });
     tracing::info!(
         "inbound listening on {} -> {}",

@@ -7,13 +7,14 @@
 //! refuse) -> peer SPIFFE ID from the verified leaf -> per request: authorize -> strip
 //! and set XFCC -> forward to the app -> stream the response back, metered.
 
+use crate::config::ConnectionLimits;
 use crate::config::Protocol;
 use crate::identity::SpiffeId;
 use crate::policy::PolicyStore;
 use crate::policy::{Request as AuthzRequest, Target};
 use crate::proxy::H2Body;
 use crate::proxy::H2Pool;
-use crate::proxy::{self, Drain, ProxyBody, ProxyError};
+use crate::proxy::{self, ConnectionGate, Drain, Limit, ProxyBody, ProxyError, Watched};
 use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
 use crate::tls::HandshakeIo;
 use crate::tls::{self, TlsStore};
@@ -21,14 +22,11 @@ use http::{HeaderValue, Request, Response};
 use metrics::SharedString;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 /// An accepted inbound connection after its TLS handshake.
 type InboundTls = tokio_rustls::server::TlsStream<HandshakeIo<TcpStream>>;
-
-/// How long a peer may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inbound listener's shared state.
 pub struct Inbound {
@@ -45,6 +43,10 @@ pub struct Inbound {
     pub app: H2Pool,
     pub labels: Arc<Labels>,
     pub log: Arc<AccessLogger>,
+    /// `inbound.connections`: the timeouts and the cap a misbehaving peer meets.
+    pub limits: ConnectionLimits,
+    /// Counts the listener's connections and the limits they hit.
+    pub gate: Arc<ConnectionGate>,
 }
 
 /// Per-connection facts handed to each request.
@@ -60,14 +62,25 @@ struct Peer {
 }
 
 impl Inbound {
-    /// Accepts connections until drained.
+    /// Accepts connections until drained. A connection is admitted by the gate (or closed
+    /// at once over `connections.max`), then waits in a small task for its first byte;
+    /// only then does the boxed connection future with its TLS state exist.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         while let Some((tcp, remote)) = proxy::accept(&listener, &drain.stop, "inbound").await {
+            let Some(open) = self.gate.admit(remote) else {
+                continue;
+            };
             let this = self.clone();
             let stop = drain.stop.clone();
-            drain
-                .tracker
-                .spawn(async move { this.connection(tcp, remote, stop).await });
+            drain.tracker.spawn(async move {
+                let _open = open;
+                let deadline = Instant::now() + this.limits.handshake_timeout;
+                if !proxy::wait_first_byte(&tcp, deadline, &this.gate, remote).await {
+                    handshake_timed_out();
+                    return;
+                }
+                Box::pin(this.connection(tcp, remote, stop, deadline)).await
+            });
         }
     }
 
@@ -76,6 +89,7 @@ impl Inbound {
         tcp: TcpStream,
         remote: SocketAddr,
         stop: tokio_util::sync::CancellationToken,
+        deadline: Instant,
     ) {
         let Some(config) = self.tls.inbound() else {
             metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_identity").increment(1);
@@ -84,7 +98,7 @@ impl Inbound {
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let handshake = acceptor.accept(HandshakeIo::new(tcp));
-        let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        let mut stream = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
@@ -99,8 +113,8 @@ impl Inbound {
                 return;
             }
             Err(_) => {
-                metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "timeout").increment(1);
-                tracing::info!(%remote, "inbound TLS handshake timed out");
+                handshake_timed_out();
+                self.gate.hit(Limit::HandshakeTimeout, remote);
                 return;
             }
         };
@@ -145,7 +159,11 @@ impl Inbound {
             let peer = peer.clone();
             async move { this.handle(req, &peer).await }
         };
-        proxy::serve_h2(stream, handle, stop).await;
+        let watched = Watched {
+            gate: &self.gate,
+            remote,
+        };
+        proxy::serve_h2(stream, handle, stop, Some(watched)).await;
     }
 
     async fn tcp(&self, stream: InboundTls, peer: Arc<Peer>) {
@@ -239,6 +257,11 @@ impl Inbound {
             ),
         }
     }
+}
+
+/// A TLS handshake (or the wait for its first byte) ran out of `handshake_timeout`.
+fn handshake_timed_out() {
+    metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "timeout").increment(1);
 }
 
 fn log_denial(

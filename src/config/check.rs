@@ -118,6 +118,21 @@ pub(crate) fn validate(
             out.push(src.problem(field, error));
         }
     }
+    let limits = [
+        ("inbound", config.inbound.as_ref().map(|i| &i.connections)),
+        ("gateway", config.gateway.as_ref().map(|g| &g.connections)),
+    ];
+    for (listener, limits) in limits {
+        for key in limits.map(|l| l.zero_keys()).unwrap_or_default() {
+            let field = format!("{listener}.connections.{key}");
+            out.push(src.problem(
+                &field,
+                ConfigError::ZeroTimeout {
+                    field: field.clone(),
+                },
+            ));
+        }
+    }
     if config.runtime.worker_threads == 0 {
         out.push(src.problem("runtime.worker_threads", ConfigError::ZeroWorkers));
     }

@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     /// JSON clients: calls of these gRPC services in JSON become gRPC calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transcoding: Option<TranscodingConfig>,
+    /// Timeouts, keepalive and the connection cap for clients on the internet.
+    #[serde(default)]
+    pub connections: crate::config::ConnectionLimits,
     /// `API_GATEWAY_KEY`: one more API key, given in the environment and held only as its
     /// SHA-256 (never read from the file; `/config` shows `"<redacted>"`).
     #[serde(

@@ -12,6 +12,7 @@
 //! [`check_report`].
 
 mod check;
+mod connections;
 mod endpoints;
 mod env;
 mod error;
@@ -115,6 +116,9 @@ pub struct InboundConfig {
     /// The authorization policy file for this service.
     #[serde(default)]
     pub policy: Option<PathBuf>,
+    /// Timeouts, keepalive and the connection cap for callers that misbehave.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
 }
 
 impl Default for InboundConfig {
@@ -125,6 +129,7 @@ impl Default for InboundConfig {
             forward: default_inbound_forward(),
             protocol: Protocol::default(),
             policy: None,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -360,6 +365,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
 }
 
 pub use crate::config::check::check_report;
+pub use crate::config::connections::ConnectionLimits;
 pub use crate::config::endpoints::{
     parse_host_port, EndpointsError, EndpointsSpec, HostPort, HostPortError,
 };

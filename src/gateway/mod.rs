@@ -28,6 +28,7 @@
 mod auth;
 mod client_cert;
 mod files;
+mod http1;
 mod transcode;
 pub use auth::p256_jwks;
 pub use client_cert::ClientCaError;
@@ -40,19 +41,20 @@ use crate::gateway::client_cert::ClientCertUser;
 use crate::gateway::files::{load_credentials, load_tls, modified};
 use crate::outbound::{self, CallTimeouts, Outbound};
 use crate::proxy::H2Body;
-use crate::proxy::{self, Drain, ProxyBody, ProxyError};
+use crate::proxy::{self, ConnectionGate, Drain, Limit, ProxyBody, ProxyError, Watched};
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{HeaderValue, Request, Response};
 use metrics::SharedString;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 /// Why the gateway could not start, or what `meshd check` finds wrong with its files.
 #[derive(Debug, thiserror::Error)]
@@ -121,77 +123,24 @@ pub struct Gateway {
     log: Arc<AccessLogger>,
     /// JSON clients' calls made gRPC calls; none without `gateway.transcoding`.
     transcoder: Option<transcode::Transcoder>,
+    /// Counts the client connections and the limits (`gateway.connections`) they hit.
+    gate: Arc<ConnectionGate>,
 }
 
-/// Headers of HTTP/1.1 that mean nothing (or are forbidden) in HTTP/2.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-];
-
-/// Serves an HTTP/1.1 client (one that did not offer `h2`): its requests are sent, over
-/// an in-memory pipe, to the same HTTP/2 handling an h2 client gets, so every check and
-/// the outbound see one kind of request. Costs a copy of each body; edge clients only.
-async fn serve_http1<I, H, F>(io: I, handle: H, stop: tokio_util::sync::CancellationToken)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<H2Body>) -> F + Send + 'static,
-    F: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let (near, far) = tokio::io::duplex(64 << 10);
-    tokio::spawn(proxy::serve_h2(far, handle, stop.clone()));
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, hyper::body::Incoming>(TokioIo::new(near))
-        .await;
-    let (sender, conn) = match handshake {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::warn!("gateway: HTTP/1.1 bridge: {e}");
-            return;
-        }
-    };
-    tokio::spawn(conn);
-    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-        let mut sender = sender.clone();
-        async move {
-            // HTTP/2 wants the authority in the URI; HTTP/1.1 sends it as Host.
-            let host = req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost")
-                .to_string();
-            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            if let Ok(uri) = format!("https://{host}{path}").parse() {
-                *req.uri_mut() = uri;
-            }
-            let headers = req.headers_mut();
-            for name in HOP_BY_HOP {
-                headers.remove(name);
-            }
-            if headers
-                .get(http::header::TE)
-                .is_some_and(|v| v != "trailers")
-            {
-                headers.remove(http::header::TE);
-            }
-            sender.send_request(req).await
-        }
-    });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+/// The route's refusal series at 0, so dashboards and alerts see them from start.
+fn start_at_zero(route: &str) {
+    let service = route.to_string();
+    metrics::counter!("gateway_rate_limit_hits_total", "service" => service.clone()).increment(0);
+    let reasons = [
+        "unauthenticated",
+        "rate_limited",
+        "bad_request",
+        "timeout",
+        "upstream",
+    ];
+    for reason in reasons {
+        metrics::counter!("gateway_requests_failed_total", "service" => service.clone(), "reason" => reason)
+            .increment(0);
     }
 }
 
@@ -224,6 +173,7 @@ impl Gateway {
                     upstream: r.upstream.clone(),
                 }
             })?;
+            start_at_zero(&r.name);
             routes.push(Route {
                 name: SharedString::from(r.name.clone()),
                 prefix: r.prefix.clone(),
@@ -243,6 +193,7 @@ impl Gateway {
             config: config.clone(),
             log,
             transcoder,
+            gate: ConnectionGate::new("gateway", Some(config.connections)),
         })
     }
 
@@ -284,47 +235,73 @@ impl Gateway {
         }
     }
 
-    /// Accepts client connections until drained.
+    /// Accepts client connections until drained. A connection is admitted by the gate
+    /// (or closed at once over `connections.max`), then waits in a small task for its
+    /// first byte; only then does the boxed connection future with its TLS state exist.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         tokio::spawn(self.clone().follow_files(drain.stop.clone()));
         while let Some((tcp, from)) = proxy::accept(&listener, &drain.stop, "gateway").await {
+            let Some(open) = self.gate.admit(from) else {
+                continue;
+            };
             let this = self.clone();
             let stop = drain.stop.clone();
             drain.tracker.spawn(async move {
-                let acceptor = tokio_rustls::TlsAcceptor::from(this.tls.load_full());
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!("gateway handshake from {from}: {e}");
-                        handshake_failed(crate::tls::failure_reason(&e));
-                        return;
-                    }
-                    Err(_) => {
-                        handshake_failed("timeout");
-                        return;
-                    }
-                };
-                let ip = from.ip();
-                // A client certificate got through the handshake only if it verified.
-                let cert_user = (tls.get_ref().1.peer_certificates())
-                    .and_then(|chain| chain.first())
-                    .and_then(|leaf| client_cert::user_of(leaf))
-                    .map(|u| ClientCertUser(u.into()));
-                let handle = move |mut req: Request<H2Body>| {
-                    let this = this.clone();
-                    if let Some(u) = &cert_user {
-                        req.extensions_mut().insert(u.clone());
-                    }
-                    async move { this.handle(req, ip).await }
-                };
-                if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-                    proxy::serve_h2(tls, handle, stop).await;
-                } else {
-                    serve_http1(tls, handle, stop).await;
+                let _open = open;
+                let deadline = Instant::now() + this.config.connections.handshake_timeout;
+                if !proxy::wait_first_byte(&tcp, deadline, &this.gate, from).await {
+                    handshake_failed("timeout");
+                    return;
                 }
+                Box::pin(this.connection(tcp, from, stop, deadline)).await
             });
+        }
+    }
+
+    /// One client connection: the TLS handshake by `deadline`, then HTTP/2 or HTTP/1.1.
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        from: SocketAddr,
+        stop: tokio_util::sync::CancellationToken,
+        deadline: Instant,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.load_full());
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!("gateway handshake from {from}: {e}");
+                handshake_failed(crate::tls::failure_reason(&e));
+                return;
+            }
+            Err(_) => {
+                handshake_failed("timeout");
+                self.gate.hit(Limit::HandshakeTimeout, from);
+                return;
+            }
+        };
+        let ip = from.ip();
+        // A client certificate got through the handshake only if it verified.
+        let cert_user = (tls.get_ref().1.peer_certificates())
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| client_cert::user_of(leaf))
+            .map(|u| ClientCertUser(u.into()));
+        let this = self.clone();
+        let handle = move |mut req: Request<H2Body>| {
+            let this = this.clone();
+            if let Some(u) = &cert_user {
+                req.extensions_mut().insert(u.clone());
+            }
+            async move { this.handle(req, ip).await }
+        };
+        let watched = Watched {
+            gate: &self.gate,
+            remote: from,
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            proxy::serve_h2(tls, handle, stop, Some(watched)).await;
+        } else {
+            http1::serve_http1(tls, handle, stop, watched).await;
         }
     }
 

@@ -28,7 +28,7 @@ use crate::config::{OutboundConfig, Protocol};
 use crate::discovery::{DiscoveredEndpoint, EndpointSet, UpstreamDiscovery};
 use crate::identity::{IdentityStatus, SpiffeId};
 use crate::outbound::health_check::{CheckKind, Checked};
-use crate::proxy::{self, Drain};
+use crate::proxy::{self, ConnectionGate, Drain};
 use crate::proxy::{Connector, H2Pool};
 use crate::telemetry::{AccessLogger, Labels};
 use crate::tls::UpstreamTls;
@@ -166,6 +166,8 @@ pub struct Outbound {
     stop: tokio_util::sync::CancellationToken,
     pub labels: Arc<Labels>,
     pub log: Arc<AccessLogger>,
+    /// Counts the connections the app makes to this upstream's own listener.
+    gate: Arc<ConnectionGate>,
 }
 
 impl Outbound {
@@ -208,6 +210,7 @@ impl Outbound {
             stop,
             labels,
             log,
+            gate: ConnectionGate::new("outbound", None),
         };
         let first = ob.discovery.endpoints.borrow().clone();
         ob.apply(&first);
@@ -376,10 +379,15 @@ impl Outbound {
     /// Accepts connections from the app on the upstream's own listener until drained.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         let what = format!("outbound {}", self.name);
-        while let Some((tcp, _)) = proxy::accept(&listener, &drain.stop, &what).await {
-            drain
-                .tracker
-                .spawn(self.clone().serve_connection(tcp, drain.stop.clone()));
+        while let Some((tcp, from)) = proxy::accept(&listener, &drain.stop, &what).await {
+            let Some(open) = self.gate.admit(from) else {
+                continue;
+            };
+            let served = self.clone().serve_connection(tcp, drain.stop.clone());
+            drain.tracker.spawn(async move {
+                let _open = open;
+                served.await
+            });
         }
     }
 
@@ -396,7 +404,7 @@ impl Outbound {
                 let this = this.clone();
                 async move { call::forward(&this, req).await }
             };
-            proxy::serve_h2(tcp, handle, stop).await;
+            proxy::serve_h2(tcp, handle, stop, None).await;
         } else {
             call::forward_tcp(&self, tcp).await;
         }

@@ -15,7 +15,7 @@ use crate::config::{HostPort, Unmatched};
 use crate::discovery::Dns;
 use crate::discovery::RefreshBounds;
 use crate::outbound::Outbound;
-use crate::proxy::{self, Drain};
+use crate::proxy::{self, ConnectionGate, Drain};
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -133,10 +133,16 @@ pub struct Transparent {
     dns: Arc<Dns>,
     /// The local ports of meshd's own passthrough connections while they are open.
     relaying: Mutex<HashSet<u16>>,
+    /// Counts every intercepted connection (routed, passed through or refused).
+    gate: Arc<ConnectionGate>,
 }
 
 fn count(result: &'static str) {
-    metrics::counter!("meshd_intercepted_connections_total", "result" => result).increment(1);
+    count_by(result, 1);
+}
+
+fn count_by(result: &'static str, n: u64) {
+    metrics::counter!("meshd_intercepted_connections_total", "result" => result).increment(n);
 }
 
 impl Transparent {
@@ -153,7 +159,23 @@ impl Transparent {
             unmatched,
             dns,
             relaying: Mutex::default(),
+            gate: ConnectionGate::new("transparent", None),
         }
+        .counted_from_zero()
+    }
+
+    /// Every `meshd_intercepted_connections_total{result}` series at 0.
+    fn counted_from_zero(self) -> Transparent {
+        let results = ["routed", "passthrough", Refusal::Unmatched.label()];
+        let refusals = [
+            Refusal::NotRedirected,
+            Refusal::NoOriginalDestination,
+            Refusal::Loop,
+        ];
+        for result in results.into_iter().chain(refusals.map(Refusal::label)) {
+            count_by(result, 0);
+        }
+        self
     }
 
     /// Connects to `dst` for a passthrough, from a port recorded in `relaying` before the
@@ -258,20 +280,26 @@ impl Transparent {
         while let Some((tcp, from)) =
             proxy::accept(&listener, &drain.stop, "transparent listener").await
         {
+            let Some(open) = self.gate.admit(from) else {
+                continue;
+            };
             let original = original_destination(&tcp);
             let table = self.table.load();
             let from_self = self.relaying_mut().contains(&from.port());
             match route(from_self, original, &self.own, &table, self.unmatched) {
                 Route::Outbound(ob) => {
                     count("routed");
-                    drain
-                        .tracker
-                        .spawn(ob.serve_connection(tcp, drain.stop.clone()));
+                    let served = ob.serve_connection(tcp, drain.stop.clone());
+                    drain.tracker.spawn(async move {
+                        let _open = open;
+                        served.await
+                    });
                 }
                 Route::Passthrough(dst) => {
                     count("passthrough");
                     let this = self.clone();
                     drain.tracker.spawn(async move {
+                        let _open = open;
                         match this.relay_connect(dst).await {
                             Ok((up, port)) => {
                                 proxy::pipe(tcp, up, "passthrough").await;

@@ -10,7 +10,7 @@
 //! a bad edit keeps the last good policy. [`PolicyStore::decide`] authorizes and counts.
 
 use crate::identity::SpiffeId;
-use crate::policy::{load_policy, Decision, Policy, PolicyProblem, Severity, Target};
+use crate::policy::{load_policy, Action, Decision, Mode, Policy, PolicyProblem, Severity, Target};
 use arc_swap::ArcSwapOption;
 use notify::{RecursiveMode, Watcher};
 use serde_json::json;
@@ -87,6 +87,7 @@ impl PolicyStore {
                 }
                 self.next_version.store(version + 1, Ordering::Relaxed);
                 tracing::info!(path = %self.path.display(), version, rules = policy.rules.len(), mode = policy.mode.as_str(), "policy loaded");
+                start_at_zero(&policy);
                 self.current.store(Some(Arc::new(policy)));
                 Ok(())
             }
@@ -275,3 +276,25 @@ impl PolicyStore {
 
 #[cfg(test)]
 mod tests;
+
+/// Puts each rule's (and the default's) `meshd_authz_decisions_total` series at 0 when a
+/// policy is loaded, so a dashboard or alert sees every rule before its first decision.
+fn start_at_zero(policy: &Policy) {
+    let decision = |action: Action| match (action, policy.mode) {
+        (Action::Allow, _) => "allow",
+        (Action::Deny, Mode::Enforce) => "deny",
+        (Action::Deny, Mode::Audit) => "would_deny",
+    };
+    let rules = policy.rules.iter().map(|r| (&*r.name, r.action));
+    for (rule, action) in rules.chain([("default", policy.default)]) {
+        crate::telemetry::increment(
+            "meshd_authz_decisions_total",
+            &[
+                ("decision", decision(action)),
+                ("rule", rule),
+                ("mode", policy.mode.as_str()),
+            ],
+            0,
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! (cancels) the call it made. On drain the connection sends GOAWAY and lets in-flight
 //! streams finish.
 
+use crate::proxy::connections::{ConnectionGate, Limit};
 use crate::proxy::h2_body::BodyPipe;
 use crate::proxy::{H2Body, ProxyBody};
 use bytes::Bytes;
@@ -15,6 +16,8 @@ use http::{Request, Response};
 use http_body::Body;
 use std::future::Future;
 use std::task::Poll;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The HTTP/2 server settings of both listeners.
 fn h2_server() -> h2::server::Builder {
@@ -29,27 +32,123 @@ fn h2_server() -> h2::server::Builder {
     b
 }
 
+/// Who watches a served connection's limits: its listener's gate (the limits, and where
+/// a hit is counted) and the peer, for the one log line per cause.
+#[derive(Clone, Copy)]
+pub struct Watched<'a> {
+    pub gate: &'a ConnectionGate,
+    pub remote: std::net::SocketAddr,
+}
+
 /// Serves one HTTP/2 connection until it ends: each stream is answered by `handle` in a
 /// task of its own. On drain it sends GOAWAY and lets in-flight streams finish.
-pub async fn serve_h2<I, H, F>(io: I, handle: H, stop: tokio_util::sync::CancellationToken)
-where
+///
+/// With `watched` limits: the preface, SETTINGS and first request's headers must come
+/// within `header_timeout`; a connection with no stream open for `idle_timeout` gets
+/// GOAWAY (checked when the timer fires, so a long stream's end can add up to one more
+/// `idle_timeout`); a PING every `keepalive_interval` must be answered within
+/// `keepalive_timeout`.
+pub async fn serve_h2<I, H, F>(
+    io: I,
+    handle: H,
+    stop: tokio_util::sync::CancellationToken,
+    watched: Option<Watched<'_>>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     H: Fn(Request<H2Body>) -> F,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let mut conn = match h2_server().handshake::<_, Bytes>(io).await {
-        Ok(conn) => conn,
-        Err(e) => {
+    let limits = watched.and_then(|w| w.gate.limits().copied());
+    let hit = |limit: Limit| {
+        if let Some(w) = watched {
+            w.gate.hit(limit, w.remote);
+        }
+    };
+    let header_deadline = limits.map(|l| Instant::now() + l.header_timeout);
+    let handshake = h2_server().handshake::<_, Bytes>(io);
+    let handshake = match header_deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, handshake).await,
+        None => Ok(handshake.await),
+    };
+    let mut conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             tracing::debug!("HTTP/2 handshake failed: {e}");
             return;
         }
+        Err(_) => {
+            hit(Limit::HeaderTimeout);
+            return;
+        }
     };
+    let idle = limits.map(|l| l.idle_timeout).filter(|d| !d.is_zero());
+    let keepalive = limits
+        .filter(|l| !l.keepalive_interval.is_zero())
+        .map(|l| (l.keepalive_interval, l.keepalive_timeout));
+    let mut ping_pong = keepalive.and_then(|_| conn.ping_pong());
+    let mut awaiting_pong = false;
+    // Until the first stream: the header deadline; then the idle check.
+    let mut first_stream = false;
+    let mut last_stream = Instant::now();
+    let deadline = tokio::time::sleep_until(header_deadline.unwrap_or_else(far_future));
+    let mut deadline = std::pin::pin!(deadline);
+    let mut deadline_armed = header_deadline.is_some();
+    let ping_at = keepalive.map_or_else(far_future, |(every, _)| Instant::now() + every);
+    let mut ping_timer = std::pin::pin!(tokio::time::sleep_until(ping_at));
     let mut stopping = std::pin::pin!(stop.cancelled());
     let mut draining = false;
     loop {
         let accepted = tokio::select! {
             biased;
             accepted = conn.accept() => accepted,
+            () = &mut deadline, if deadline_armed => {
+                let now = Instant::now();
+                if !first_stream {
+                    hit(Limit::HeaderTimeout);
+                    return;
+                }
+                let Some(idle) = idle else {
+                    deadline_armed = false;
+                    continue;
+                };
+                if conn.has_streams() {
+                    last_stream = now;
+                }
+                if now >= last_stream + idle && !draining {
+                    hit(Limit::IdleTimeout);
+                    conn.graceful_shutdown();
+                    draining = true;
+                    deadline_armed = false;
+                } else {
+                    deadline.as_mut().reset(last_stream + idle);
+                }
+                continue;
+            }
+            () = &mut ping_timer, if ping_pong.is_some() => {
+                let (every, timeout) = keepalive.unwrap_or_default();
+                if awaiting_pong {
+                    hit(Limit::KeepaliveTimeout);
+                    return;
+                }
+                if let Some(pp) = ping_pong.as_mut() {
+                    awaiting_pong = pp.send_ping(h2::Ping::opaque()).is_ok();
+                }
+                let next = if awaiting_pong { timeout } else { every };
+                ping_timer.as_mut().reset(Instant::now() + next);
+                continue;
+            }
+            pong = std::future::poll_fn(|cx| match ping_pong.as_mut() {
+                Some(pp) => pp.poll_pong(cx),
+                None => Poll::Pending,
+            }), if awaiting_pong => {
+                awaiting_pong = false;
+                if pong.is_err() {
+                    ping_pong = None;
+                }
+                let (every, _) = keepalive.unwrap_or_default();
+                ping_timer.as_mut().reset(Instant::now() + every);
+                continue;
+            }
             () = &mut stopping, if !draining => {
                 conn.graceful_shutdown();
                 draining = true;
@@ -58,6 +157,16 @@ where
         };
         match accepted {
             Some(Ok((req, respond))) => {
+                if !first_stream {
+                    first_stream = true;
+                    last_stream = Instant::now();
+                    match idle {
+                        Some(idle) => deadline.as_mut().reset(last_stream + idle),
+                        None => deadline_armed = false,
+                    }
+                } else if idle.is_some() {
+                    last_stream = Instant::now();
+                }
                 // Boxed: the service future is kilobytes, and the task spawn and its
                 // completion each copy the whole task state.
                 let handled = Box::pin(handle(req.map(H2Body::new)));
@@ -70,6 +179,11 @@ where
             None => return,
         }
     }
+}
+
+/// A deadline that never comes, for timers that are off.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 pin_project_lite::pin_project! {

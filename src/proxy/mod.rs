@@ -16,6 +16,7 @@
 //! around them is kept thin.
 
 mod connect;
+mod connections;
 mod error;
 mod grpc;
 mod grpc_timeout;
@@ -29,12 +30,13 @@ mod replay_body;
 mod respond;
 mod xfcc;
 pub use connect::{spiffe_server_name, tcp_connect, tls_connect, ConnectError};
+pub use connections::{wait_first_byte, ConnectionGate, Limit, OpenConnection};
 pub use error::{grpc_message_encode, ProxyError};
 pub use grpc::{grpc_path, is_grpc, GRPC_STATUS};
 pub use grpc_timeout::{encode_grpc_timeout, parse_grpc_timeout, request_deadline};
 pub use h2_body::H2Body;
 pub use h2_pool::{Connector, H2Pool, SendError};
-pub use h2_server::serve_h2;
+pub use h2_server::{serve_h2, Watched};
 pub use listen::{accept, Drain};
 pub use pipe::pipe;
 pub use replay_body::{ReplayBody, Replayable};

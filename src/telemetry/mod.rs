@@ -51,6 +51,9 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
     metric_cache::enable();
     describe();
+    // Unlabelled counters exist from start, at 0.
+    metrics::counter!("meshd_svid_rotations_total").increment(0);
+    metrics::counter!("meshd_policy_reload_failures_total").increment(0);
     Ok(handle)
 }
 

@@ -447,6 +447,25 @@ impl TlsStore {
     }
 }
 
+/// Every value [`failure_reason`] gives (and `no_identity`, `timeout`), so each
+/// listener's `meshd_tls_handshake_failures_total` series can start at 0.
+pub const FAILURE_REASONS: [&str; 14] = [
+    "no_identity",
+    "timeout",
+    "not_tls",
+    "truncated",
+    "io",
+    "no_client_cert",
+    "unknown_ca",
+    "expired_cert",
+    "wrong_server_id",
+    "bad_cert",
+    "no_alpn",
+    "incompatible",
+    "alert",
+    "other",
+];
+
 /// A bounded label for a TLS handshake failure (`meshd_tls_handshake_failures_total`).
 pub fn failure_reason(e: &std::io::Error) -> &'static str {
     let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
