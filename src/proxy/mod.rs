@@ -28,6 +28,9 @@ mod pipe;
 mod replay_body;
 mod respond;
 mod xfcc;
+
+#[cfg(test)]
+mod fuzz;
 pub use connect::{spiffe_server_name, tcp_connect, tls_connect, ConnectError};
 pub use error::{grpc_message_encode, ProxyError};
 pub use grpc::{grpc_path, is_grpc, GRPC_STATUS};
