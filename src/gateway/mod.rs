@@ -29,6 +29,9 @@ mod auth;
 mod client_cert;
 mod files;
 mod transcode;
+
+#[cfg(test)]
+mod fuzz;
 pub use auth::p256_jwks;
 pub use client_cert::ClientCaError;
 pub use files::check_files;
