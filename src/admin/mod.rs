@@ -7,6 +7,9 @@
 mod probe;
 pub use probe::probe;
 
+#[cfg(test)]
+mod fuzz;
+
 use crate::identity::{unix_seconds, IdentityStatus};
 use crate::policy::PolicyStore;
 use crate::policy::{Request as AuthzRequest, Target};

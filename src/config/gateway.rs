@@ -176,7 +176,7 @@ impl TranscodingConfig {
 }
 
 /// A size in bytes, written as a number or with a unit (`KiB`, `MiB`).
-mod byte_size {
+pub(super) mod byte_size {
     use serde::{Deserialize, Deserializer, Serializer};
 
     #[derive(Deserialize)]

@@ -23,6 +23,9 @@ mod resilience;
 mod source;
 mod spiffe_id;
 
+#[cfg(test)]
+mod fuzz;
+
 use crate::telemetry::AccessLog;
 use raw::RawConfig;
 use serde::{Deserialize, Serialize};
@@ -305,8 +308,21 @@ pub mod duration_str {
     use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
+    /// In the largest of h, m, s, ms that holds it whole (`90s`, not `1m 30s`), so the
+    /// text `/config` shows reads back in a config file.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        let ms = d.as_millis();
+        if !d.subsec_nanos().is_multiple_of(1_000_000) {
+            return s.serialize_str(&humantime::format_duration(*d).to_string());
+        }
+        let text = match ms {
+            0 => "0s".to_string(),
+            _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+            _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+            _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+            _ => format!("{ms}ms"),
+        };
+        s.serialize_str(&text)
     }
 
     /// Parses inside the visitor so a bad value is reported at the value's position.
@@ -352,11 +368,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
     let n: u64 = num
         .parse()
         .map_err(|_| ValueError::DurationNotWhole(text.to_string()))?;
+    // Minutes or hours whose seconds overflow 64 bits read like a number too long for them.
+    let secs = |scale: u64| {
+        n.checked_mul(scale)
+            .map(Duration::from_secs)
+            .ok_or_else(|| ValueError::DurationNotWhole(text.to_string()))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => Err(ValueError::DurationUnit {
             text: text.to_string(),
             unit: unit.to_string(),

@@ -83,12 +83,12 @@ pub enum EndpointFileError {
 
 /// A checked entry, before its host is resolved.
 #[derive(Debug, PartialEq)]
-struct Checked {
-    host_port: crate::config::HostPort,
+pub(super) struct Checked {
+    pub(super) host_port: crate::config::HostPort,
     template: DiscoveredEndpoint,
 }
 
-fn check(text: &str) -> Result<Vec<Checked>, EndpointFileError> {
+pub(super) fn check(text: &str) -> Result<Vec<Checked>, EndpointFileError> {
     let entries: Vec<Entry> =
         serde_yaml_ng::from_str(text).map_err(|e| EndpointFileError::NotAList(e.to_string()))?;
     if entries.is_empty() {

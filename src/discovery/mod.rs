@@ -13,6 +13,9 @@
 
 mod dns;
 mod file;
+
+#[cfg(test)]
+mod fuzz;
 pub use dns::Dns;
 pub use file::EndpointFileError;
 

@@ -30,6 +30,9 @@ mod client_cert;
 mod files;
 mod http1;
 mod transcode;
+
+#[cfg(test)]
+mod fuzz;
 pub use auth::p256_jwks;
 pub use client_cert::ClientCaError;
 pub use files::check_files;

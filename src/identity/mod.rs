@@ -8,6 +8,9 @@
 
 mod files;
 mod workload_api;
+
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub use files::{follow_files, FilesError};
 pub use workload_api::{follow_workload_api, snapshot_from_context, ContextError};
 

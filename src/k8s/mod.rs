@@ -5,6 +5,9 @@
 mod inject;
 mod injector;
 mod iptables;
+
+#[cfg(test)]
+mod fuzz;
 pub use inject::{
     inject_file, mutate_pod, skip_reason, InjectArgs, PodOutcome, PodShapeError, SidecarOptions,
     Skip,

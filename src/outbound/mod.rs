@@ -20,6 +20,9 @@ mod call;
 mod health_check;
 mod resilience;
 mod transparent;
+
+#[cfg(test)]
+mod fuzz;
 pub use balancer::{UpstreamView, Upstreams};
 pub use call::{forward_as, CallTimeouts};
 pub use transparent::{Claim, Transparent};

@@ -18,6 +18,9 @@ mod file;
 mod model;
 mod parse;
 mod store;
+
+#[cfg(test)]
+mod fuzz;
 pub use authorize::{explain, Decision, Policy, RuleRef};
 pub use cli::{check_file, explain_cli, ExplainError};
 pub use model::{

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 /// Parses a `grpc-timeout` header value (`100m`, `5S`, ...).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    // ASCII only: the unit is split off as the last byte.
+    if v.len() < 2 || v.len() > 9 || !v.is_ascii() {
         return None;
     }
     let (num, unit) = v.split_at(v.len() - 1);

@@ -29,6 +29,9 @@ mod pipe;
 mod replay_body;
 mod respond;
 mod xfcc;
+
+#[cfg(test)]
+mod fuzz;
 pub use connect::{spiffe_server_name, tcp_connect, tls_connect, ConnectError};
 pub use connections::{wait_first_byte, ConnectionGate, Limit, OpenConnection};
 pub use error::{grpc_message_encode, ProxyError};

@@ -7,6 +7,9 @@
 //! handles of `metric_cache`, when finished or dropped.
 
 mod metric_cache;
+
+#[cfg(test)]
+pub(crate) mod fuzz_budget;
 pub use metric_cache::increment;
 
 use arc_swap::ArcSwap;

@@ -9,6 +9,9 @@
 
 mod handshake_io;
 mod verified_chains;
+
+#[cfg(test)]
+mod fuzz;
 pub use handshake_io::HandshakeIo;
 
 use crate::identity::{

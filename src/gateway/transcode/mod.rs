@@ -26,6 +26,9 @@ mod request;
 mod rules;
 mod status;
 mod stream;
+
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! every pod it is sent except those [`crate::k8s::skip_reason`] leaves alone.
 
 mod certs;
-mod review;
+pub(super) mod review;
 mod serve;
 
 pub use certs::{write_certs, CertsArgs, CertsError};
