@@ -7,4 +7,5 @@ pub mod kube;
 pub mod meshd;
 pub mod netns;
 pub mod replicas;
+pub mod soak;
 pub mod spire;
