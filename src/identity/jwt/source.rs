@@ -386,7 +386,8 @@ impl JwtSvidSource {
         if let Some(t) = self.cached(&key).filter(fresh) {
             return Ok(t);
         }
-        let stale = self.cached(&key);
+        // A cached token still before its expiry serves if this one attempt fails.
+        let stale = self.cached(&key).filter(|t| SystemTime::now() < t.expiry);
         let id = self.spiffe_id.clone();
         let result = self
             .call("FetchJWTSVID", stale.is_some(), |c| {
