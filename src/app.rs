@@ -15,7 +15,7 @@ use crate::config::{AdminConfig, Config, GatewayConfig, IdentityConfig, Transpar
 use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
 use crate::gateway::Gateway;
-use crate::identity::IdentityStatus;
+use crate::identity::{IdentityStatus, JwtBundlesStatus};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::outbound::{Claim, Transparent};
@@ -108,6 +108,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     let admin = AdminState {
         identity: identity.status.clone(),
+        jwt_bundles: identity.jwt_bundles.clone(),
         policy: Some(inbound_policy).filter(|_| config.inbound.is_some()),
         inbound_port,
         metrics: telemetry.metrics,
@@ -206,16 +207,23 @@ struct Identity {
     /// Makes the file source re-read its files (SIGHUP); the Workload API source
     /// ignores it.
     reload_files: Arc<Notify>,
+    /// The Workload API's JWT bundles, followed beside the X.509 identity.
+    jwt_bundles: watch::Receiver<JwtBundlesStatus>,
 }
 
-/// Spawns the identity source: the PEM files of `identity.files`, else the Workload API.
+/// Spawns the identity source: the PEM files of `identity.files`, else the Workload API
+/// (X.509 and, on a stream of its own, the JWT bundles).
 fn start_identity(config: &IdentityConfig, background: &CancellationToken) -> Identity {
     let (id_tx, status) = watch::channel(IdentityStatus::Waiting {
         reason: "waiting for the first X.509-SVID".into(),
     });
     let reload_files = Arc::new(Notify::new());
     let expect = config.expect.clone();
+    let (jwt_tx, jwt_bundles) = watch::channel(JwtBundlesStatus::waiting());
     if let Some(files) = config.files.clone() {
+        jwt_tx.send_replace(JwtBundlesStatus::off(
+            "identity.files has no JWT bundles: they come from the Workload API",
+        ));
         tokio::spawn(crate::identity::follow_files(
             files,
             expect,
@@ -228,6 +236,11 @@ fn start_identity(config: &IdentityConfig, background: &CancellationToken) -> Id
             .workload_api
             .clone()
             .unwrap_or_else(|| crate::config::DEFAULT_WORKLOAD_API.into());
+        tokio::spawn(crate::identity::follow_jwt_bundles(
+            addr.clone(),
+            jwt_tx,
+            background.clone(),
+        ));
         tokio::spawn(crate::identity::follow_workload_api(
             addr,
             expect,
@@ -238,6 +251,7 @@ fn start_identity(config: &IdentityConfig, background: &CancellationToken) -> Id
     Identity {
         status,
         reload_files,
+        jwt_bundles,
     }
 }
 

@@ -34,8 +34,11 @@ fn state(policy: Option<&str>, dir: &std::path::Path) -> AdminState {
     let (_tx, identity) = tokio::sync::watch::channel(IdentityStatus::Waiting {
         reason: "fuzz".into(),
     });
+    let (_tx, jwt_bundles) =
+        tokio::sync::watch::channel(crate::identity::JwtBundlesStatus::off("fuzz"));
     AdminState {
         identity,
+        jwt_bundles,
         policy: Some(Arc::new(store)),
         inbound_port: 15006,
         metrics: None,

@@ -10,7 +10,7 @@ pub use probe::probe;
 #[cfg(test)]
 mod fuzz;
 
-use crate::identity::{unix_seconds, IdentityStatus};
+use crate::identity::{unix_seconds, IdentityStatus, JwtBundlesStatus, JwtStreamState};
 use crate::policy::PolicyStore;
 use crate::policy::{Request as AuthzRequest, Target};
 use crate::telemetry::LogReload;
@@ -35,6 +35,8 @@ const MAX_BODY: usize = 64 << 10;
 /// Read-only handles the admin server answers from.
 pub struct AdminState {
     pub identity: watch::Receiver<IdentityStatus>,
+    /// The JWT bundles from the Workload API (shown at `/identity`).
+    pub jwt_bundles: watch::Receiver<JwtBundlesStatus>,
     pub policy: Option<Arc<PolicyStore>>,
     /// The inbound listener's port (for `/authz` without `port=`).
     pub inbound_port: u16,
@@ -228,7 +230,11 @@ async fn handle(
             ),
         },
         "/config" => json(&state.config),
-        "/identity" => json(&identity_json(&state.identity.borrow())),
+        "/identity" => {
+            let mut view = identity_json(&state.identity.borrow());
+            view["jwt_bundles"] = jwt_bundles_json(&state.jwt_bundles.borrow());
+            json(&view)
+        }
         "/policy" => match &state.policy {
             Some(p) => json(&p.to_json()),
             None => json(&serde_json::json!({"loaded": false, "reason": "no policy configured"})),
@@ -335,6 +341,29 @@ pub fn identity_json(status: &IdentityStatus) -> serde_json::Value {
             "reason": other.reason(),
         }),
     }
+}
+
+/// The `jwt_bundles` part of `/identity`: the stream's state and, per trust domain, the
+/// key IDs of its JWT bundle (never key material).
+pub fn jwt_bundles_json(status: &JwtBundlesStatus) -> serde_json::Value {
+    let (state, reason) = match &status.state {
+        JwtStreamState::Off { reason } => ("off", Some(reason)),
+        JwtStreamState::Connecting { reason } => ("connecting", Some(reason)),
+        JwtStreamState::Following => ("following", None),
+        JwtStreamState::GaveUp { reason } => ("gave_up", Some(reason)),
+    };
+    let domains: serde_json::Map<String, serde_json::Value> = status
+        .bundles
+        .iter()
+        .flat_map(|b| b.domains.iter())
+        .map(|(td, b)| (td.clone(), serde_json::json!(b.key_ids())))
+        .collect();
+    serde_json::json!({
+        "state": state,
+        "reason": reason,
+        "generation": status.generation,
+        "trust_domains": domains,
+    })
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! Flow: parse and check every argument first (bad input is an error, never a panic);
 //! build a tokio runtime; create the CA and one extra CA per `--federate` domain; write
 //! the requested PEM files; bind every Workload API socket; print `dev-ca ready`. Then run
-//! until SIGINT/SIGTERM: SIGHUP rotates every SVID at once, and the `--write-files` sets
-//! are rewritten at half the TTL and on SIGHUP. On exit the sockets are removed.
+//! until SIGINT/SIGTERM: SIGHUP rotates every SVID and the JWT authority at once, and the
+//! `--write-files` sets are rewritten at half the TTL and on SIGHUP. On exit the sockets
+//! are removed.
 
 use crate::config::parse_duration;
 use crate::config::{parse_spiffe_id, SpiffeIdError};
@@ -71,7 +72,8 @@ pub struct DevCaArgs {
     /// The trust domain of the CA.
     #[arg(long, default_value = "jia.app")]
     pub trust_domain: String,
-    /// SVID lifetime; SVIDs rotate at half of it (at least 2s).
+    /// SVID lifetime, X.509 and JWT; SVIDs and the JWT authority rotate at half of it
+    /// (at least 2s).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ttl: Duration,
     /// Serve this identity's SVIDs on this unix socket (repeatable),
@@ -187,6 +189,7 @@ async fn run(plan: Plan) -> Result<(), DevCaCliError> {
     for td in &plan.federate {
         let other = DevCa::new(td)?;
         ca.set_federated(td, other.bundle_der());
+        ca.set_federated_jwt(td, other.jwt_bundle());
         foreign.push(other);
     }
     if let Some(dir) = &plan.write_ca_dir {
@@ -210,8 +213,11 @@ async fn run(plan: Plan) -> Result<(), DevCaCliError> {
             _ = signals.interrupt.recv() => break,
             _ = signals.terminate.recv() => break,
             _ = signals.hangup.recv() => {
-                tracing::info!("SIGHUP: rotating every SVID");
+                tracing::info!("SIGHUP: rotating every SVID and the JWT authority");
                 ca.rotate_now();
+                if let Err(e) = ca.rotate_jwt_authority() {
+                    tracing::error!("dev-ca: {e}");
+                }
                 rewrite(&ca, &plan.write_files, plan.ttl);
             }
             _ = tokio::time::sleep(half), if !plan.write_files.is_empty() => {

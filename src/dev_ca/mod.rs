@@ -8,11 +8,14 @@
 //! [`DevCa::replace_ca`]) change the CA state and bump a `watch` channel; the per-identity
 //! rotators of `dev_ca/server.rs` listen to it and stream fresh responses to every client.
 //! The `meshd dev-ca` command line lives in `dev_ca/cli.rs` and is re-exported here.
+//! Its JWT authority (signing JWT-SVIDs, JWT bundles, rotation) lives in `dev_ca/jwt.rs`.
 
 mod cli;
+mod jwt;
 mod server;
 
-use crate::identity::SpiffeId;
+use crate::dev_ca::jwt::JwtAuthority;
+use crate::identity::{JwtBundle, SpiffeId};
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -112,6 +115,10 @@ struct CaState {
     root: Arc<CaRoot>,
     /// Federated trust domains (name -> CA certificates, DER).
     federated: BTreeMap<String, Vec<Vec<u8>>>,
+    /// The JWT signing keys (current and retired-but-needed).
+    jwt: JwtAuthority,
+    /// Federated trust domains' JWT bundles (name -> keys).
+    federated_jwt: BTreeMap<String, JwtBundle>,
 }
 
 /// Counters the serving side watches: any change means "send a new response".
@@ -121,6 +128,8 @@ pub struct Changes {
     pub reissue: u64,
     /// Bumped when only the bundles changed (set_federated).
     pub bundles: u64,
+    /// Bumped when the JWT bundles changed (rotate_jwt_authority, set_federated_jwt).
+    pub jwt: u64,
 }
 
 /// The development CA of one trust domain. Share it as `Arc<DevCa>`.
@@ -161,6 +170,8 @@ impl DevCa {
             state: Mutex::new(CaState {
                 root: Arc::new(root),
                 federated: BTreeMap::new(),
+                jwt: JwtAuthority::new()?,
+                federated_jwt: BTreeMap::new(),
             }),
             changes: watch::channel(Changes::default()).0,
         })

@@ -6,7 +6,8 @@
 //! publishes it with the current bundles on a `watch` channel, and issues again at half the
 //! TTL or when `rotate_now`/`replace_ca` say so (`set_federated` only republishes). Every
 //! `FetchX509SVID`/`FetchX509Bundles` stream follows that channel until `stop`; then the
-//! servers shut down and remove their sockets.
+//! servers shut down and remove their sockets. The JWT RPCs are answered by `dev_ca/jwt.rs`
+//! for the socket's identity; one more task rotates the JWT authority at half the TTL.
 
 use crate::dev_ca::{DevCa, DevCaError, IssuedSvid, MIN_TTL};
 use crate::identity::SpiffeId;
@@ -109,6 +110,11 @@ impl DevCa {
         }
         let mut tasks = JoinSet::new();
         let mut sockets = Vec::new();
+        tasks.spawn(crate::dev_ca::jwt::rotate_periodically(
+            self.clone(),
+            ttl / 2,
+            stop.clone(),
+        ));
         for (id, path, listener) in listeners {
             // Issue the first SVID now so a client never waits on an empty channel.
             let first = self.publish(&id, ttl)?;
@@ -118,6 +124,9 @@ impl DevCa {
                 trust_domain: self.trust_domain().to_string(),
                 current: rx,
                 stop: stop.clone(),
+                ca: self.clone(),
+                id: id.clone(),
+                ttl,
             };
             tasks.spawn(run_server(service, listener, path.clone(), stop.clone()));
             sockets.push(path);
@@ -181,7 +190,12 @@ async fn rotate(
                 if r.is_err() { return; }
                 let now = *changes.borrow_and_update();
                 let reissue = now.reissue != seen.reissue;
+                let x509_bundles = now.bundles != seen.bundles;
                 seen = now;
+                // A JWT-only change (the JWT authority) is not news for X.509 clients.
+                if !reissue && !x509_bundles {
+                    continue;
+                }
                 reissue
             }
         };
@@ -230,6 +244,12 @@ struct WorkloadService {
     current: watch::Receiver<Arc<Published>>,
     /// Ends open streams, so the server's graceful shutdown completes.
     stop: CancellationToken,
+    /// Signs JWT-SVIDs and holds the JWT bundles.
+    ca: Arc<DevCa>,
+    /// The identity this socket serves: the `sub` of its JWT-SVIDs.
+    id: SpiffeId,
+    /// The lifetime of its JWT-SVIDs (the CA's TTL).
+    ttl: Duration,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
@@ -288,9 +308,9 @@ impl SpiffeWorkloadApi for WorkloadService {
         request: tonic::Request<JwtsvidRequest>,
     ) -> Result<tonic::Response<JwtsvidResponse>, tonic::Status> {
         check_header(&request)?;
-        Err(tonic::Status::unimplemented(
-            "the meshd dev-ca issues no JWT-SVIDs",
-        ))
+        let response =
+            crate::dev_ca::jwt::fetch_jwt_svid(&self.ca, &self.id, self.ttl, request.into_inner())?;
+        Ok(tonic::Response::new(response))
     }
 
     async fn fetch_jwt_bundles(
@@ -298,9 +318,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         request: tonic::Request<JwtBundlesRequest>,
     ) -> Result<tonic::Response<Self::FetchJWTBundlesStream>, tonic::Status> {
         check_header(&request)?;
-        Err(tonic::Status::unimplemented(
-            "the meshd dev-ca has no JWT bundles",
-        ))
+        let stream = crate::dev_ca::jwt::jwt_bundles_stream(self.ca.clone(), self.stop.clone());
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 
     async fn validate_jwtsvid(
@@ -308,9 +327,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         request: tonic::Request<ValidateJwtsvidRequest>,
     ) -> Result<tonic::Response<ValidateJwtsvidResponse>, tonic::Status> {
         check_header(&request)?;
-        Err(tonic::Status::unimplemented(
-            "the meshd dev-ca does not validate JWT-SVIDs",
-        ))
+        let response = crate::dev_ca::jwt::validate(&self.ca, request.into_inner())?;
+        Ok(tonic::Response::new(response))
     }
 }
 
@@ -473,7 +491,16 @@ mod tests {
         req.metadata_mut()
             .insert(SECURITY_HEADER, "true".parse().unwrap());
         let err = raw.fetch_jwtsvid(req).await.err().unwrap();
-        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "no audience");
+        let err = raw
+            .fetch_jwtsvid(JwtsvidRequest {
+                audience: vec!["x".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "no header");
         stop.cancel();
     }
 

@@ -5,13 +5,24 @@
 //! [`Svid::from_der`] and [`BundleSet`], and publishes an [`IdentityStatus`] on a
 //! `watch` channel. `tls` builds its configs from each published snapshot; nothing on a
 //! request path ever waits on a source.
+//!
+//! The JWT side (`jwt/`) runs beside it: the Workload API's JWT bundles are published on a
+//! `watch` channel of their own as a [`JwtBundlesStatus`] (X.509 readiness never waits on
+//! them), [`JwtSvidSource`] fetches and caches JWT-SVIDs per audience, and
+//! [`validate_jwt_svid`] checks a token by the JWT-SVID rules against [`JwtBundles`].
 
 mod files;
+mod jwt;
 mod workload_api;
 
 #[cfg(test)]
 pub(crate) mod fuzz;
 pub use files::{follow_files, FilesError};
+pub use jwt::{
+    follow_jwt_bundles, jwt_bundles_from_set, retry_decision, validate_jwt_svid, JwtAlg,
+    JwtApiError, JwtBundle, JwtBundleError, JwtBundles, JwtBundlesStatus, JwtKey, JwtStreamState,
+    JwtSvidRejection, JwtSvidSource, JwtSvidToken, RetryDecision, ValidJwtSvid, MAX_TOKEN_LEN,
+};
 pub use workload_api::{follow_workload_api, snapshot_from_context, ContextError};
 
 use crate::config::{parse_spiffe_id, SpiffeIdError};
