@@ -557,3 +557,44 @@ fn transcoding_protos_must_define_the_listed_services() {
         "{got:?}"
     );
 }
+
+#[test]
+fn connection_limits_default_and_refuse_zero_where_zero_cannot_work() {
+    // A config without `connections:` gets the defaults on both edge listeners; the keys
+    // may be given one by one; a zero where zero means "never let anyone in" or "close at
+    // once" is named at its position; 0s turns idle closing and keepalive off.
+    let base = "service: s\ninbound:\n  policy: /p.yaml\n";
+    let (config, _) = load(base, &[]).expect("valid");
+    let limits = config.inbound.unwrap().connections;
+    assert_eq!(limits, ConnectionLimits::default());
+    assert_eq!(
+        (limits.max, limits.handshake_timeout, limits.idle_timeout),
+        (20_000, Duration::from_secs(10), Duration::from_secs(600))
+    );
+    let some =
+        format!("{base}  connections: {{max: 50, idle_timeout: 0s, keepalive_interval: 0s}}\n");
+    let (config, _) = load(&some, &[]).expect("valid");
+    let limits = config.inbound.unwrap().connections;
+    assert_eq!((limits.max, limits.idle_timeout), (50, Duration::ZERO));
+    assert_eq!(limits.header_timeout, Duration::from_secs(10));
+    let table: &[(&str, &str)] = &[
+        (
+            "{max: 0}",
+            "inbound.connections.max must be greater than 0",
+        ),
+        (
+            "{header_timeout: 0s}",
+            "inbound.connections.header_timeout must be greater than 0",
+        ),
+        (
+            "{keepalive_timeout: 0s}",
+            "inbound.connections.keepalive_timeout must be greater than 0",
+        ),
+        ("{idle: 5s}", "unknown field `idle`"),
+    ];
+    for (block, want) in table {
+        let got = problems(&format!("{base}  connections: {block}\n"), &[]);
+        let at_line = |p: &&String| p.starts_with("m.yaml:4:") && p.contains(want);
+        assert!(got.iter().any(|p| at_line(&p)), "{block}: {got:?}");
+    }
+}
