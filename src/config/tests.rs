@@ -578,10 +578,7 @@ fn connection_limits_default_and_refuse_zero_where_zero_cannot_work() {
     assert_eq!((limits.max, limits.idle_timeout), (50, Duration::ZERO));
     assert_eq!(limits.header_timeout, Duration::from_secs(10));
     let table: &[(&str, &str)] = &[
-        (
-            "{max: 0}",
-            "inbound.connections.max must be greater than 0",
-        ),
+        ("{max: 0}", "inbound.connections.max must be greater than 0"),
         (
             "{header_timeout: 0s}",
             "inbound.connections.header_timeout must be greater than 0",
