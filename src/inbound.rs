@@ -74,6 +74,11 @@ impl Inbound {
             let stop = drain.stop.clone();
             drain.tracker.spawn(async move {
                 let _open = open;
+                // Without an identity nothing can be handshaken: close at once rather
+                // than wait for the caller's first byte.
+                if this.tls.inbound().is_none() {
+                    return no_identity(remote);
+                }
                 let deadline = Instant::now() + this.limits.handshake_timeout;
                 if !proxy::wait_first_byte(&tcp, deadline, &this.gate, remote).await {
                     handshake_timed_out();
@@ -92,9 +97,7 @@ impl Inbound {
         deadline: Instant,
     ) {
         let Some(config) = self.tls.inbound() else {
-            metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_identity").increment(1);
-            tracing::warn!(%remote, "refused connection: meshd has no valid SVID");
-            return;
+            return no_identity(remote);
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let handshake = acceptor.accept(HandshakeIo::new(tcp));
@@ -257,6 +260,12 @@ impl Inbound {
             ),
         }
     }
+}
+
+/// A connection refused because meshd has no valid SVID to answer with.
+fn no_identity(remote: SocketAddr) {
+    metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_identity").increment(1);
+    tracing::warn!(%remote, "refused connection: meshd has no valid SVID");
 }
 
 /// A TLS handshake (or the wait for its first byte) ran out of `handshake_timeout`.

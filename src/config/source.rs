@@ -48,7 +48,14 @@ pub(crate) struct Source<'a> {
     path: &'a Path,
     text: &'a str,
     overrides: &'a Overrides,
+    /// Problems located so far: each lookup reads the whole file again, so past
+    /// [`MAX_LOCATED`] the rest are reported without a position (a 250 KB file with
+    /// thousands of errors took minutes to check).
+    located: std::cell::Cell<usize>,
 }
+
+/// How many problems of one file get a line and column.
+const MAX_LOCATED: usize = 200;
 
 impl<'a> Source<'a> {
     pub(crate) fn new(path: &'a Path, text: &'a str, overrides: &'a Overrides) -> Source<'a> {
@@ -56,6 +63,7 @@ impl<'a> Source<'a> {
             path,
             text,
             overrides,
+            located: std::cell::Cell::new(0),
         }
     }
 
@@ -78,7 +86,13 @@ impl<'a> Source<'a> {
     /// `error` positioned at `key_path` in the file, whatever the environment did.
     pub(crate) fn in_file(&self, key_path: &str, error: ConfigError) -> ConfigProblem {
         let severity = error.severity();
-        let (line, column) = locate(self.text, key_path).unwrap_or((0, 0));
+        let located = self.located.get();
+        self.located.set(located + 1);
+        let (line, column) = if located < MAX_LOCATED {
+            locate(self.text, key_path).unwrap_or((0, 0))
+        } else {
+            (0, 0)
+        };
         let file = self.path.to_path_buf();
         ConfigProblem {
             file,

@@ -84,10 +84,13 @@ pub(crate) fn watchdog(what: &'static str) -> Watchdog {
                     .map(|(_, _, what)| *what)
             });
             if let Some(what) = late {
-                eprintln!(
-                    "fuzz: a case of `{what}` ran over {:?}: a hang (MESHD_FUZZ_CASE_SECS)",
+                // Straight to stderr: `eprintln!` in a test's thread is captured, and
+                // the exit would lose it.
+                let line = format!(
+                    "fuzz: a case of `{what}` ran over {:?}: a hang (MESHD_FUZZ_CASE_SECS)\n",
                     case_limit()
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                 std::process::exit(101);
             }
         });
