@@ -464,9 +464,11 @@ fn rotation_under_load_through_envoy_and_meshd_loses_nothing() {
                 "contact.v1.ContactService/GetContact",
             ])
             .args(["-d", r#"{"contact_id":"c1"}"#, "--rps", &RPS.to_string()])
+            // A count, not a duration: `-z` cuts off the calls in flight when it ends
+            // ("use of closed network connection"), which would count as failures.
             .args([
-                "-z",
-                &format!("{LOAD_SECS}s"),
+                "-n",
+                &(RPS * LOAD_SECS).to_string(),
                 "-c",
                 "4",
                 "--connections",
