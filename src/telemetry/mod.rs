@@ -92,6 +92,14 @@ fn describe() {
         "meshd_tcp_connections_closed_total",
         "TCP connections closed, by direction."
     );
+    describe_gauge!(
+        "meshd_connections_open",
+        "Connections open now, by listener (direction)."
+    );
+    describe_counter!(
+        "meshd_connection_limits_total",
+        "Connections closed or refused by a limit of `connections:`, by listener (direction) and limit (max_connections, handshake_timeout, header_timeout, idle_timeout, keepalive_timeout)."
+    );
     describe_counter!(
         "gateway_requests_total",
         "Requests through the edge gateway, by route (service), the status the client saw (the HTTP status for JSON and HTTP clients, the gRPC status for gRPC clients) and protocol (grpc, json: transcoded, http)."
