@@ -637,9 +637,10 @@ async fn the_inbound_closes_silent_idle_and_dead_peers() {
 
 // Story: a client floods CONTINUATION frames after a HEADERS frame that never ends; meshd
 // ends that connection with GOAWAY(ENHANCE_YOUR_CALM) long before it has read a megabyte.
-// Another floods SETTINGS frames without reading the ACKs: meshd stops reading it (it
-// writes one ACK at a time) and closes it at the header timeout. Neither grows meshd's
-// memory, and a normal client is answered throughout.
+// Another floods SETTINGS frames without reading the ACKs, a third floods PING and
+// SETTINGS frames and reads every ACK: both are closed after 200 control frames with no
+// request between them, counted as `control_frame_flood`. None grows meshd's memory, and
+// a normal client is answered throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_and_settings_floods_end_at_their_limits() {
     let g = Gateway::start("{header_timeout: 4s}");
@@ -715,16 +716,69 @@ async fn continuation_and_settings_floods_end_at_their_limits() {
     );
     let mut tail = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut tail)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || g.limit("control_frame_flood")
+            >= 1.0),
+        "the SETTINGS flood was not closed as a control_frame_flood"
+    );
+
+    // PING and SETTINGS flood from a client that reads every ACK: closed after the
+    // budget of 200 control frames without a request.
+    let s = connect().await;
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        got
+    });
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(4, 0, 0, &[]));
+    wr.write_all(&hello).await.unwrap();
+    let flood = [
+        frame(6, 0, 0, &[1; 8]),
+        frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]),
+    ]
+    .concat();
+    let mut sent_frames = 0usize;
+    while sent_frames < 1_000_000 {
+        if wr.write_all(&flood).await.is_err() || wr.flush().await.is_err() {
+            break;
+        }
+        sent_frames += 2;
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(15), reader)
+        .await
+        .expect("meshd kept the flooding connection open")
+        .unwrap();
+    println!(
+        "PING/SETTINGS flood: closed after {sent_frames} frames sent, {acked} bytes of ACKs read"
+    );
+    assert!(
+        sent_frames < 1_000_000,
+        "meshd answered a million control frames"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || g.limit("control_frame_flood")
+            >= 2.0),
+        "the flood was not counted as control_frame_flood"
+    );
+    assert_eq!(
+        lines_with(&g.gw, "SETTINGS/PING frames without a request"),
+        1
+    );
 
     let tcp = TcpStream::connect(("127.0.0.1", g.port)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let tls = gateway_tls(d, b"h2").connect(name, tcp).await.unwrap();
     let mut send = h2_connect(tls).await;
     assert_eq!(grpc_call(&mut send, ZONES).await.unwrap(), "0");
-    assert!(
-        wait_until(Duration::from_secs(10), || g.limit("header_timeout") >= 1.0),
-        "the SETTINGS flood was not closed at the header timeout"
-    );
     let rss_after = rss_kib(g.gw.proc.pid());
     assert!(
         rss_after <= rss_before + 16 * 1024,

@@ -29,16 +29,20 @@ pub enum Limit {
     IdleTimeout,
     /// A keepalive PING went unacknowledged for `keepalive_timeout`: the peer is gone.
     KeepaliveTimeout,
+    /// An HTTP/2 client sent SETTINGS or PING frames without requests, past the budget
+    /// of `control_frames`: closed.
+    ControlFrameFlood,
 }
 
 impl Limit {
     /// Every limit, in the order of [`Limit::index`].
-    pub const ALL: [Limit; 5] = [
+    pub const ALL: [Limit; 6] = [
         Limit::MaxConnections,
         Limit::HandshakeTimeout,
         Limit::HeaderTimeout,
         Limit::IdleTimeout,
         Limit::KeepaliveTimeout,
+        Limit::ControlFrameFlood,
     ];
 
     /// The metric label.
@@ -49,6 +53,7 @@ impl Limit {
             Limit::HeaderTimeout => "header_timeout",
             Limit::IdleTimeout => "idle_timeout",
             Limit::KeepaliveTimeout => "keepalive_timeout",
+            Limit::ControlFrameFlood => "control_frame_flood",
         }
     }
 
@@ -72,6 +77,9 @@ impl Limit {
             Limit::KeepaliveTimeout => {
                 "a peer did not answer a keepalive PING within connections.keepalive_timeout: closed"
             }
+            Limit::ControlFrameFlood => {
+                "an HTTP/2 client sent over 200 SETTINGS/PING frames without a request: closed"
+            }
         }
     }
 }
@@ -86,7 +94,7 @@ pub struct ConnectionGate {
     /// Connections admitted and not yet closed, checked against `limits.max`.
     open: AtomicUsize,
     /// Whether each limit was logged already: a flood gets one line, then only counts.
-    logged: [AtomicBool; 5],
+    logged: [AtomicBool; Limit::ALL.len()],
 }
 
 impl ConnectionGate {

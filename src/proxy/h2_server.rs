@@ -9,6 +9,7 @@
 //! streams finish.
 
 use crate::proxy::connections::{ConnectionGate, Limit};
+use crate::proxy::control_frames::FrameWatch;
 use crate::proxy::h2_body::BodyPipe;
 use crate::proxy::{H2Body, ProxyBody};
 use bytes::Bytes;
@@ -65,7 +66,7 @@ pub async fn serve_h2<I, H, F>(
         }
     };
     let header_deadline = limits.map(|l| Instant::now() + l.header_timeout);
-    let handshake = h2_server().handshake::<_, Bytes>(io);
+    let handshake = h2_server().handshake::<_, Bytes>(FrameWatch::new(io, watched));
     let handshake = match header_deadline {
         Some(deadline) => tokio::time::timeout_at(deadline, handshake).await,
         None => Ok(handshake.await),

@@ -17,6 +17,7 @@
 
 mod connect;
 mod connections;
+mod control_frames;
 mod error;
 mod grpc;
 mod grpc_timeout;
