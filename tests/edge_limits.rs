@@ -10,7 +10,8 @@
 //! - `connections.max` closes the connection over the cap at accept.
 //! - At the inbound, a peer with a valid SVID that sends nothing, one that goes quiet
 //!   after a call, and one that stops answering PINGs are each closed by their limit.
-//! - HTTP/2 CONTINUATION and SETTINGS floods end at their limits too.
+//! - HTTP/2 CONTINUATION, SETTINGS and PING floods end at their limits too.
+//! - Request bodies over `gateway.max_request_body` get 413 / RESOURCE_EXHAUSTED.
 
 mod common;
 
@@ -25,6 +26,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const ZONES: &str = "/payment.v1.PaymentService/ListPricingZones";
+
+/// The latency test runs alone (it holds this for writing): the other tests of this file
+/// load the same two cores with floods of their own.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A gateway with a public route to the payment app behind its sidecar.
 struct Gateway {
@@ -338,6 +343,7 @@ fn lines_with(s: &Sidecar, text: &str) -> usize {
 // each cause once, and its memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_floods_leave_a_good_client_its_latency() {
+    let _alone = ALONE.write().await;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let g = Gateway::start("{handshake_timeout: 15s, header_timeout: 15s}");
     let d = g.dir.path();
@@ -455,6 +461,7 @@ async fn idle_and_slowloris_floods_leave_a_good_client_its_latency() {
 // (counted and logged once), and when the 20 go, new clients get answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_over_the_cap_is_closed_at_accept() {
+    let _shared = ALONE.read().await;
     let g = Gateway::start("{max: 20}");
     let mut held = Vec::new();
     for _ in 0..20 {
@@ -540,6 +547,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Freezable<IO> {
 // (header, idle, keepalive timeout) and counts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbound_closes_silent_idle_and_dead_peers() {
+    let _shared = ALONE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let files = format!(
@@ -643,6 +651,7 @@ async fn the_inbound_closes_silent_idle_and_dead_peers() {
 // a normal client is answered throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_and_settings_floods_end_at_their_limits() {
+    let _shared = ALONE.read().await;
     let g = Gateway::start("{header_timeout: 4s}");
     let d = g.dir.path();
     let rss_before = rss_kib(g.gw.proc.pid());
@@ -784,4 +793,126 @@ async fn continuation_and_settings_floods_end_at_their_limits() {
         rss_after <= rss_before + 16 * 1024,
         "RSS {rss_before} -> {rss_after} KiB"
     );
+}
+
+/// A gRPC call of `path` carrying one message of `len` bytes, sent in 16 KB data frames,
+/// with or without a content-length; its grpc-status and grpc-message.
+async fn grpc_call_with_body(
+    send: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+    len: usize,
+    declare: bool,
+) -> (String, String) {
+    let mut ready = send.clone().ready().await.unwrap();
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if declare {
+        req = req.header("content-length", len + 5);
+    }
+    let (resp, mut body) = ready.send_request(req.body(()).unwrap(), false).unwrap();
+    let mut message = vec![0u8; 5];
+    message[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+    message.resize(len + 5, b'x');
+    let sender = tokio::spawn(async move {
+        for chunk in message.chunks(16 << 10) {
+            body.reserve_capacity(chunk.len());
+            let _ = std::future::poll_fn(|cx| body.poll_capacity(cx)).await;
+            if body
+                .send_data(Bytes::copy_from_slice(chunk), false)
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = body.send_data(Bytes::new(), true);
+    });
+    let resp = resp.await.unwrap();
+    let (parts, mut body) = resp.into_parts();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { break };
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.ok().flatten().unwrap_or_default();
+    sender.abort();
+    let get = |name: &str| {
+        (trailers.get(name).or_else(|| parts.headers.get(name)))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+/// curl's HTTP status for a POST of `len` bytes to the gateway, over HTTP/1.1 with a
+/// content-length or chunked (no length declared).
+fn curl_post(port: u16, len: usize, chunked: bool, dir: &Path) -> String {
+    let file = dir.join(format!("body-{len}"));
+    std::fs::write(&file, vec![b'x'; len]).unwrap();
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sSk", "--http1.1", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .arg(format!(
+            "https://localhost:{port}/payment.v1.PaymentService/ListPricingZones"
+        ))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")]);
+    if chunked {
+        cmd.args(["-H", "Transfer-Encoding: chunked"]);
+    }
+    let out = cmd
+        .output()
+        .expect("curl (Debian package curl) must be installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// Story: the gateway allows 64 KiB of request body. A gRPC client sending a 1 MB message
+// gets RESOURCE_EXHAUSTED naming the limit, whether its content-length said so (refused
+// before the app is called) or not (cut off on the way); curl posting 256 KiB over
+// HTTP/1.1 gets 413 both ways; calls under the limit go through, each refusal is counted as
+// `too_large`, and the connection that was refused still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_max_request_body_are_refused_with_413_or_resource_exhausted() {
+    let _shared = ALONE.read().await;
+    let g = Gateway::start("{}\n  max_request_body: 64KiB");
+    let d = g.dir.path();
+    let tcp = TcpStream::connect(("127.0.0.1", g.port)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = gateway_tls(d, b"h2").connect(name, tcp).await.unwrap();
+    let mut send = h2_connect(tls).await;
+
+    for declare in [true, false] {
+        let (status, message) = grpc_call_with_body(&mut send, ZONES, 1 << 20, declare).await;
+        assert_eq!(
+            status, "8",
+            "1 MB, content-length declared: {declare}: {message}"
+        );
+        assert!(
+            message.contains("max_request_body of 65536 bytes"),
+            "{message}"
+        );
+    }
+    // Under the limit the body reaches the app: 1 KB of 'x' is not a valid message, so
+    // the app's own answer (not the gateway's 8) proves it got through.
+    let (status, message) = grpc_call_with_body(&mut send, ZONES, 1 << 10, false).await;
+    println!("1 KB of 'x' to the app: grpc-status {status} ({message})");
+    assert!(
+        !message.contains("max_request_body"),
+        "1 KB was refused: {message}"
+    );
+    assert_eq!(grpc_call(&mut send, ZONES).await.unwrap(), "0");
+
+    // 256 KiB: over the limit, and under the 1 MiB the gateway reads of a refused
+    // body so that curl, still sending, gets the answer rather than a reset.
+    assert_eq!(curl_post(g.port, 256 << 10, false, d), "413");
+    assert_eq!(curl_post(g.port, 256 << 10, true, d), "413");
+    let small = curl_post(g.port, 1 << 10, true, d);
+    println!("curl, 1 KB chunked: HTTP {small}");
+    assert_ne!(small, "413", "a 1 KB POST was refused");
+    let too_large = g.gw.metric(
+        "gateway_requests_failed_total",
+        &["service=\"payments\"", "reason=\"too_large\""],
+    );
+    assert_eq!(too_large, 4.0, "too_large refusals counted");
 }

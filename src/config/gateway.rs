@@ -45,6 +45,11 @@ pub struct GatewayConfig {
     /// Timeouts, keepalive and the connection cap for clients on the internet.
     #[serde(default)]
     pub connections: crate::config::ConnectionLimits,
+    /// The largest request body a client may send (bytes, or `64KiB`, `16MiB`), streamed
+    /// or not: a declared larger one gets 413 / RESOURCE_EXHAUSTED before the upstream is
+    /// called, one that grows past it is cut off there.
+    #[serde(default = "default_max_request_body", with = "byte_size")]
+    pub max_request_body: u64,
     /// `API_GATEWAY_KEY`: one more API key, given in the environment and held only as its
     /// SHA-256 (never read from the file; `/config` shows `"<redacted>"`).
     #[serde(
@@ -117,6 +122,10 @@ pub struct TranscodingConfig {
 
 fn default_max_body() -> u64 {
     4 << 20
+}
+
+fn default_max_request_body() -> u64 {
+    16 << 20
 }
 
 /// Why the protos of `gateway.transcoding` do not give a descriptor pool.
@@ -373,6 +382,15 @@ pub(crate) fn check(
     listeners.push(("gateway.listen".into(), g.listen));
     if g.routes.is_empty() {
         out.push(src.problem("gateway.routes", ConfigError::NoRoutes));
+    }
+    if g.max_request_body == 0 {
+        let field = "gateway.max_request_body".to_string();
+        out.push(src.problem(
+            &field,
+            ConfigError::ZeroTimeout {
+                field: field.clone(),
+            },
+        ));
     }
     let limits = std::iter::once(("gateway.rate_limit".to_string(), g.rate_limit)).chain(
         g.routes

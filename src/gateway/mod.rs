@@ -48,12 +48,13 @@ use crate::proxy::{self, ConnectionGate, Drain, Limit, ProxyBody, ProxyError, Wa
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use metrics::SharedString;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -138,12 +139,24 @@ fn start_at_zero(route: &str) {
         "unauthenticated",
         "rate_limited",
         "bad_request",
+        "too_large",
         "timeout",
         "upstream",
     ];
     for reason in reasons {
         metrics::counter!("gateway_requests_failed_total", "service" => service.clone(), "reason" => reason)
             .increment(0);
+    }
+}
+
+/// The message of a 413 / RESOURCE_EXHAUSTED for a body over `max` (`declared`: what its
+/// content-length said).
+fn too_large(declared: Option<u64>, max: u64) -> String {
+    match declared {
+        Some(n) => format!(
+            "request body of {n} bytes is over the gateway's max_request_body of {max} bytes"
+        ),
+        None => format!("request body is over the gateway's max_request_body of {max} bytes"),
     }
 }
 
@@ -325,6 +338,7 @@ impl Gateway {
             protocol: if grpc { "grpc" } else { "http" },
             client_status: None,
             refused: None,
+            body_cut: None,
         });
         let path = req.uri().path().to_string();
         // A JSON client's call of an exposed method, by its gRPC path or a REST path of
@@ -388,6 +402,20 @@ impl Gateway {
                 return resp;
             }
         }
+        // The body limit: a declared larger body is refused here, one that grows past it
+        // is cut off on its way up (the upstream sees CANCEL, the client 413 / 8).
+        let max = self.config.max_request_body;
+        let declared = (req.headers().get(http::header::CONTENT_LENGTH))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(n) = declared.filter(|n| *n > max) {
+            call.refused = Some("too_large");
+            let err = ProxyError::TooLarge(too_large(Some(n), max));
+            return self.refuse(&mut req, protocol, call, err).await;
+        }
+        let cut = Arc::new(AtomicBool::new(false));
+        req.body_mut().cap(max, cut.clone());
+        call.body_cut = Some(cut.clone());
         // A JSON client's call of an exposed service: checked and made a gRPC call here,
         // its answer made JSON; a refusal never reaches the app.
         let json_call = match found {
@@ -403,10 +431,15 @@ impl Gateway {
                         tracing::debug!("gateway refused {path} from {}: {e}", call.ip);
                         call.refused = Some("bad_request");
                         let mut record = self.refusal_record(http_method, None, call);
-                        let (status, code) = e.status();
+                        let (status, code, message) = if cut.load(Ordering::Acquire) {
+                            (StatusCode::PAYLOAD_TOO_LARGE, 8, too_large(None, max))
+                        } else {
+                            let (status, code) = e.status();
+                            (status, code, e.to_string())
+                        };
                         record.http_status = status.as_u16();
                         record.finish();
-                        return transcode::error_response(status, code, &e.to_string());
+                        return transcode::error_response(status, code, &message);
                     }
                 }
             }
@@ -427,6 +460,10 @@ impl Gateway {
         }
         req.extensions_mut().insert(route.timeouts);
         let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
+        if cut.load(Ordering::Acquire) {
+            tracing::debug!("gateway cut off a request body to {path} from {ip} at {max} bytes");
+            return ProxyError::TooLarge(too_large(None, max)).response(protocol);
+        }
         match json_call {
             Some((t, call)) => t.to_json(&call, resp).await,
             None => resp,

@@ -35,6 +35,9 @@ pub enum ProxyError {
     /// No gateway route matches the path.
     #[error("{0}")]
     NoRoute(String),
+    /// The request body is over the gateway's `max_request_body`.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ProxyError {
@@ -49,6 +52,7 @@ impl ProxyError {
             ProxyError::Unauthenticated(_) => (16, StatusCode::UNAUTHORIZED),
             ProxyError::RateLimited(_) => (8, StatusCode::TOO_MANY_REQUESTS),
             ProxyError::NoRoute(_) => (12, StatusCode::NOT_FOUND),
+            ProxyError::TooLarge(_) => (8, StatusCode::PAYLOAD_TOO_LARGE),
         }
     }
 

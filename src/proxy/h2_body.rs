@@ -14,6 +14,8 @@ use http_body::{Body, Frame};
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 /// Tells a body pipe running in its own task to reset the stream when the caller gave
@@ -225,6 +227,9 @@ pub struct H2Body {
     piped: Option<tokio::sync::mpsc::Receiver<Frame<Bytes>>>,
     /// All data frames were read; trailers come next.
     data_done: bool,
+    /// The gateway's `max_request_body`: the bytes still allowed, and where to tell that
+    /// the body went past them.
+    cap: Option<(u64, Arc<AtomicBool>)>,
 }
 
 impl H2Body {
@@ -234,6 +239,7 @@ impl H2Body {
             fixed: None,
             piped: None,
             data_done: false,
+            cap: None,
         }
     }
 
@@ -244,6 +250,7 @@ impl H2Body {
             fixed: Some(bytes),
             piped: None,
             data_done: false,
+            cap: None,
         }
     }
 
@@ -254,8 +261,38 @@ impl H2Body {
             fixed: None,
             piped: Some(frames),
             data_done: false,
+            cap: None,
         }
     }
+}
+
+impl H2Body {
+    /// Allows `max` bytes of data: past them the body fails (with CANCEL, so the stream
+    /// it is sent on is reset) and `cut` is set.
+    pub fn cap(&mut self, max: u64, cut: Arc<AtomicBool>) {
+        self.cap = Some((max, cut));
+    }
+}
+
+/// The most of a cut-off body read (and dropped) after the cut, and for how long.
+const DRAIN_BYTES: usize = 4 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops the rest of a body that was cut off, so the client still sending it
+/// gets its answer: an HTTP/1.1 connection closed with unread bytes is reset, and the
+/// reset can take the answer with it.
+async fn drain(mut recv: RecvStream) {
+    let read = async {
+        let mut seen = 0;
+        while let Some(Ok(data)) = recv.data().await {
+            seen += data.len();
+            let _ = recv.flow_control().release_capacity(data.len());
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// A reset with NO_ERROR ends the body early but cleanly (RFC 9113 §8.1).
@@ -272,6 +309,39 @@ impl Body for H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        let frame = this.poll_uncapped(cx);
+        let Some((left, hit)) = this.cap.as_mut() else {
+            return frame;
+        };
+        if let Poll::Ready(Some(Ok(f))) = &frame {
+            let len = f.data_ref().map_or(0, |d| d.len() as u64);
+            if len > *left {
+                hit.store(true, Ordering::Release);
+                if let Some(recv) = this.recv.take() {
+                    tokio::spawn(drain(recv));
+                }
+                return Poll::Ready(Some(Err(h2::Error::from(Reason::CANCEL))));
+            }
+            *left -= len;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.as_ref().map_or(
+            self.fixed.is_none() && self.piped.is_none(),
+            RecvStream::is_end_stream,
+        )
+    }
+}
+
+impl H2Body {
+    /// The next frame, without the cap.
+    fn poll_uncapped(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self;
         if let Some(frames) = this.piped.as_mut() {
             return frames.poll_recv(cx).map(|f| f.map(Ok));
         }
@@ -294,13 +364,6 @@ impl Body for H2Body {
             Err(e) if ended_cleanly(&e) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e))),
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.as_ref().map_or(
-            self.fixed.is_none() && self.piped.is_none(),
-            RecvStream::is_end_stream,
-        )
     }
 }
 

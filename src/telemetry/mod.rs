@@ -98,7 +98,7 @@ fn describe() {
     );
     describe_counter!(
         "meshd_connection_limits_total",
-        "Connections closed or refused by a limit of `connections:`, by listener (direction) and limit (max_connections, handshake_timeout, header_timeout, idle_timeout, keepalive_timeout)."
+        "Connections closed or refused by a limit of `connections:`, by listener (direction) and limit (max_connections, handshake_timeout, header_timeout, idle_timeout, keepalive_timeout, control_frame_flood)."
     );
     describe_counter!(
         "gateway_requests_total",
@@ -329,6 +329,16 @@ pub struct GatewayCall {
     /// Why the gateway refused the request itself (`unauthenticated`, `rate_limited`,
     /// `no_route`); none when it was proxied.
     pub refused: Option<&'static str>,
+    /// Set when the request body went past `max_request_body` and was cut off on its way
+    /// up: the call then counts as `too_large`, answered 413 / RESOURCE_EXHAUSTED.
+    pub body_cut: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl GatewayCall {
+    /// Whether the request body was cut off at `max_request_body`.
+    pub fn body_cut(&self) -> bool {
+        (self.body_cut.as_ref()).is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire))
+    }
 }
 
 impl RequestRecord {
@@ -380,6 +390,12 @@ impl RequestRecord {
             return;
         }
         self.done = true;
+        if let Some(g) = self.gateway.as_mut().filter(|g| g.body_cut()) {
+            g.refused = Some("too_large");
+            let grpc = self.grpc_method.is_some();
+            self.http_status = if grpc { 200 } else { 413 };
+            self.grpc_status = grpc.then_some(8);
+        }
         let secs = self.start.elapsed().as_secs_f64();
         let mut digits = Digits::default();
         let status = digits.format(self.status());
