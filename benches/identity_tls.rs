@@ -13,7 +13,7 @@ use criterion::{criterion_group, BatchSize, Criterion};
 use meshd::config::parse_spiffe_id;
 use meshd::dev_ca::DevCa;
 use meshd::identity::{crypto_provider, parse_svid_leaf, BundleSet, IdentitySnapshot, Svid};
-use meshd::proxy::spiffe_server_name;
+use meshd::tls::spiffe_server_name;
 use meshd::tls::{client_config, client_verifier, peer_id, server_config};
 use rustls::client::Resumption;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};

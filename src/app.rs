@@ -257,10 +257,11 @@ fn start_identity(config: &IdentityConfig, background: &CancellationToken) -> Id
 
 /// The TLS store (one client slot per outbound) and its task following the identity.
 fn start_tls(config: &Config, identity: &watch::Receiver<IdentityStatus>) -> Arc<TlsStore> {
+    // Server-only upstreams get their slot in `upstream_tls`: nothing in it rotates.
     let upstream_ids = config
         .outbound
         .iter()
-        .map(|o| (o.name.clone(), o.server_id.clone(), o.protocol.is_http()))
+        .filter_map(|o| Some((o.name.clone(), o.server_id.clone()?, o.protocol.is_http())))
         .collect();
     let inbound_h2 = config.inbound.as_ref().is_none_or(|i| i.protocol.is_http());
     let tls = Arc::new(TlsStore::new(inbound_h2, upstream_ids));
@@ -359,6 +360,7 @@ async fn start_outbounds(
         by_name: HashMap::new(),
     };
     let Tasks { drain, background } = &shared.tasks;
+    let mut jwt_source = None;
     for o in &config.outbound {
         let listener = match o.listen {
             Some(addr) => Some(bind(addr, &format!("outbound {}", o.name)).await?),
@@ -375,13 +377,11 @@ async fn start_outbounds(
             refresh,
             background.clone(),
         );
-        let slot = shared
-            .tls
-            .upstream(&o.name)
-            .ok_or_else(|| anyhow!("outbound {}: no TLS slot", o.name))?;
+        let (slot, jwt) = upstream_tls(config, o, &shared.tls, &mut jwt_source)?;
         let ob = Arc::new(Outbound::new(
             o,
             slot,
+            jwt,
             found,
             shared.identity.clone(),
             shared.labels.clone(),
@@ -408,6 +408,49 @@ async fn start_outbounds(
         }
     }
     Ok(out)
+}
+
+/// An outbound's client TLS slot (the store's, rotating with the SVID, for mTLS; built
+/// once for `server_only`) and its JWT-SVID attachment (`jwt_svid`), all from one
+/// `JwtSvidSource` made on first need. The source retries an unavailable agent for half
+/// the shortest `timeout` of these outbounds, so a request fails with the agent's reason
+/// rather than its deadline.
+fn upstream_tls(
+    config: &Config,
+    o: &crate::config::OutboundConfig,
+    store: &TlsStore,
+    jwt_source: &mut Option<Arc<crate::identity::JwtSvidSource>>,
+) -> anyhow::Result<(
+    Arc<crate::tls::UpstreamTls>,
+    Option<crate::outbound::JwtAttach>,
+)> {
+    let slot = match (&o.server_id, &o.tls.sni) {
+        (Some(_), _) => store.upstream(&o.name),
+        (None, Some(sni)) => {
+            let built = crate::tls::server_only_tls(o.tls.ca.as_deref(), sni, o.protocol.is_http());
+            Some(Arc::new(
+                built.with_context(|| format!("outbound {}", o.name))?,
+            ))
+        }
+        (None, None) => None,
+    }
+    .ok_or_else(|| anyhow!("outbound {}: no TLS slot", o.name))?;
+    let Some(jwt) = &o.jwt_svid else {
+        return Ok((slot, None));
+    };
+    let source = jwt_source.get_or_insert_with(|| {
+        let patience = (config.outbound.iter())
+            .filter(|o| o.jwt_svid.is_some())
+            .map(|o| o.timeout / 2)
+            .min()
+            .unwrap_or(Duration::from_secs(2));
+        let addr = (config.identity.workload_api.as_deref())
+            .unwrap_or(crate::config::DEFAULT_WORKLOAD_API);
+        let expect = config.identity.expect.clone();
+        Arc::new(crate::identity::JwtSvidSource::new(addr, expect, patience))
+    });
+    let attach = crate::outbound::JwtAttach::new(&o.name, jwt.audience.clone(), source.clone());
+    Ok((slot, Some(attach)))
 }
 
 /// The transparent listener (IPv4, and IPv6 loopback when the pod has it) that hands

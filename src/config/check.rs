@@ -9,6 +9,7 @@
 use crate::config::endpoints::{parse_endpoints, parse_entry, EndpointsSpec};
 use crate::config::raw::{Endpoints, ParsedOutbound, RawConfig};
 use crate::config::source::Source;
+use crate::config::upstream_auth;
 use crate::config::{
     parse_spiffe_id, parse_workload_api_address, Config, ConfigError, ConfigProblem, Env, Severity,
     ValueError,
@@ -72,9 +73,10 @@ pub(crate) fn validate(
         if let Some(listen) = ob.listen {
             listeners.push((at("listen"), listen));
         }
-        let server_id = check_spiffe_id(src, &at("server_id"), &ob.server_id, &mut out);
         let endpoints = check_endpoints(src, &at("endpoints"), &ob.endpoints, &mut out);
-        parsed.push(server_id.zip(endpoints));
+        let files = config.identity.files.is_some();
+        let auth = upstream_auth::check(i, ob, endpoints.as_ref(), files, src, &mut out);
+        parsed.push(auth.zip(endpoints));
         if ob.timeout.is_zero() {
             out.push(src.problem(
                 &at("timeout"),
@@ -161,9 +163,10 @@ pub(crate) fn validate(
         .into_iter()
         .zip(intercepts)
         .map(|(ids, intercept)| {
-            let (server_id, endpoints) = ids?;
+            let ((server_id, tls), endpoints) = ids?;
             Some(ParsedOutbound {
                 server_id,
+                tls,
                 endpoints,
                 intercept: intercept?,
             })
@@ -177,7 +180,7 @@ pub(crate) fn validate(
 }
 
 /// `id` as a SPIFFE ID, or a problem at `field`.
-fn check_spiffe_id(
+pub(crate) fn check_spiffe_id(
     src: &Source,
     field: &str,
     id: &str,

@@ -1,7 +1,9 @@
 //! The one error enum of the config module and how its problems are positioned and shown.
 //! Re-exported from `crate::config`; see there for the loading flow.
 
-use crate::config::{AddressError, EndpointsError, HostPortError, SpiffeIdError};
+use crate::config::{
+    AddressError, EndpointsError, HostPortError, SpiffeIdError, UpstreamAuthError,
+};
 use std::fmt;
 use std::net::{AddrParseError, SocketAddr};
 use std::path::PathBuf;
@@ -48,6 +50,9 @@ pub enum ConfigError {
         value: String,
         reason: SpiffeIdError,
     },
+    /// An outbound's `tls`, `server_id` or `jwt_svid` break a rule of `upstream_auth`.
+    #[error("{0}")]
+    UpstreamAuth(UpstreamAuthError),
     /// An outbound has an empty `name`.
     #[error("outbound[{index}].name must not be empty")]
     EmptyOutboundName { index: usize },
@@ -168,6 +173,7 @@ impl ConfigError {
             ConfigError::AdminNotLoopback { .. }
             | ConfigError::InboundWithoutPolicy
             | ConfigError::GatewayEnvWithoutGateway { .. } => Severity::Warning,
+            ConfigError::UpstreamAuth(e) if e.is_warning() => Severity::Warning,
             _ => Severity::Error,
         }
     }

@@ -22,6 +22,7 @@ mod raw;
 mod resilience;
 mod source;
 mod spiffe_id;
+mod upstream_auth;
 
 #[cfg(test)]
 mod fuzz;
@@ -154,9 +155,15 @@ pub struct OutboundConfig {
     pub protocol: Protocol,
     /// Where the upstream runs: a static list or a resolver to follow.
     pub endpoints: EndpointsSpec,
-    /// The SPIFFE ID the upstream must present; any other ID is refused.
-    #[serde(serialize_with = "as_text::display")]
-    pub server_id: SpiffeId,
+    /// The SPIFFE ID the upstream must present (`tls.mode: mtls`); any other ID is
+    /// refused. None with `server_only`, where the certificate's name is checked.
+    #[serde(serialize_with = "as_text::optional")]
+    pub server_id: Option<SpiffeId>,
+    /// Mutual TLS (default) or server-only TLS to an upstream outside the mesh.
+    pub tls: UpstreamTlsConfig,
+    /// A JWT-SVID put on every request; off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_svid: Option<JwtSvidAttach>,
     #[serde(with = "duration_str")]
     pub timeout: Duration,
     /// Which failed requests are sent again, and the budget that bounds them.
@@ -346,10 +353,6 @@ mod as_text {
     use serde::Serializer;
     use std::fmt::Display;
 
-    pub fn display<S: Serializer, T: Display>(value: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(value)
-    }
-
     pub fn optional<S: Serializer, T: Display>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
         match value {
             Some(v) => s.collect_str(v),
@@ -398,6 +401,9 @@ pub use crate::config::gateway::{
 };
 pub use crate::config::intercept::{TransparentConfig, Unmatched};
 pub use crate::config::resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
+pub use crate::config::upstream_auth::{
+    JwtSvidAttach, TlsMode, UpstreamAuthError, UpstreamTlsConfig,
+};
 
 /// The process environment, captured once by `main` (`std::env::vars().collect()`).
 /// Empty values count as unset, as Kubernetes manifests often template them empty.

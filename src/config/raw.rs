@@ -12,9 +12,9 @@
 use crate::config::{
     default_max_refresh, default_min_refresh, default_timeout, duration_str, AdminConfig,
     BalancerPolicy, Config, DiscoveryConfig, EndpointsSpec, GatewayConfig, HealthCheckConfig,
-    HostPort, IdentityConfig, IdentityFiles, InboundConfig, LifecycleConfig, LimitsConfig,
-    LogConfig, OutboundConfig, OutlierConfig, Protocol, RetryConfig, RuntimeConfig,
-    TransparentConfig,
+    HostPort, IdentityConfig, IdentityFiles, InboundConfig, JwtSvidAttach, LifecycleConfig,
+    LimitsConfig, LogConfig, OutboundConfig, OutlierConfig, Protocol, RetryConfig, RuntimeConfig,
+    TransparentConfig, UpstreamTlsConfig,
 };
 use serde::{Deserialize, Deserializer};
 use spiffe::SpiffeId;
@@ -73,7 +73,12 @@ pub(crate) struct RawOutbound {
     #[serde(default)]
     pub protocol: Protocol,
     pub endpoints: Endpoints,
-    pub server_id: String,
+    #[serde(default)]
+    pub server_id: Option<String>,
+    #[serde(default)]
+    pub tls: UpstreamTlsConfig,
+    #[serde(default)]
+    pub jwt_svid: Option<JwtSvidAttach>,
     #[serde(default = "default_timeout", with = "duration_str")]
     pub timeout: Duration,
     #[serde(default)]
@@ -129,7 +134,8 @@ impl<'de> Deserialize<'de> for Endpoints {
 /// The values of an outbound that validation parsed from its text.
 #[derive(Debug)]
 pub(crate) struct ParsedOutbound {
-    pub server_id: SpiffeId,
+    pub server_id: Option<SpiffeId>,
+    pub tls: UpstreamTlsConfig,
     pub endpoints: EndpointsSpec,
     pub intercept: Vec<HostPort>,
 }
@@ -144,6 +150,8 @@ impl RawOutbound {
             protocol: self.protocol,
             endpoints: parsed.endpoints,
             server_id: parsed.server_id,
+            tls: parsed.tls,
+            jwt_svid: self.jwt_svid,
             timeout: self.timeout,
             retries: self.retries,
             health_check: self.health_check,

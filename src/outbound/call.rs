@@ -11,7 +11,9 @@
 //! A request may carry [`CallTimeouts`] (the edge gateway's route sets them): its request
 //! timeout then replaces the upstream's `timeout`, and its connect timeout bounds each
 //! attempt's wait for a connection (a pooled connection is shared, so this bounds the
-//! wait, not the dial of others). A TCP connection ([`forward_tcp`]) is one mTLS connect, tried again on another
+//! wait, not the dial of others). An upstream with `jwt_svid` puts its JWT-SVID in
+//! `authorization` before the first attempt (within the deadline), or answers UNAVAILABLE
+//! / 503 naming why there is none. A TCP connection ([`forward_tcp`]) is one mTLS connect, tried again on another
 //! endpoint when it fails and retries are on, then a byte pipe.
 
 use crate::config::Protocol;
@@ -149,6 +151,19 @@ pub async fn forward_as(
     let connect = timeouts.map(|t| t.connect);
     let deadline = proxy::request_deadline(configured, req.headers());
     req.headers_mut().remove(XFCC);
+    if let Some(jwt) = &ob.jwt {
+        // The JWT-SVID replaces any authorization the app sent; no token, no request.
+        let within = deadline.saturating_sub(started.elapsed());
+        match jwt.authorization(within).await {
+            Ok(value) => {
+                req.headers_mut().insert(http::header::AUTHORIZATION, value);
+            }
+            Err(e) => {
+                let err = ProxyError::Unavailable(format!("upstream {}: {e}", ob.name));
+                return fail(ob, record, protocol, err);
+            }
+        }
+    }
     if ob.config.retries.attempts == 0 {
         // No retries: the request goes out as it came, with no copies.
         let (ep, result) = match ob.pick(&[]) {

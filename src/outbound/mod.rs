@@ -1,6 +1,8 @@
 //! Outbound: one plaintext listener per upstream the app calls. Requests (h2c/gRPC) or
 //! TCP connections from the app leave as mutual TLS with the current SVID, to an endpoint
-//! whose SVID must carry the upstream's `server_id`.
+//! whose SVID must carry the upstream's `server_id` — or, for an upstream outside the mesh
+//! (`tls.mode: server_only`), as TLS to a server whose certificate is valid for `sni`.
+//! With `jwt_svid`, each request carries a JWT-SVID as the caller's proof (`jwt_attach`).
 //!
 //! Flow: accept from the app -> admit (circuit breaker) -> pick an eligible endpoint (not
 //! ejected by outlier detection, not failing active health checks) -> pooled mTLS HTTP/2
@@ -8,6 +10,8 @@
 //! attempt that is safe to repeat is retried on another endpoint within the retry budget
 //! (`call`). Failures become gRPC UNAVAILABLE / DEADLINE_EXCEEDED (HTTP 503 / 504)
 //! naming the upstream. Each endpoint has its own health-check task (`health_check`).
+//! An upstream with `jwt_svid` first gets its token (no token: UNAVAILABLE / 503, the
+//! request is not sent).
 //!
 //! Where things live: [`Outbound`] and all its methods (construction, the endpoint set
 //! discovery keeps current, picking and observing endpoints, the listener) are here; the
@@ -18,6 +22,7 @@
 mod balancer;
 mod call;
 mod health_check;
+mod jwt_attach;
 mod resilience;
 mod transparent;
 
@@ -25,6 +30,7 @@ mod transparent;
 mod fuzz;
 pub use balancer::{UpstreamView, Upstreams};
 pub use call::{forward_as, CallTimeouts};
+pub use jwt_attach::{JwtAttach, JwtAttachError};
 pub use transparent::{Claim, Transparent};
 
 use crate::config::{OutboundConfig, Protocol};
@@ -101,11 +107,14 @@ struct OverrideTls {
 impl OverrideTls {
     fn build(&self, slot: &UpstreamTls) {
         let status = self.identity.borrow();
-        let config = status.snapshot().and_then(|snap| {
-            crate::tls::client_config(snap, &slot.server_id, slot.alpn_h2)
-                .map_err(|e| tracing::error!("client TLS config for {}: {e}", slot.server_id))
-                .ok()
-        });
+        let config = status
+            .snapshot()
+            .zip(slot.server_id.as_ref())
+            .and_then(|(snap, id)| {
+                crate::tls::client_config(snap, id, slot.alpn_h2)
+                    .map_err(|e| tracing::error!("client TLS config for {id}: {e}"))
+                    .ok()
+            });
         slot.config.store(config.map(Arc::new));
     }
 
@@ -115,7 +124,8 @@ impl OverrideTls {
             .entry(id.clone())
             .or_insert_with(|| {
                 let slot = UpstreamTls {
-                    server_id: id.clone(),
+                    server_id: Some(id.clone()),
+                    server_name: crate::tls::spiffe_server_name(),
                     alpn_h2: self.alpn_h2,
                     config: Default::default(),
                 };
@@ -149,8 +159,11 @@ pub struct Outbound {
     pub config: OutboundConfig,
     /// The client TLS config slot, swapped at rotation.
     pub tls: Arc<UpstreamTls>,
-    /// `server_id` as text, for metrics labels and access logs.
+    /// `server_id` as text (a server-only upstream's `sni`), for metrics labels and
+    /// access logs.
     pub(crate) server_id_text: metrics::SharedString,
+    /// The JWT-SVID put on each request (`jwt_svid`); none without.
+    pub(crate) jwt: Option<JwtAttach>,
     /// Where the upstream runs, as published by its resolver task.
     pub discovery: Arc<UpstreamDiscovery>,
     /// The endpoints requests are balanced over; replaced when discovery publishes.
@@ -178,6 +191,7 @@ impl Outbound {
     pub fn new(
         config: &OutboundConfig,
         tls: Arc<UpstreamTls>,
+        jwt: Option<JwtAttach>,
         discovery: Arc<UpstreamDiscovery>,
         identity: watch::Receiver<IdentityStatus>,
         labels: Arc<Labels>,
@@ -195,9 +209,11 @@ impl Outbound {
         let ob = Outbound {
             name: config.name.clone(),
             config: config.clone(),
-            server_id_text: metrics::SharedString::from(Arc::<str>::from(
-                tls.server_id.to_string(),
-            )),
+            server_id_text: metrics::SharedString::from(Arc::<str>::from(match &tls.server_id {
+                Some(id) => id.to_string(),
+                None => tls.server_name.to_str().into_owned(),
+            })),
+            jwt,
             tls,
             discovery,
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -231,7 +247,7 @@ impl Outbound {
                 continue;
             }
             let tls = match &meta.server_id {
-                Some(id) if *id != self.tls.server_id => self.overrides.slot(id),
+                Some(id) if Some(id) != self.tls.server_id.as_ref() => self.overrides.slot(id),
                 _ => self.tls.clone(),
             };
             let ep = Arc::new(Endpoint {
@@ -431,7 +447,8 @@ impl UpstreamView for Outbound {
                     "address": e.meta.addr.to_string(),
                     "weight": e.meta.weight,
                     "zone": e.meta.zone,
-                    "server_id": e.tls.server_id.to_string(),
+                    "server_id": e.tls.server_id.as_ref().map(ToString::to_string),
+                    "server_name": e.tls.server_id.is_none().then(|| e.tls.server_name.to_str()),
                     "state": e.health.state(Instant::now()).label(),
                     "requests": requests,
                     "failures": failures,

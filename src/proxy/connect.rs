@@ -2,8 +2,9 @@
 //!
 //! Flow: [`tcp_connect`] opens the socket with Nagle off -> for an upstream,
 //! [`tls_connect`] takes the current client config (none: no SVID, no connection) and
-//! handshakes under the fixed [`spiffe_server_name`]; the verifier checks the peer's
-//! SPIFFE ID, and a failed handshake is counted by reason. Every failure is a
+//! handshakes under the slot's server name (the fixed `tls::spiffe_server_name` for a SPIFFE
+//! peer, whose verifier checks its SPIFFE ID; `sni` for a server-only upstream, checked
+//! in its certificate), and a failed handshake is counted by reason. Every failure is a
 //! [`ConnectError`] naming the address (the pool adds a failed HTTP/2 handshake).
 
 use crate::tls::UpstreamTls;
@@ -15,11 +16,6 @@ pub async fn tcp_connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     Ok(s)
-}
-
-/// A fixed server name: peers are verified by SPIFFE ID, never by hostname.
-pub fn spiffe_server_name() -> rustls_pki_types::ServerName<'static> {
-    rustls_pki_types::ServerName::try_from("meshd.spiffe.invalid").expect("static name is valid")
 }
 
 /// Why no connection to a peer could be made.
@@ -55,7 +51,7 @@ pub async fn tls_connect(
         .await
         .map_err(|error| ConnectError::Tcp { addr, error })?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    match connector.connect(spiffe_server_name(), tcp).await {
+    match connector.connect(tls.server_name.clone(), tcp).await {
         Ok(s) => Ok(s),
         Err(error) => {
             metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "outbound", "reason" => crate::tls::failure_reason(&error)).increment(1);

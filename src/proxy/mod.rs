@@ -33,7 +33,7 @@ mod xfcc;
 
 #[cfg(test)]
 mod fuzz;
-pub use connect::{spiffe_server_name, tcp_connect, tls_connect, ConnectError};
+pub use connect::{tcp_connect, tls_connect, ConnectError};
 pub use connections::{wait_first_byte, ConnectionGate, Limit, OpenConnection};
 pub use error::{grpc_message_encode, ProxyError};
 pub use grpc::{grpc_path, is_grpc, GRPC_STATUS};

@@ -8,11 +8,13 @@
 //! new handshakes fail closed.
 
 mod handshake_io;
+mod server_only;
 mod verified_chains;
 
 #[cfg(test)]
 mod fuzz;
 pub use handshake_io::HandshakeIo;
+pub use server_only::{server_only_tls, ServerOnlyError};
 
 use crate::identity::{
     crypto_provider, parse_svid_leaf, BundleSet, IdentitySnapshot, IdentityStatus, SpiffeId,
@@ -357,10 +359,20 @@ pub fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Option<SpiffeId> {
         .map(|f| f.id)
 }
 
+/// A fixed server name: SPIFFE peers are verified by SPIFFE ID, never by hostname.
+pub fn spiffe_server_name() -> ServerName<'static> {
+    ServerName::try_from("meshd.spiffe.invalid").expect("static name is valid")
+}
+
 /// One upstream's prepared client config slot.
 #[derive(Debug)]
 pub struct UpstreamTls {
-    pub server_id: SpiffeId,
+    /// The SPIFFE ID the upstream must present (mutual TLS); `None` for a server-only
+    /// upstream, whose certificate is checked for `server_name` instead.
+    pub server_id: Option<SpiffeId>,
+    /// The name sent in SNI: a fixed one for SPIFFE peers (checked by ID, never by
+    /// name), the configured `sni` for a server-only upstream.
+    pub server_name: ServerName<'static>,
     pub alpn_h2: bool,
     /// Swapped at each rotation; empty while there is no valid identity.
     pub config: ArcSwapOption<ClientConfig>,
@@ -388,7 +400,8 @@ impl TlsStore {
                     (
                         name,
                         Arc::new(UpstreamTls {
-                            server_id,
+                            server_id: Some(server_id),
+                            server_name: spiffe_server_name(),
                             alpn_h2,
                             config: ArcSwapOption::empty(),
                         }),
@@ -425,13 +438,13 @@ impl TlsStore {
             }
         }
         for u in self.upstreams.values() {
-            match client_config(snapshot, &u.server_id, u.alpn_h2) {
+            let Some(server_id) = &u.server_id else {
+                continue;
+            };
+            match client_config(snapshot, server_id, u.alpn_h2) {
                 Ok(c) => u.config.store(Some(Arc::new(c))),
                 Err(e) => {
-                    tracing::error!(
-                        "cannot build the client TLS config for {}: {e}",
-                        u.server_id
-                    );
+                    tracing::error!("cannot build the client TLS config for {server_id}: {e}");
                     u.config.store(None);
                 }
             }
