@@ -61,6 +61,8 @@ func main() {
 		err = server(os.Args[2:])
 	case "client":
 		err = client(os.Args[2:])
+	case "jwt-client":
+		err = jwtClient(os.Args[2:])
 	// Issue 22: "jwt-fetch" and "jwt-validate" go here.
 	default:
 		err = fmt.Errorf("unknown subcommand %q (server|client)", os.Args[1])
