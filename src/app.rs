@@ -16,7 +16,7 @@ use crate::discovery::Dns;
 use crate::discovery::{self, RefreshBounds};
 use crate::gateway::Gateway;
 use crate::identity::{IdentityStatus, JwtBundlesStatus};
-use crate::inbound::Inbound;
+use crate::inbound::{Inbound, JwtCheck};
 use crate::outbound::Outbound;
 use crate::outbound::{Claim, Transparent};
 use crate::outbound::{UpstreamView, Upstreams};
@@ -97,7 +97,8 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         tasks: tasks.clone(),
     };
 
-    let inbound_port = start_inbound(&config, &inbound_policy, &shared).await?;
+    let inbound_port =
+        start_inbound(&config, &inbound_policy, &identity.jwt_bundles, &shared).await?;
     let dns = Arc::new(Dns::new(&config.discovery.nameservers));
     let outbounds = start_outbounds(&config, &dns, &shared).await?;
     if let Some(t) = &config.transparent {
@@ -309,6 +310,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 async fn start_inbound(
     config: &Config,
     policy: &Arc<PolicyStore>,
+    jwt_bundles: &watch::Receiver<JwtBundlesStatus>,
     shared: &Shared,
 ) -> anyhow::Result<u16> {
     let Some(ib) = &config.inbound else {
@@ -328,6 +330,7 @@ async fn start_inbound(
         log: shared.access.clone(),
         limits: ib.connections,
         gate: ConnectionGate::new("inbound", Some(ib.connections)),
+        jwt: (ib.jwt_svid.clone()).map(|j| JwtCheck::new(j, jwt_bundles.clone())),
     });
     tracing::info!(
         "inbound listening on {} -> {}",

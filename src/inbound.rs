@@ -4,14 +4,19 @@
 //! connection (or a byte stream for `tcp`).
 //!
 //! Flow: accept -> TLS handshake with the current server config (none = no identity =
-//! refuse) -> peer SPIFFE ID from the verified leaf -> per request: authorize -> strip
-//! and set XFCC -> forward to the app -> stream the response back, metered.
+//! refuse) -> peer SPIFFE ID from the verified leaf -> per request: the JWT-SVID check
+//! when `inbound.jwt_svid` is set (`jwt`: a bad or missing token is UNAUTHENTICATED / 401)
+//! -> authorize the peer (and the token's subject) -> strip and set XFCC -> forward to
+//! the app -> stream the response back, metered.
+
+mod jwt;
+pub use jwt::{JwtCheck, JwtRefusal};
 
 use crate::config::ConnectionLimits;
 use crate::config::Protocol;
 use crate::identity::SpiffeId;
 use crate::policy::PolicyStore;
-use crate::policy::{Request as AuthzRequest, Target};
+use crate::policy::{Caller, Request as AuthzRequest, Target};
 use crate::proxy::H2Body;
 use crate::proxy::H2Pool;
 use crate::proxy::{self, ConnectionGate, Drain, Limit, ProxyBody, ProxyError, Watched};
@@ -47,6 +52,8 @@ pub struct Inbound {
     pub limits: ConnectionLimits,
     /// Counts the listener's connections and the limits they hit.
     pub gate: Arc<ConnectionGate>,
+    /// `inbound.jwt_svid`: the bearer JWT-SVID every request must (or may) carry.
+    pub jwt: Option<JwtCheck>,
 }
 
 /// Per-connection facts handed to each request.
@@ -186,7 +193,7 @@ impl Inbound {
             Some(self.log.clone()),
         );
         if !decision.allowed || decision.would_deny {
-            log_denial(&peer.id_text, "tcp", &decision, &policy);
+            log_denial(&peer.id_text, None, "tcp", &decision, &policy);
         }
         if !decision.allowed {
             record.denied = true;
@@ -209,6 +216,8 @@ impl Inbound {
 
     async fn handle(&self, mut req: Request<H2Body>, peer: &Peer) -> Response<ProxyBody> {
         let grpc = self.protocol == Protocol::Grpc || proxy::is_grpc(&req);
+        // Held aside while the request is checked (`path` borrows the request).
+        let mut headers = std::mem::take(req.headers_mut());
         let path = req.uri().path();
         let grpc_parts = if grpc { proxy::grpc_path(path) } else { None };
         let (method_label, grpc_method) = match grpc_parts {
@@ -236,11 +245,20 @@ impl Inbound {
             port: self.port,
             request,
         };
-        let (decision, policy) = self.policy.decide(&peer.id, &target);
-        if !decision.allowed || decision.would_deny {
-            log_denial(&peer.id_text, path, &decision, &policy);
-        }
         let protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
+        let subject = match self.jwt.as_ref().map(|j| j.check(&mut headers)) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(subject))) => Some(subject),
+            Some(Err(refusal)) => return unauthenticated(record, protocol, &peer.id_text, refusal),
+        };
+        let caller = Caller {
+            peer: &peer.id,
+            jwt: subject.as_ref(),
+        };
+        let (decision, policy) = self.policy.decide_caller(&caller, &target);
+        if !decision.allowed || decision.would_deny {
+            log_denial(&peer.id_text, subject.as_ref(), path, &decision, &policy);
+        }
         if !decision.allowed {
             record.denied = true;
             record.rule = Some(decision.rule_name(&policy).to_string());
@@ -250,6 +268,7 @@ impl Inbound {
                 ProxyError::Denied(decision.message(&policy)),
             );
         }
+        *req.headers_mut() = headers;
         proxy::set_xfcc(req.headers_mut(), peer.xfcc.as_ref());
         match self.app.send(req).await {
             Ok(resp) => proxy::respond_upstream(record, resp),
@@ -273,8 +292,34 @@ fn handshake_timed_out() {
     metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "timeout").increment(1);
 }
 
+/// The answer to a request whose JWT-SVID was refused: UNAUTHENTICATED (16) with the
+/// reason in grpc-message, or 401 with the reason and `www-authenticate`.
+fn unauthenticated(
+    mut record: RequestRecord,
+    protocol: Protocol,
+    peer: &str,
+    refusal: JwtRefusal,
+) -> Response<ProxyBody> {
+    tracing::info!(target: "meshd::authn", peer_id = peer, result = refusal.label(), "{refusal}");
+    record.denied = true;
+    record.rule = Some(format!("jwt_svid:{}", refusal.label()));
+    let mut response = proxy::respond_locally(
+        record,
+        protocol,
+        ProxyError::Unauthenticated(refusal.to_string()),
+    );
+    if protocol == Protocol::Http {
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
+    response
+}
+
 fn log_denial(
     peer: &str,
+    token_subject: Option<&SpiffeId>,
     target: &str,
     decision: &crate::policy::Decision,
     policy: &crate::policy::Policy,
@@ -282,6 +327,7 @@ fn log_denial(
     let line = serde_json::json!({
         "event": if decision.allowed { "would_deny" } else { "deny" },
         "peer_id": peer,
+        "jwt_subject": token_subject.map(ToString::to_string),
         "target": target,
         "rule": decision.rule_name(policy),
         "mode": decision.mode.as_str(),

@@ -103,6 +103,7 @@ pub(crate) fn validate(
     }
     let intercepts = crate::config::intercept::check(config, src, &mut out, &mut listeners);
     crate::config::gateway::check(config, src, &mut out, &mut listeners);
+    crate::config::jwt_svid::check(config, src, &mut out);
     listeners.push(("admin.listen".into(), config.admin.listen));
     if let Some(addr) = config.admin.metrics_listen {
         listeners.push(("admin.metrics_listen".into(), addr));

@@ -164,6 +164,12 @@ pub enum ConfigError {
     /// never serve a call.
     #[error("inbound.policy is not set: every call to the inbound is denied and /ready stays 503")]
     InboundWithoutPolicy,
+    /// `inbound.jwt_svid.audience` is empty: every token would be refused.
+    #[error("inbound.jwt_svid.audience must name the audience tokens are minted for")]
+    JwtSvidEmptyAudience,
+    /// `inbound.jwt_svid` on a `tcp` inbound, which has no requests to carry a token.
+    #[error("inbound.jwt_svid needs protocol http or grpc: a tcp inbound has no request headers to carry a token")]
+    JwtSvidOnTcp,
 }
 
 impl ConfigError {

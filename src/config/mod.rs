@@ -18,6 +18,7 @@ mod env;
 mod error;
 mod gateway;
 mod intercept;
+mod jwt_svid;
 mod raw;
 mod resilience;
 mod source;
@@ -123,6 +124,9 @@ pub struct InboundConfig {
     /// Timeouts, keepalive and the connection cap for callers that misbehave.
     #[serde(default)]
     pub connections: ConnectionLimits,
+    /// Check a JWT-SVID bearer token on every request (http and grpc only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_svid: Option<InboundJwtSvid>,
 }
 
 impl Default for InboundConfig {
@@ -134,6 +138,7 @@ impl Default for InboundConfig {
             protocol: Protocol::default(),
             policy: None,
             connections: ConnectionLimits::default(),
+            jwt_svid: None,
         }
     }
 }
@@ -400,6 +405,7 @@ pub use crate::config::gateway::{
     RouteAuth, RouteConfig, TranscodingConfig, ENV_API_KEY_USER,
 };
 pub use crate::config::intercept::{TransparentConfig, Unmatched};
+pub use crate::config::jwt_svid::InboundJwtSvid;
 pub use crate::config::resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
 pub use crate::config::upstream_auth::{
     JwtSvidAttach, TlsMode, UpstreamAuthError, UpstreamTlsConfig,

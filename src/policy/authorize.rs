@@ -4,7 +4,7 @@
 
 use crate::config::parse_spiffe_id;
 use crate::identity::SpiffeId;
-use crate::policy::model::{Action, IdMatcher, Mode, Rule, Target};
+use crate::policy::model::{Action, Caller, IdMatcher, Mode, Rule, Target, Via};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,7 +111,10 @@ pub struct Policy {
     pub source: PathBuf,
     /// False only for the placeholder that stands in when no policy could be loaded.
     pub loaded: bool,
+    /// Rules whose `from` names the mTLS peer (`via: mtls` and `both`), by trust domain.
     index: HashMap<String, DomainIndex>,
+    /// Rules whose `from` names only the JWT-SVID subject (`via: jwt`), by trust domain.
+    jwt_index: HashMap<String, DomainIndex>,
     /// Hits per rule, then one for the default; reset with each new version.
     hits: Vec<AtomicU64>,
 }
@@ -127,8 +130,13 @@ impl Policy {
         source: PathBuf,
     ) -> Policy {
         let mut index: HashMap<String, DomainIndex> = HashMap::new();
+        let mut jwt_index: HashMap<String, DomainIndex> = HashMap::new();
         for (i, rule) in rules.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
+            let index = match rule.via {
+                Via::Mtls | Via::Both => &mut index,
+                Via::Jwt => &mut jwt_index,
+            };
             for m in &rule.from {
                 let domain = index.entry(m.trust_domain().to_string()).or_default();
                 let bucket = match m {
@@ -152,6 +160,7 @@ impl Policy {
             source,
             loaded: true,
             index,
+            jwt_index,
             hits,
         }
     }
@@ -170,24 +179,26 @@ impl Policy {
         p
     }
 
-    /// Decides one connection or request. No I/O, no allocation.
+    /// Decides one connection or request of a caller known by its mTLS peer alone.
     pub fn authorize(&self, peer: &SpiffeId, target: &Target<'_>) -> Decision {
+        self.authorize_caller(&Caller::mtls(peer), target)
+    }
+
+    /// Decides one connection or request: rules naming the mTLS peer are looked up by
+    /// its ID, rules naming the token by the JWT-SVID subject (none without a token).
+    /// No I/O, no allocation.
+    pub fn authorize_caller(&self, caller: &Caller<'_>, target: &Target<'_>) -> Decision {
         let mut deny: Option<u32> = None;
         let mut allow: Option<u32> = None;
-        if let Some(domain) = self.index.get(peer.trust_domain_name()) {
-            let path = peer.path();
-            if let Some(b) = domain.exact.get(path) {
-                self.scan(b, target, &mut deny, &mut allow);
+        let found = [
+            (&self.index, Some(caller.peer)),
+            (&self.jwt_index, caller.jwt),
+        ];
+        for (index, id) in found {
+            let Some(id) = id else { continue };
+            if let Some(domain) = index.get(id.trust_domain_name()) {
+                self.lookup(domain, id, caller, target, &mut deny, &mut allow);
             }
-            for (at, _) in path.match_indices('/').skip(1) {
-                if at > domain.max_prefix_len {
-                    break;
-                }
-                if let Some(b) = domain.prefix.get(&path[..at]) {
-                    self.scan(b, target, &mut deny, &mut allow);
-                }
-            }
-            self.scan(&domain.whole, target, &mut deny, &mut allow);
         }
         let (enforce_allows, rule, action) = match (deny, allow) {
             (Some(d), _) => (false, RuleRef::Named(d as usize), Action::Deny),
@@ -216,10 +227,37 @@ impl Policy {
         }
     }
 
+    /// Scans the buckets of one trust domain that may hold rules for `id`: its exact
+    /// path, each of its ancestors' prefixes, the whole domain.
+    fn lookup(
+        &self,
+        domain: &DomainIndex,
+        id: &SpiffeId,
+        caller: &Caller<'_>,
+        target: &Target<'_>,
+        deny: &mut Option<u32>,
+        allow: &mut Option<u32>,
+    ) {
+        let path = id.path();
+        if let Some(b) = domain.exact.get(path) {
+            self.scan(b, caller, target, deny, allow);
+        }
+        for (at, _) in path.match_indices('/').skip(1) {
+            if at > domain.max_prefix_len {
+                break;
+            }
+            if let Some(b) = domain.prefix.get(&path[..at]) {
+                self.scan(b, caller, target, deny, allow);
+            }
+        }
+        self.scan(&domain.whole, caller, target, deny, allow);
+    }
+
     /// Finds the lowest-index matching deny and allow in a bucket, improving on earlier finds.
     fn scan(
         &self,
         bucket: &Bucket,
+        caller: &Caller<'_>,
         target: &Target<'_>,
         deny: &mut Option<u32>,
         allow: &mut Option<u32>,
@@ -227,7 +265,7 @@ impl Policy {
         let first = |list: &[u32], best: Option<u32>| {
             list.iter()
                 .take_while(|&&i| best.is_none_or(|b| i < b))
-                .find(|&&i| self.rules[i as usize].matches_target(target))
+                .find(|&&i| self.rules[i as usize].matches_rest(caller, target))
                 .copied()
         };
         if let Some(d) = first(&bucket.denies, *deny) {
@@ -279,3 +317,6 @@ pub fn explain(policy: &Policy, peer: &str, target: &Target<'_>) -> String {
     };
     format!("{verdict}  rule={rule}  mode={}", d.mode.as_str())
 }
+
+#[cfg(test)]
+mod tests;

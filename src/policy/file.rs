@@ -8,7 +8,7 @@
 
 use crate::config::parse_spiffe_id;
 use crate::policy::parse::PolicyError;
-use crate::policy::{Action, GrpcTarget, IdMatcher, Mode, PathMatch};
+use crate::policy::{Action, GrpcTarget, IdMatcher, Mode, PathMatch, Via};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -38,6 +38,8 @@ pub(crate) struct RawRule {
     #[serde(default)]
     pub(crate) action: Action,
     pub(crate) from: NonEmpty<IdMatcher, FromKey>,
+    #[serde(default)]
+    pub(crate) via: Via,
     #[serde(default, deserialize_with = "naming_a_target")]
     pub(crate) to: Option<RawTo>,
 }

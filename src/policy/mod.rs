@@ -7,8 +7,10 @@
 //! and counts decisions. [`explain`] renders a decision for people (`meshd policy
 //! explain` through `cli`, admin `/authz`).
 //!
-//! Semantics: a rule matches when the peer matches one `from` entry and the request
-//! matches `to`. Any matching deny wins; otherwise the first matching allow; otherwise
+//! Semantics: a rule matches when the caller matches one `from` entry and the request
+//! matches `to`. The rule's `via` says which identity of the caller `from` names: the
+//! mTLS peer (`mtls`, the default), the subject of its checked JWT-SVID (`jwt`), or each
+//! of the two (`both`); without a checked token, rules naming it never match. Any matching deny wins; otherwise the first matching allow; otherwise
 //! the default. In audit mode every request is allowed and `would_deny` says what
 //! enforce mode would have done.
 
@@ -24,8 +26,8 @@ mod fuzz;
 pub use authorize::{explain, Decision, Policy, RuleRef};
 pub use cli::{check_file, explain_cli, ExplainError};
 pub use model::{
-    grpc_target, Action, GrpcTarget, HttpTarget, IdMatcher, Mode, PathMatch, Request, Rule, Target,
-    To, DEFAULT_INBOUND_PORT,
+    grpc_target, Action, Caller, GrpcTarget, HttpTarget, IdMatcher, Mode, PathMatch, Request, Rule,
+    Target, To, Via, DEFAULT_INBOUND_PORT,
 };
 pub use parse::{
     load_policy, parse_policy, PolicyError, PolicyProblem, Severity, MAX_POLICY_BYTES,

@@ -3,6 +3,7 @@
 //! plain functions: does it match a request (used by `authorize`), and does it cover
 //! another matcher (used by the parser's shadowed-rule warnings).
 
+use crate::identity::SpiffeId;
 use serde::Deserialize;
 use std::fmt;
 use std::sync::Arc;
@@ -49,6 +50,53 @@ impl Mode {
     }
 }
 
+/// Which identity of the caller a rule's `from` names (`via:` beside `from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// The mTLS peer's SPIFFE ID (its X.509-SVID): what `from` always meant.
+    #[default]
+    Mtls,
+    /// The subject of the JWT-SVID the caller sent (`inbound.jwt_svid`); a request
+    /// without a valid token (or an inbound that checks none) never matches.
+    Jwt,
+    /// The mTLS peer AND the token's subject must each match an entry of `from`.
+    Both,
+}
+
+impl Via {
+    /// The lowercase word used in files and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Mtls => "mtls",
+            Via::Jwt => "jwt",
+            Via::Both => "both",
+        }
+    }
+
+    /// Whether a rule naming `self` applies only where one naming `other` does too
+    /// (`both` asks for more than either alone).
+    fn implies(self, other: Via) -> bool {
+        self == other || self == Via::Both
+    }
+}
+
+/// Who is calling: the mTLS peer, and the subject of its JWT-SVID when one was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    /// The SPIFFE ID of the peer's verified X.509-SVID.
+    pub peer: &'a SpiffeId,
+    /// The subject of a JWT-SVID that passed validation; `None` without one.
+    pub jwt: Option<&'a SpiffeId>,
+}
+
+impl<'a> Caller<'a> {
+    /// A caller known only by its mTLS peer ID.
+    pub fn mtls(peer: &'a SpiffeId) -> Caller<'a> {
+        Caller { peer, jwt: None }
+    }
+}
+
 /// One entry of a rule's `from` list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdMatcher {
@@ -70,6 +118,23 @@ impl IdMatcher {
             IdMatcher::Exact { trust_domain, .. }
             | IdMatcher::Prefix { trust_domain, .. }
             | IdMatcher::Domain { trust_domain } => trust_domain,
+        }
+    }
+
+    /// Whether `id` is one of the IDs this matcher names.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        if id.trust_domain_name() != self.trust_domain() {
+            return false;
+        }
+        let path = id.path();
+        match self {
+            IdMatcher::Exact { path: p, .. } => p == path,
+            IdMatcher::Prefix { prefix, .. } => {
+                path.len() > prefix.len()
+                    && path.starts_with(prefix.as_str())
+                    && path[prefix.len()..].starts_with('/')
+            }
+            IdMatcher::Domain { .. } => true,
         }
     }
 
@@ -267,16 +332,29 @@ pub struct Rule {
     pub action: Action,
     /// Never empty.
     pub from: Vec<IdMatcher>,
+    /// Which identity `from` names: the mTLS peer (default), the JWT-SVID subject, or both.
+    pub via: Via,
     pub to: Option<To>,
 }
 
 impl Rule {
-    pub(super) fn matches_target(&self, target: &Target<'_>) -> bool {
-        self.to.as_ref().is_none_or(|to| to.matches(target))
+    /// Whether the rule matches a caller already found (by the index) under `from` for
+    /// the identity the index was built from, and the request.
+    pub(super) fn matches_rest(&self, caller: &Caller<'_>, target: &Target<'_>) -> bool {
+        let token_too = match self.via {
+            Via::Both => caller
+                .jwt
+                .is_some_and(|sub| self.from.iter().any(|m| m.matches(sub))),
+            Via::Mtls | Via::Jwt => true,
+        };
+        token_too && self.to.as_ref().is_none_or(|to| to.matches(target))
     }
 
-    /// Whether every (peer, request) this rule matches is matched by `by` too.
+    /// Whether every (caller, request) this rule matches is matched by `by` too.
     pub fn is_covered_by(&self, by: &Rule) -> bool {
+        if !self.via.implies(by.via) {
+            return false;
+        }
         let from = self
             .from
             .iter()

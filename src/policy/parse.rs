@@ -216,6 +216,7 @@ pub fn parse_policy(
             name: Arc::from(r.name.0.as_str()),
             action: r.action,
             from: r.from.0.clone(),
+            via: r.via,
             to: r.to.as_ref().map(|t| To {
                 grpc: listed(&t.grpc).to_vec(),
                 http: listed(&t.http)

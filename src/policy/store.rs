@@ -10,7 +10,9 @@
 //! a bad edit keeps the last good policy. [`PolicyStore::decide`] authorizes and counts.
 
 use crate::identity::SpiffeId;
-use crate::policy::{load_policy, Action, Decision, Mode, Policy, PolicyProblem, Severity, Target};
+use crate::policy::{
+    load_policy, Action, Caller, Decision, Mode, Policy, PolicyProblem, Severity, Target,
+};
 use arc_swap::ArcSwapOption;
 use notify::{RecursiveMode, Watcher};
 use serde_json::json;
@@ -131,11 +133,20 @@ impl PolicyStore {
     /// `meshd_authz_decisions_total{decision,rule,mode}` and the rule's hits, and returns
     /// the policy that decided so messages name the right rule.
     pub fn decide(&self, peer: &SpiffeId, target: &Target<'_>) -> (Decision, Arc<Policy>) {
+        self.decide_caller(&Caller::mtls(peer), target)
+    }
+
+    /// [`decide`](Self::decide) for a caller that may also carry a checked JWT-SVID.
+    pub fn decide_caller(
+        &self,
+        caller: &Caller<'_>,
+        target: &Target<'_>,
+    ) -> (Decision, Arc<Policy>) {
         let policy = self
             .current
             .load_full()
             .unwrap_or_else(|| self.fail_closed.clone());
-        let decision = policy.authorize(peer, target);
+        let decision = policy.authorize_caller(caller, target);
         policy.record_hit(&decision);
         let rule = decision.rule_name(&policy);
         crate::telemetry::increment(

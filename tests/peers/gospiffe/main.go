@@ -16,8 +16,9 @@
 //	    answer's fields (no generated code needed for meshd's demo protos). Prints the server's
 //	    ID and the answer; on failure prints the error and the gRPC code, and exits 1.
 //
-// The socket defaults to $SPIFFE_ENDPOINT_SOCKET. Issue 22 will add JWT-SVID subcommands here
-// (workloadapi.FetchJWTSVID, jwtsvid.ParseAndValidate) beside these two.
+// The socket defaults to $SPIFFE_ENDPOINT_SOCKET. The JWT-SVID subcommands are in their own
+// files: jwt-server (jwt_server.go: jwtsvid.ParseAndValidate on each request's bearer token)
+// and jwt-client (jwt_client.go: workloadapi.FetchJWTSVID, then an HTTPS call carrying it).
 package main
 
 import (
@@ -63,9 +64,10 @@ func main() {
 		err = client(os.Args[2:])
 	case "jwt-server":
 		err = jwtServer(os.Args[2:])
-	// Issue 22: "jwt-fetch" and "jwt-validate" go here.
+	case "jwt-client":
+		err = jwtClient(os.Args[2:])
 	default:
-		err = fmt.Errorf("unknown subcommand %q (server|client)", os.Args[1])
+		err = fmt.Errorf("unknown subcommand %q (server|client|jwt-server|jwt-client)", os.Args[1])
 	}
 	if err != nil {
 		log.Fatalf("%s: %v", os.Args[1], err)
