@@ -19,7 +19,7 @@ use crate::policy::PolicyStore;
 use crate::policy::{Caller, Request as AuthzRequest, Target};
 use crate::proxy::H2Body;
 use crate::proxy::H2Pool;
-use crate::proxy::{self, ConnectionGate, Drain, Limit, ProxyBody, ProxyError, Watched};
+use crate::proxy::{self, ConnectionGate, Drain, ProxyBody, ProxyError, Watched};
 use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
 use crate::tls::HandshakeIo;
 use crate::tls::{self, TlsStore};
@@ -70,30 +70,28 @@ struct Peer {
 
 impl Inbound {
     /// Accepts connections until drained. A connection is admitted by the gate (or closed
-    /// at once over `connections.max`), then waits in a small task for its first byte;
-    /// only then does the boxed connection future with its TLS state exist.
+    /// at once over `connections.max`) and waits in the listener's lobby for its first
+    /// byte (no task, no TLS state); only then does its task start. Without an identity
+    /// nothing can be handshaken: connections are refused at once instead.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
-        while let Some((tcp, remote)) = proxy::accept(&listener, &drain.stop, "inbound").await {
-            let Some(open) = self.gate.admit(remote) else {
-                continue;
-            };
+        let timeout = self.limits.handshake_timeout;
+        let serving = || self.tls.inbound().is_some();
+        let start = |arrival: proxy::Arrival| {
             let this = self.clone();
             let stop = drain.stop.clone();
             drain.tracker.spawn(async move {
+                let proxy::Arrival {
+                    tcp,
+                    remote,
+                    open,
+                    deadline,
+                } = arrival;
                 let _open = open;
-                // Without an identity nothing can be handshaken: close at once rather
-                // than wait for the caller's first byte.
-                if this.tls.inbound().is_none() {
-                    return no_identity(remote);
-                }
-                let deadline = Instant::now() + this.limits.handshake_timeout;
-                if !proxy::wait_first_byte(&tcp, deadline, &this.gate, remote).await {
-                    handshake_timed_out();
-                    return;
-                }
-                Box::pin(this.connection(tcp, remote, stop, deadline)).await
+                this.connection(tcp, remote, stop, deadline).await
             });
-        }
+        };
+        let gate = self.gate.clone();
+        proxy::accept_ready(&listener, &drain, &gate, timeout, "inbound", serving, start).await;
     }
 
     async fn connection(
@@ -122,11 +120,7 @@ impl Inbound {
                 }
                 return;
             }
-            Err(_) => {
-                handshake_timed_out();
-                self.gate.hit(Limit::HandshakeTimeout, remote);
-                return;
-            }
+            Err(_) => return self.gate.handshake_timed_out(remote),
         };
         let (io, _) = stream.get_mut();
         io.handshake_over();
@@ -285,11 +279,6 @@ impl Inbound {
 fn no_identity(remote: SocketAddr) {
     metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_identity").increment(1);
     tracing::warn!(%remote, "refused connection: meshd has no valid SVID");
-}
-
-/// A TLS handshake (or the wait for its first byte) ran out of `handshake_timeout`.
-fn handshake_timed_out() {
-    metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "timeout").increment(1);
 }
 
 /// The answer to a request whose JWT-SVID was refused: UNAUTHENTICATED (16) with the

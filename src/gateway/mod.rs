@@ -44,7 +44,7 @@ use crate::gateway::client_cert::ClientCertUser;
 use crate::gateway::files::{load_credentials, load_tls, modified};
 use crate::outbound::{self, CallTimeouts, Outbound};
 use crate::proxy::H2Body;
-use crate::proxy::{self, ConnectionGate, Drain, Limit, ProxyBody, ProxyError, Watched};
+use crate::proxy::{self, ConnectionGate, Drain, ProxyBody, ProxyError, Watched};
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -252,26 +252,27 @@ impl Gateway {
     }
 
     /// Accepts client connections until drained. A connection is admitted by the gate
-    /// (or closed at once over `connections.max`), then waits in a small task for its
-    /// first byte; only then does the boxed connection future with its TLS state exist.
+    /// (or closed at once over `connections.max`) and waits in the listener's lobby for
+    /// its first byte (no task, no TLS state); only then does its task start.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         tokio::spawn(self.clone().follow_files(drain.stop.clone()));
-        while let Some((tcp, from)) = proxy::accept(&listener, &drain.stop, "gateway").await {
-            let Some(open) = self.gate.admit(from) else {
-                continue;
-            };
+        let timeout = self.config.connections.handshake_timeout;
+        let start = |arrival: proxy::Arrival| {
             let this = self.clone();
             let stop = drain.stop.clone();
             drain.tracker.spawn(async move {
+                let proxy::Arrival {
+                    tcp,
+                    remote,
+                    open,
+                    deadline,
+                } = arrival;
                 let _open = open;
-                let deadline = Instant::now() + this.config.connections.handshake_timeout;
-                if !proxy::wait_first_byte(&tcp, deadline, &this.gate, from).await {
-                    handshake_failed("timeout");
-                    return;
-                }
-                Box::pin(this.connection(tcp, from, stop, deadline)).await
+                this.connection(tcp, remote, stop, deadline).await
             });
-        }
+        };
+        let gate = self.gate.clone();
+        proxy::accept_ready(&listener, &drain, &gate, timeout, "gateway", || true, start).await;
     }
 
     /// One client connection: the TLS handshake by `deadline`, then HTTP/2 or HTTP/1.1.
@@ -290,11 +291,7 @@ impl Gateway {
                 handshake_failed(crate::tls::failure_reason(&e));
                 return;
             }
-            Err(_) => {
-                handshake_failed("timeout");
-                self.gate.hit(Limit::HandshakeTimeout, from);
-                return;
-            }
+            Err(_) => return self.gate.handshake_timed_out(from),
         };
         let ip = from.ip();
         // A client certificate got through the handshake only if it verified.

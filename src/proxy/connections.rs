@@ -4,17 +4,15 @@
 //! Flow: the listener asks its [`ConnectionGate`] to [`admit`](ConnectionGate::admit)
 //! each accepted socket -> over `connections.max` the socket is closed at once and
 //! counted; otherwise the caller holds an [`OpenConnection`] until the connection ends
-//! (opened/closed counters and the open gauge follow it) -> [`wait_first_byte`] holds a
-//! connection that has sent nothing in a few hundred bytes (no TLS state yet) -> the
-//! TLS handshake, HTTP/2 (`h2_server`) and HTTP/1.1 report a timeout to
+//! (opened/closed counters and the open gauge follow it) -> `lobby` holds a connection
+//! that has sent nothing for a few dozen bytes (no TLS state, no task) -> the TLS
+//! handshake, HTTP/2 (`h2_server`) and HTTP/1.1 report a timeout to
 //! [`ConnectionGate::hit`].
 
 use crate::config::ConnectionLimits;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// A limit a connection ran into (the `limit` label of `meshd_connection_limits_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +147,14 @@ impl ConnectionGate {
         Some(OpenConnection { gate: self.clone() })
     }
 
+    /// A TLS handshake (or the wait for its first byte) ran out of `handshake_timeout`:
+    /// counted as a handshake failure (`reason="timeout"`) and as the limit.
+    pub fn handshake_timed_out(&self, remote: SocketAddr) {
+        metrics::counter!("meshd_tls_handshake_failures_total", "direction" => self.direction, "reason" => "timeout")
+            .increment(1);
+        self.hit(Limit::HandshakeTimeout, remote);
+    }
+
     /// Counts a limit hit; the first one of each kind on this listener is logged.
     pub fn hit(&self, limit: Limit, remote: SocketAddr) {
         metrics::counter!("meshd_connection_limits_total", "direction" => self.direction, "limit" => limit.as_str())
@@ -185,27 +191,5 @@ impl Drop for OpenConnection {
         let d = self.gate.direction;
         metrics::counter!("meshd_tcp_connections_closed_total", "direction" => d).increment(1);
         metrics::gauge!("meshd_connections_open", "direction" => d).decrement(1.0);
-    }
-}
-
-/// Waits, until `deadline`, for the caller's first byte (or its close): a connection that
-/// has sent nothing costs its socket and this small wait, and the TLS state and buffers
-/// come only once there is something to read. `false` when the deadline passed (counted
-/// as a handshake timeout).
-pub async fn wait_first_byte(
-    tcp: &TcpStream,
-    deadline: Instant,
-    gate: &ConnectionGate,
-    remote: SocketAddr,
-) -> bool {
-    // `peek`, not `readable()`: a new socket's readiness can be reported before any byte
-    // is there (the recv then says EAGAIN); peek tries the read and waits again.
-    let mut byte = [0u8; 1];
-    match tokio::time::timeout_at(deadline, tcp.peek(&mut byte)).await {
-        Ok(_) => true,
-        Err(_) => {
-            gate.hit(Limit::HandshakeTimeout, remote);
-            false
-        }
     }
 }
