@@ -105,7 +105,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         start_transparent(t, outbounds.claims, dns, &tasks.drain).await?;
     }
     if let Some(g) = &config.gateway {
-        start_gateway(g, &outbounds.by_name, &shared).await?;
+        start_gateway(g, &outbounds.by_name, &identity.jwt_bundles, &shared).await?;
     }
     let admin = AdminState {
         identity: identity.status.clone(),
@@ -486,13 +486,20 @@ async fn start_transparent(
     Ok(())
 }
 
-/// The edge gateway's listener, routing to the outbounds by name.
+/// The edge gateway's listener, routing to the outbounds by name; its JWT-SVID provider
+/// (`gateway.jwt_svid`) validates against the followed `jwt_bundles`.
 async fn start_gateway(
     g: &GatewayConfig,
     by_name: &HashMap<String, Arc<Outbound>>,
+    jwt_bundles: &watch::Receiver<JwtBundlesStatus>,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    let gateway = Arc::new(Gateway::new(g, by_name, shared.access.clone())?);
+    let gateway = Arc::new(Gateway::new(
+        g,
+        by_name,
+        shared.access.clone(),
+        jwt_bundles.clone(),
+    )?);
     let listener = bind(g.listen, "gateway").await?;
     tracing::info!(
         "gateway listening on {} ({} routes)",

@@ -10,7 +10,7 @@
 //! the app -> stream the response back, metered.
 
 mod jwt;
-pub use jwt::{JwtCheck, JwtRefusal};
+pub use jwt::JwtCheck;
 
 use crate::config::ConnectionLimits;
 use crate::config::Protocol;
@@ -19,7 +19,7 @@ use crate::policy::PolicyStore;
 use crate::policy::{Caller, Request as AuthzRequest, Target};
 use crate::proxy::H2Body;
 use crate::proxy::H2Pool;
-use crate::proxy::{self, ConnectionGate, Drain, ProxyBody, ProxyError, Watched};
+use crate::proxy::{self, ConnectionGate, Drain, JwtRefusal, ProxyBody, ProxyError, Watched};
 use crate::telemetry::{self, AccessLogger, Labels, RequestRecord};
 use crate::tls::HandshakeIo;
 use crate::tls::{self, TlsStore};

@@ -170,6 +170,19 @@ pub enum ConfigError {
     /// `inbound.jwt_svid` on a `tcp` inbound, which has no requests to carry a token.
     #[error("inbound.jwt_svid needs protocol http or grpc: a tcp inbound has no request headers to carry a token")]
     JwtSvidOnTcp,
+    /// `gateway.jwt_svid.audience` is empty: every token would be refused.
+    #[error("{field} must name the audience machine clients fetch their JWT-SVIDs for")]
+    EmptyAudience { field: &'static str },
+    /// A `trust_domains` entry that is not a trust domain name (e.g. a SPIFFE ID).
+    #[error(
+        "{field}: `{value}` is not a trust domain name (e.g. jia.app, without spiffe:// or a path)"
+    )]
+    BadTrustDomain { field: String, value: String },
+    /// `gateway.jwt_svid` with `identity.files`, which gives no JWT bundles.
+    #[error(
+        "gateway.jwt_svid: JWT bundles come from the Workload API, and identity.files has none"
+    )]
+    GatewayJwtSvidWithFiles,
 }
 
 impl ConfigError {

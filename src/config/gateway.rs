@@ -31,6 +31,10 @@ pub struct GatewayConfig {
     /// Bearer tokens: JWTs signed by a key of the JWKS file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
+    /// Bearer tokens that are JWT-SVIDs of machine clients, checked against the Workload
+    /// API's JWT bundles; the user is the caller's SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_svid: Option<crate::config::GatewayJwtSvid>,
     /// `x-api-key` values, checked against the SHA-256 hashes in this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<PathBuf>,
@@ -325,12 +329,14 @@ pub struct RateLimit {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteAuth {
-    /// A valid JWT or API key, whichever the gateway has configured, or else a verified
-    /// client certificate.
+    /// A valid JWT, JWT-SVID or API key, whichever the gateway has configured, or else a
+    /// verified client certificate.
     #[default]
     Any,
-    /// A valid JWT only.
+    /// A valid end-user JWT (`gateway.jwt`) only.
     Jwt,
+    /// A valid JWT-SVID (`gateway.jwt_svid`) only: machine clients.
+    JwtSvid,
     /// A valid API key only.
     ApiKey,
     /// A verified client certificate only (`gateway.tls.client_ca`).
@@ -436,10 +442,11 @@ pub(crate) fn check(
         let certs = g.tls.client_ca.is_some();
         let missing = match r.auth {
             RouteAuth::Jwt if g.jwt.is_none() => Some("gateway.jwt"),
+            RouteAuth::JwtSvid if g.jwt_svid.is_none() => Some("gateway.jwt_svid"),
             RouteAuth::ApiKey if !keys => Some("gateway.api_keys"),
             RouteAuth::Mtls if !certs => Some("gateway.tls.client_ca"),
-            RouteAuth::Any if g.jwt.is_none() && !keys && !certs => {
-                Some("gateway.jwt or gateway.api_keys")
+            RouteAuth::Any if g.jwt.is_none() && g.jwt_svid.is_none() && !keys && !certs => {
+                Some("gateway.jwt, gateway.jwt_svid or gateway.api_keys")
             }
             _ => None,
         };

@@ -405,7 +405,7 @@ pub use crate::config::gateway::{
     RouteAuth, RouteConfig, TranscodingConfig, ENV_API_KEY_USER,
 };
 pub use crate::config::intercept::{TransparentConfig, Unmatched};
-pub use crate::config::jwt_svid::InboundJwtSvid;
+pub use crate::config::jwt_svid::{GatewayJwtSvid, InboundJwtSvid};
 pub use crate::config::resilience::{HealthCheckConfig, LimitsConfig, OutlierConfig, RetryConfig};
 pub use crate::config::upstream_auth::{
     JwtSvidAttach, TlsMode, UpstreamAuthError, UpstreamTlsConfig,

@@ -1,17 +1,24 @@
-//! The gateway's credentials: bearer JWTs checked against the issuer's JWKS file, and API
-//! keys checked against a file of their SHA-256 hashes (the keys themselves are never
-//! stored, logged or forwarded).
+//! The gateway's credentials: bearer end-user JWTs checked against the issuer's JWKS file,
+//! bearer JWT-SVIDs of machine clients checked against the Workload API's JWT bundles
+//! (`gateway.jwt_svid`), and API keys checked against a file of their SHA-256 hashes (the
+//! keys themselves are never stored, logged or forwarded).
 //!
-//! Flow: [`Credentials::load`] reads both files (at start, and again when either changes;
-//! a bad file keeps the last good set); per request, [`authenticate`] is a plain function
-//! of the route's `auth`, the credentials and the request headers: the user, or why not.
+//! Flow: `files::load_credentials` reads both files (at start, and again when either
+//! changes; a bad file keeps the last good set) and adds the JWT-SVID verifier; per
+//! request, [`authenticate`] is a plain function of the route's `auth`, the credentials
+//! and the request headers: the user, or why not. A bearer token goes to one provider
+//! only ([`provider_of`]): its `iss` is the end-user issuer -> the JWKS; else a
+//! `spiffe://` subject -> the JWT bundles; each provider checks with its own keys only.
 
 use crate::config::{ApiKeyDigest, JwtConfig, RouteAuth, ENV_API_KEY_USER};
+use crate::proxy::{count_jwt_svid, JwtRefusal, JwtSvidVerifier};
+use base64::Engine;
 use http::HeaderMap;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why a request is not authenticated, or why a credentials file was refused. No message
 /// carries a token or a key.
@@ -26,6 +33,9 @@ pub enum AuthError {
     /// The token did not verify: signature, issuer, audience, expiry, unknown key.
     #[error("invalid token: {0}")]
     BadToken(String),
+    /// The JWT-SVID did not pass the JWT-SVID rules (the reason names the rule).
+    #[error("{0}")]
+    JwtSvid(#[from] JwtRefusal),
     /// The API key is not in the keys file.
     #[error("unknown API key")]
     UnknownKey,
@@ -103,6 +113,11 @@ impl JwtKeys {
             keys,
             config: config.clone(),
         })
+    }
+
+    /// The `iss` every end-user token carries.
+    pub fn issuer(&self) -> &str {
+        &self.config.issuer
     }
 
     /// Verifies a compact JWT; the user is its `user_claim`.
@@ -235,8 +250,90 @@ fn read(path: &Path) -> Result<String, AuthError> {
 
 /// The gateway's current credentials.
 pub struct Credentials {
+    /// End-user JWTs: the JWKS file's keys (`gateway.jwt`).
     pub jwt: Option<JwtKeys>,
+    /// The API keys file and `API_GATEWAY_KEY`.
     pub api_keys: Option<ApiKeys>,
+    /// Machine clients' JWT-SVIDs, against the followed JWT bundles (`gateway.jwt_svid`).
+    pub jwt_svid: Option<Arc<JwtSvidVerifier>>,
+}
+
+/// Which of the two bearer providers checks a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// The end-user issuer's JWKS (`gateway.jwt`).
+    EndUser,
+    /// The Workload API's JWT bundles (`gateway.jwt_svid`).
+    JwtSvid,
+}
+
+/// The provider a bearer token goes to, from its unverified claims (only to choose: the
+/// chosen provider then checks the token with its own keys alone, so neither provider's
+/// keys can pass the other's tokens). `iss` equal to the end-user issuer -> end user;
+/// else a `sub` that is a `spiffe://` ID -> JWT-SVID; anything else goes to the end-user
+/// provider, or to JWT-SVID when it is the only one.
+pub fn provider_of(token: &str, creds: &Credentials) -> Provider {
+    let issuer = match (&creds.jwt, &creds.jwt_svid) {
+        (_, None) => return Provider::EndUser,
+        (None, Some(_)) => return Provider::JwtSvid,
+        (Some(keys), Some(_)) => keys.issuer(),
+    };
+    let claims = unverified_claims(token);
+    let claim = |name: &str| claims.as_ref()?.get(name)?.as_str();
+    if claim("iss") == Some(issuer) {
+        Provider::EndUser
+    } else if claim("sub").is_some_and(|s| s.starts_with("spiffe://")) {
+        Provider::JwtSvid
+    } else {
+        Provider::EndUser
+    }
+}
+
+/// The payload of a compact JWT, not verified: only to choose a provider.
+fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    if payload.len() > crate::identity::MAX_TOKEN_LEN {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A bearer token's user, by the provider the route and the token call for: `jwt` routes
+/// take end-user JWTs only, `jwt_svid` routes JWT-SVIDs only (a token that carries the
+/// end-user issuer is refused as the wrong kind; any other is checked by the JWT-SVID
+/// rules), `any` and `none` routes either.
+fn bearer_user(auth: RouteAuth, creds: &Credentials, token: &str) -> Result<String, AuthError> {
+    let provider = provider_of(token, creds);
+    let wrong_kind = match auth {
+        RouteAuth::Jwt => (provider == Provider::JwtSvid).then_some("end-user JWTs"),
+        RouteAuth::JwtSvid => {
+            let issuer = creds.jwt.as_ref().map(JwtKeys::issuer);
+            let iss =
+                unverified_claims(token).and_then(|c| c.get("iss")?.as_str().map(String::from));
+            (iss.is_some() && iss.as_deref() == issuer).then_some("JWT-SVIDs")
+        }
+        _ => None,
+    };
+    if let Some(kind) = wrong_kind {
+        return Err(AuthError::WrongKind(kind));
+    }
+    let provider = match auth {
+        RouteAuth::JwtSvid => Provider::JwtSvid,
+        _ => provider,
+    };
+    match (provider, &creds.jwt, &creds.jwt_svid) {
+        (Provider::JwtSvid, _, Some(verifier)) => Ok(verifier.verify(token)?.to_string()),
+        (Provider::EndUser, Some(keys), _) => keys.verify(token),
+        (Provider::JwtSvid, _, None) => {
+            Err(AuthError::BadToken("the gateway takes no JWT-SVIDs".into()))
+        }
+        (Provider::EndUser, None, _) => {
+            Err(AuthError::BadToken("the gateway takes no JWTs".into()))
+        }
+    }
 }
 
 /// Decides who is calling: `Ok(Some(user))`, `Ok(None)` on a public route (`auth: none`)
@@ -246,7 +343,8 @@ pub struct Credentials {
 /// `client_cert` is the user of the connection's verified client certificate, if any.
 /// An `mtls` route takes only that; `any` and `none` routes take it when no token or key
 /// was sent (a sent one names the caller: e.g. a partner's end user over the partner's
-/// mutual TLS); `jwt` and `api_key` routes ignore it, as they ask for their kind only.
+/// mutual TLS); `jwt`, `jwt_svid` and `api_key` routes ignore it, as they ask for their
+/// kind only.
 pub fn authenticate(
     auth: RouteAuth,
     creds: &Credentials,
@@ -269,13 +367,13 @@ pub fn authenticate(
             (None, false) => Err(AuthError::Missing("a client certificate")),
         };
     }
-    let jwt_ok = matches!(auth, RouteAuth::Any | RouteAuth::Jwt | RouteAuth::None);
+    let bearer_ok = matches!(
+        auth,
+        RouteAuth::Any | RouteAuth::Jwt | RouteAuth::JwtSvid | RouteAuth::None
+    );
     let key_ok = matches!(auth, RouteAuth::Any | RouteAuth::ApiKey | RouteAuth::None);
     match (bearer, api_key) {
-        (Some(token), _) if jwt_ok => match &creds.jwt {
-            Some(keys) => keys.verify(token).map(Some),
-            None => Err(AuthError::BadToken("the gateway takes no JWTs".into())),
-        },
+        (Some(token), _) if bearer_ok => bearer_user(auth, creds, token).map(Some),
         (_, Some(key)) if key_ok => match &creds.api_keys {
             Some(keys) => keys
                 .user(key)
@@ -284,11 +382,16 @@ pub fn authenticate(
             None => Err(AuthError::UnknownKey),
         },
         (Some(_), _) => Err(AuthError::WrongKind("API keys")),
+        (_, Some(_)) if auth == RouteAuth::JwtSvid => Err(AuthError::WrongKind("JWT-SVIDs")),
         (_, Some(_)) => Err(AuthError::WrongKind("JWTs")),
         (None, None) => match (auth, client_cert) {
             (RouteAuth::Any | RouteAuth::None, Some(user)) => Ok(Some(user.to_string())),
             (RouteAuth::None, None) => Ok(None),
             (RouteAuth::Jwt, _) => Err(AuthError::Missing("Authorization: Bearer <JWT>")),
+            (RouteAuth::JwtSvid, _) => {
+                count_jwt_svid("missing");
+                Err(AuthError::Missing("Authorization: Bearer <JWT-SVID>"))
+            }
             (RouteAuth::ApiKey, _) => Err(AuthError::Missing("x-api-key")),
             (RouteAuth::Any | RouteAuth::Mtls, _) => Err(AuthError::Missing(
                 "Authorization: Bearer <JWT> or x-api-key",

@@ -3,17 +3,22 @@
 //!
 //! Flow: [`load_tls`] (certificate, key, and the client certificate check when
 //! `gateway.tls.client_ca` is set) and [`load_credentials`] (JWKS, API keys file plus
-//! `API_GATEWAY_KEY`) run at start and whenever [`modified`] sees a file change;
+//! `API_GATEWAY_KEY`, beside the JWT-SVID verifier, which follows the Workload API and
+//! not a file) run at start and whenever [`modified`] sees a file change;
 //! [`check_files`] reads the same files for `meshd check`, one line each.
 
 use crate::config::GatewayConfig;
 use crate::gateway::auth::{ApiKeys, AuthError, Credentials, JwtKeys};
 use crate::gateway::{client_cert, GatewayError};
+use crate::proxy::JwtSvidVerifier;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub(super) fn load_credentials(config: &GatewayConfig) -> Result<Credentials, AuthError> {
+pub(super) fn load_credentials(
+    config: &GatewayConfig,
+    jwt_svid: Option<&Arc<JwtSvidVerifier>>,
+) -> Result<Credentials, AuthError> {
     let mut api_keys = config.api_keys.as_deref().map(ApiKeys::load).transpose()?;
     if let Some(digest) = &config.env_api_key {
         api_keys
@@ -23,6 +28,7 @@ pub(super) fn load_credentials(config: &GatewayConfig) -> Result<Credentials, Au
     Ok(Credentials {
         jwt: config.jwt.as_ref().map(JwtKeys::load).transpose()?,
         api_keys,
+        jwt_svid: jwt_svid.cloned(),
     })
 }
 

@@ -58,6 +58,7 @@ fn fixture() -> &'static Fixture {
         let creds = Credentials {
             jwt: Some(JwtKeys::load(&config).expect("jwks loads")),
             api_keys: Some(ApiKeys::load(&keys).expect("keys load")),
+            jwt_svid: None,
         };
         let signer = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("signer");
         Fixture {
@@ -248,7 +249,7 @@ proptest! {
 
     #[test]
     fn requests_authenticate_only_as_their_credentials_say(
-        auth in prop::sample::select(vec![RouteAuth::Any, RouteAuth::Jwt, RouteAuth::ApiKey, RouteAuth::Mtls, RouteAuth::None]),
+        auth in prop::sample::select(vec![RouteAuth::Any, RouteAuth::Jwt, RouteAuth::JwtSvid, RouteAuth::ApiKey, RouteAuth::Mtls, RouteAuth::None]),
         bearer in prop::option::of(mutated(&["Bearer x", "bearer  y ", "Basic eA=="])),
         good_bearer in any::<bool>(),
         api_key in prop::option::of(mutated_bytes(vec![KEY.as_bytes().to_vec(), b"k-\xff".to_vec()])),

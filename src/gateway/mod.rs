@@ -6,7 +6,9 @@
 //! Flow per request: [`route`] (longest path prefix; a JSON call of a REST path that a
 //! `google.api.http` rule declares is routed by the gRPC path it maps to; none: gRPC
 //! UNIMPLEMENTED / 404, as JSON to a JSON client) ->
-//! `gateway_auth::authenticate` (no valid credentials: UNAUTHENTICATED / 401) -> the
+//! `gateway_auth::authenticate` (an end-user JWT, a machine client's JWT-SVID, an API
+//! key or a client certificate, as the route takes; no valid credentials:
+//! UNAUTHENTICATED / 401) -> the
 //! route's rate limit, per user or, for anonymous calls, per client IP (spent:
 //! RESOURCE_EXHAUSTED / 429, `gateway_rate_limit_hits_total`) -> a JSON client's call of
 //! a `gateway.transcoding` service is made a gRPC call (`transcode`; bad input refused
@@ -42,9 +44,11 @@ use crate::config::{GatewayConfig, Protocol, RateLimit, RouteAuth};
 use crate::gateway::auth::{authenticate, AuthError, Credentials};
 use crate::gateway::client_cert::ClientCertUser;
 use crate::gateway::files::{load_credentials, load_tls, modified};
+use crate::identity::JwtBundlesStatus;
 use crate::outbound::{self, CallTimeouts, Outbound};
 use crate::proxy::H2Body;
-use crate::proxy::{self, ConnectionGate, Drain, ProxyBody, ProxyError, Watched};
+use crate::proxy::{self, ConnectionGate, Drain, JwtSvidVerifier, ProxyBody};
+use crate::proxy::{ProxyError, Watched};
 use crate::telemetry::{self, AccessLogger, GatewayCall, RequestRecord};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -58,6 +62,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// Why the gateway could not start, or what `meshd check` finds wrong with its files.
@@ -119,8 +124,11 @@ fn limiter(limit: RateLimit) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
 /// The edge gateway's routes, credentials and certificate.
 pub struct Gateway {
     routes: Vec<Route>,
-    /// The current JWT keys and API keys, swapped when their files change.
+    /// The current JWT keys and API keys, swapped when their files change (with the
+    /// JWT-SVID verifier, which follows the Workload API itself).
     creds: ArcSwap<Credentials>,
+    /// `gateway.jwt_svid`: machine clients' JWT-SVIDs against the followed JWT bundles.
+    jwt_svid: Option<Arc<JwtSvidVerifier>>,
     /// The current TLS server config, swapped when the certificate changes.
     tls: ArcSwap<rustls::ServerConfig>,
     config: GatewayConfig,
@@ -167,14 +175,20 @@ fn handshake_failed(reason: &'static str) {
 
 impl Gateway {
     /// Builds the gateway: reads the certificate and the credentials, and finds each
-    /// route's outbound.
+    /// route's outbound; `jwt_bundles` are the JWT bundles followed from the Workload API
+    /// (used with `gateway.jwt_svid`).
     pub fn new(
         config: &GatewayConfig,
         outbounds: &HashMap<String, Arc<Outbound>>,
         log: Arc<AccessLogger>,
+        jwt_bundles: watch::Receiver<JwtBundlesStatus>,
     ) -> Result<Gateway, GatewayError> {
         let tls = load_tls(config)?;
-        let creds = load_credentials(config)?;
+        let jwt_svid = (config.jwt_svid.as_ref()).map(|j| {
+            let (audience, domains) = (j.audience.clone(), j.trust_domains.clone());
+            Arc::new(JwtSvidVerifier::new(audience, domains, jwt_bundles))
+        });
+        let creds = load_credentials(config, jwt_svid.as_ref())?;
         let transcoder = config
             .transcoding
             .as_ref()
@@ -205,6 +219,7 @@ impl Gateway {
         Ok(Gateway {
             routes,
             creds: ArcSwap::from_pointee(creds),
+            jwt_svid,
             tls: ArcSwap::from_pointee(tls),
             config: config.clone(),
             log,
@@ -244,7 +259,7 @@ impl Gateway {
                 Ok(tls) => self.tls.store(Arc::new(tls)),
                 Err(e) => tracing::warn!("{e}; keeping the last good certificate"),
             }
-            match load_credentials(&self.config) {
+            match load_credentials(&self.config, self.jwt_svid.as_ref()) {
                 Ok(creds) => self.creds.store(Arc::new(creds)),
                 Err(e) => tracing::warn!("gateway: {e}; keeping the last good credentials"),
             }

@@ -8,7 +8,8 @@
 //! -> `h2_server` serves the caller's streams, bodies read and written by `h2_body`,
 //! requests sent on through `h2_pool` (with `replay_body` when a retry may resend one)
 //! -> `grpc` and `grpc_timeout` read what the request says about gRPC and its deadline,
-//! `xfcc` tells the app who called -> `respond` answers: the peer's response streamed
+//! `xfcc` tells the app who called, `jwt_svid` checks a bearer JWT-SVID (the inbound's
+//! and the gateway's) -> `respond` answers: the peer's response streamed
 //! through `metered_body`, or a local answer for an `error`. A `tcp` listener runs
 //! `pipe` instead of HTTP/2.
 //!
@@ -24,6 +25,7 @@ mod grpc_timeout;
 mod h2_body;
 mod h2_pool;
 mod h2_server;
+mod jwt_svid;
 mod listen;
 mod lobby;
 mod metered_body;
@@ -42,6 +44,9 @@ pub use grpc_timeout::{encode_grpc_timeout, parse_grpc_timeout, request_deadline
 pub use h2_body::H2Body;
 pub use h2_pool::{Connector, H2Pool, SendError};
 pub use h2_server::{serve_h2, Watched};
+pub use jwt_svid::{
+    bearer, count as count_jwt_svid, JwtRefusal, JwtSvidVerifier, JWT_SVID_RESULTS,
+};
 pub use listen::{accept, Drain};
 pub use lobby::{accept_ready, Arrival};
 pub use pipe::pipe;

@@ -1,6 +1,6 @@
-//! Table tests for `inbound.jwt_svid`: defaults, each key read back, and every problem
-//! named at its `file:line:column`.
-use crate::config::{Config, ConfigErrors, ConfigProblem, Env, InboundJwtSvid};
+//! Table tests for `inbound.jwt_svid` and `gateway.jwt_svid`: defaults, each key read back,
+//! and every problem named at its `file:line:column`.
+use crate::config::{Config, ConfigErrors, ConfigProblem, Env, GatewayJwtSvid, InboundJwtSvid};
 use std::path::Path;
 
 fn load(text: &str) -> Result<(Config, Vec<ConfigProblem>), ConfigErrors> {
@@ -80,6 +80,98 @@ fn jwt_svid_problems_are_named_at_their_position() {
         assert!(
             got.iter().any(|p| p.starts_with(at) && p.contains(want)),
             "{text}: want {at} {want}; got {got:?}"
+        );
+        assert!(load(&text).is_err(), "{text} must not load");
+    }
+}
+
+/// A gateway with one route to outbound `a`, its identity from `identity`, and `extra`
+/// lines under `gateway:` and on the route.
+fn gateway(identity: &str, extra: &str, route: &str) -> String {
+    format!("service: api-gateway\n{identity}outbound:\n  - name: a\n    endpoints: [\"a:1\"]\n    server_id: spiffe://jia.app/a\ngateway:\n  tls: {{cert: c, key: k}}\n{extra}  routes:\n    - {{name: p, prefix: /p/, upstream: a{route}}}\n")
+}
+
+#[test]
+fn gateway_jwt_svid_reads_back_and_a_route_may_require_it() {
+    // With only an audience every trust domain with a JWT bundle is accepted (an empty
+    // list); `auth: jwt_svid` and `auth: any` routes are fine with it alone.
+    let table: &[(&str, &str, GatewayJwtSvid)] = &[
+        (
+            "  jwt_svid: {audience: api.jia.app}\n",
+            ", auth: jwt_svid",
+            GatewayJwtSvid {
+                audience: "api.jia.app".into(),
+                trust_domains: vec![],
+            },
+        ),
+        (
+            "  jwt_svid:\n    audience: api\n    trust_domains: [jia.app, partner.example]\n",
+            "",
+            GatewayJwtSvid {
+                audience: "api".into(),
+                trust_domains: vec!["jia.app".into(), "partner.example".into()],
+            },
+        ),
+    ];
+    for (block, route, want) in table {
+        let text = gateway("", block, route);
+        let (config, warnings) = load(&text).expect(&text);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let g = config.gateway.unwrap();
+        assert_eq!(g.jwt_svid.as_ref(), Some(want));
+        assert_eq!(g.jwt, None);
+    }
+}
+
+#[test]
+fn gateway_jwt_svid_problems_are_named_at_their_position() {
+    // Line 6 is `gateway:` (8 with identity.files), the block under test from line 8,
+    // then the routes.
+    let files = "identity:\n  files: {cert: c.pem, key: k.pem, bundle: b.pem}\n";
+    let table: &[(&str, &str, &str, &str)] = &[
+        (
+            "",
+            "  jwt: {issuer: i, audiences: [a], jwks: j.json}\n",
+            ", auth: jwt_svid",
+            "m.yaml:10:49: gateway.routes[0].auth needs gateway.jwt_svid to be configured",
+        ),
+        (
+            "",
+            "  jwt_svid: {audience: ' '}\n",
+            "",
+            "m.yaml:8:24: gateway.jwt_svid.audience must name the audience",
+        ),
+        (
+            "",
+            "  jwt_svid:\n    audience: api\n    trust_domains: [jia.app, 'spiffe://partner.example']\n",
+            "",
+            "m.yaml:10:30: gateway.jwt_svid.trust_domains[1]: `spiffe://partner.example` is not a trust domain name",
+        ),
+        (
+            "",
+            "  jwt_svid: {audience: api, trust_domains: [Jia.App]}\n",
+            "",
+            "m.yaml:8:45: gateway.jwt_svid.trust_domains[0]: `Jia.App` is not a trust domain name",
+        ),
+        (
+            "",
+            "  jwt_svid: {audience: api, issuer: x}\n",
+            "",
+            "m.yaml:8:29: gateway.jwt_svid: unknown field `issuer`",
+        ),
+        (
+            files,
+            "  jwt_svid: {audience: api}\n",
+            ", auth: jwt_svid",
+            "m.yaml:10:3: gateway.jwt_svid: JWT bundles come from the Workload API",
+        ),
+    ];
+    for (identity, block, route, want) in table {
+        let text = gateway(identity, block, route);
+        let got = problems(&text);
+        assert!(
+            got.iter().any(|p| p.contains(want)),
+            "{text}: want {want}; got {got:?}"
         );
         assert!(load(&text).is_err(), "{text} must not load");
     }

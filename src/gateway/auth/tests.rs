@@ -2,6 +2,9 @@
 //! credential a client may send, and the credential files' own errors.
 
 use super::*;
+
+/// The JWT-SVID provider's tables.
+mod jwt_svid;
 use http::HeaderValue;
 use std::time::Duration;
 
@@ -34,6 +37,7 @@ fn setup(dir: &Path) -> (Credentials, impl Fn(serde_json::Value) -> String) {
     let creds = Credentials {
         jwt: Some(JwtKeys::load(&config).unwrap()),
         api_keys: Some(ApiKeys::load(&dir.join("keys.yaml")).unwrap()),
+        jwt_svid: None,
     };
     let signer = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
     let sign = move |claims: serde_json::Value| {

@@ -1,10 +1,11 @@
 //! Plain tests of the inbound's JWT-SVID check: what a caller's `authorization` header
 //! gets (subject, or the refusal and its label), when the header reaches the app, and that
 //! every refusal's label is a series that starts at 0.
-use super::{JwtCheck, JwtRefusal, RESULTS};
+use super::{JwtCheck, JwtRefusal};
 use crate::config::{parse_spiffe_id, InboundJwtSvid};
 use crate::dev_ca::DevCa;
 use crate::identity::{JwtBundlesStatus, JwtStreamState, JwtSvidRejection};
+use crate::proxy::JWT_SVID_RESULTS as RESULTS;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
