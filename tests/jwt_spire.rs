@@ -32,7 +32,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -450,9 +450,11 @@ struct Tally {
     tokens: Mutex<BTreeSet<String>>,
     /// The key ID of each of them.
     kids: Mutex<BTreeSet<String>>,
+    /// Set when the load is over.
+    stop: AtomicBool,
 }
 
-// Story: the payment entry's JWT-SVIDs live 30 s. Two callers send a steady ~40 calls a
+// Story: the payment entry's JWT-SVIDs live 30 s. Two callers send a steady ~35 calls a
 // second through payment's sidecar to the document sidecar (`forward: true`, so the app
 // sees each token) for 70 s, more than two token lifetimes. Meanwhile SPIRE's JWT
 // authority is rotated: a new key is prepared, the document sidecar receives it in its
@@ -478,15 +480,18 @@ fn spire_jwt_svids_and_authority_rotate_under_load() {
     let (_, old_kids) = jwt_bundles(&document);
 
     let tally = Arc::new(Tally::default());
+    // The load runs for 70 s and until a token of the new key went through (at most 150 s).
     let load_for = Duration::from_secs(70);
+    let load_start = Instant::now();
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let tally = tally.clone();
             let port = outbound[0];
             rt.spawn(async move {
                 let mut caller = Caller::connect(([127, 0, 0, 1], port).into()).await;
-                let start = Instant::now();
-                while start.elapsed() < load_for {
+                while !tally.stop.load(Ordering::Relaxed)
+                    && load_start.elapsed() < Duration::from_secs(150)
+                {
                     let a = caller.call("/documents/d1", None, false).await;
                     tally.sent.fetch_add(1, Ordering::Relaxed);
                     match forwarded_token(&a.body) {
@@ -508,7 +513,7 @@ fn spire_jwt_svids_and_authority_rotate_under_load() {
 
     // Rotate once the load has run on the first token for a while.
     let started = wait_until(Duration::from_secs(30), || {
-        tally.sent.load(Ordering::Relaxed) > 400
+        tally.sent.load(Ordering::Relaxed) > 200
     });
     assert!(started, "the load did not get going");
     let prepared = spire.server_cli(&["localauthority", "jwt", "prepare", "-output", "json"]);
@@ -533,17 +538,32 @@ fn spire_jwt_svids_and_authority_rotate_under_load() {
         "-authorityID",
         &new_kid,
     ]);
+    // The callers' token is refreshed at half its life: within 15 s one of the new key.
+    let rotated = wait_until(Duration::from_secs(60), || {
+        tally.kids.lock().unwrap().contains(&new_kid)
+    });
+    // Hold the load for its whole duration (more than two token lifetimes).
+    std::thread::sleep(load_for.saturating_sub(load_start.elapsed()));
+    tally.stop.store(true, Ordering::Relaxed);
     for w in workers {
         rt.block_on(w).expect("load worker");
     }
+    let took = load_start.elapsed();
 
     let sent = tally.sent.load(Ordering::Relaxed);
     let failed = tally.failed.load(Ordering::Relaxed);
     let tokens = tally.tokens.lock().unwrap().len();
     let kids = tally.kids.lock().unwrap().clone();
-    eprintln!("rotation under load: {sent} calls, {failed} failed, {tokens} tokens, keys {kids:?}");
+    eprintln!(
+        "rotation under load: {sent} calls in {took:?}, {failed} failed, {tokens} tokens, \
+         keys {kids:?}"
+    );
     assert_eq!(failed, 0, "{failed} of {sent} calls failed");
-    assert!(sent > 1000, "only {sent} calls were made");
+    assert!(
+        rotated,
+        "no token of the activated key {new_kid} in 60 s: {kids:?}"
+    );
+    assert!(sent > 500, "only {sent} calls were made");
     assert!(
         tokens >= 3,
         "70 s of 30 s tokens (refreshed at half their life) used only {tokens} token(s)"
