@@ -1,5 +1,6 @@
-//! `meshd demo` as a newcomer runs it: the one-shot tour passes, a second demo beside a
-//! running one still works, the printed commands work, and Ctrl-C leaves nothing behind.
+//! `meshd demo` as a newcomer runs it: the one-shot tour passes (its payment -> document
+//! hop carrying a JWT-SVID the document sidecar checks), a second demo beside a running one
+//! still works, the printed commands work, and Ctrl-C leaves nothing behind.
 //! The tests share loopback default ports, so they run one at a time (a lock).
 
 mod common;
@@ -76,7 +77,9 @@ fn assert_every_step_passed(out: &str) {
 }
 
 // Story: CI runs the newcomer's one command; every step of the tour passes, the exit code
-// is 0, the chain of SPIFFE IDs and the denied rule are shown, and the temp dir is gone.
+// is 0, the chain of SPIFFE IDs and the denied rule are shown, the summary and the tour say
+// that payment calls document with mTLS and a JWT-SVID which the document sidecar checked,
+// and the temp dir is gone.
 #[test]
 fn demo_once_passes() {
     let _one = lock();
@@ -86,6 +89,16 @@ fn demo_once_passes() {
     assert!(out.contains("saw spiffe://jia.app/api-gateway"), "{out}");
     assert!(out.contains("PERMISSION_DENIED"), "{out}");
     assert!(out.contains("0 failed"), "{out}");
+    assert!(
+        out.contains("(mTLS + JWT-SVID for document-service)")
+            && out.contains("-> document sidecar 127.0.0.1:")
+            && out.contains("(mTLS + JWT-SVID)"),
+        "the summary shows the JWT-SVID hop:\n{out}"
+    );
+    assert!(
+        out.contains("document sidecar  checked payment's JWT-SVID for document-service too"),
+        "the allowed call went through the JWT-SVID check:\n{out}"
+    );
     let dir = out
         .lines()
         .find_map(|l| l.strip_prefix("demo dir: "))
@@ -141,7 +154,8 @@ fn stop(mut demo: Proc) {
 // Story: a newcomer pastes the printed grpcurl and curl commands into a shell while the
 // demo runs; the allowed call answers with the identity chain, through the api-gateway's
 // sidecar and through the edge gateway with the demo's JWT; the intruder's is denied; the
-// design's two curl commands get JSON answers from the edge gateway.
+// design's two curl commands get JSON answers from the edge gateway; the document sidecar's
+// metrics show the JWT-SVIDs it accepted (every payment so far sent one).
 #[test]
 fn printed_commands_work() {
     let _one = lock();
@@ -152,7 +166,7 @@ fn printed_commands_work() {
         .map(|l| l.trim())
         .filter(|l| l.starts_with("grpcurl ") || l.starts_with("curl "))
         .collect();
-    assert_eq!(commands.len(), 10, "{}", demo.dump());
+    assert_eq!(commands.len(), 11, "{}", demo.dump());
     let grpcurl = Command::new("grpcurl").arg("-version").output();
     assert!(
         grpcurl.is_ok(),
@@ -199,6 +213,17 @@ fn printed_commands_work() {
             assert!(text.contains("identityChain"), "{cmd}\n{text}");
         } else if cmd.contains("grpcurl") {
             assert!(text.contains("PermissionDenied"), "{cmd}\n{text}");
+        } else if cmd.contains("meshd_jwt_svid_validations_total") {
+            let ok: f64 = stdout
+                .lines()
+                .filter(|l| l.contains("result=\"ok\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert!(ok >= 1.0, "no JWT-SVID accepted: {cmd}\n{text}");
+            for bad in ["missing", "audience", "unknown_key"] {
+                let line = format!("meshd_jwt_svid_validations_total{{result=\"{bad}\"}} 0");
+                assert!(stdout.contains(&line), "{cmd}: want {line}\n{text}");
+            }
         } else {
             assert!(out.status.success(), "{cmd}\n{text}");
             assert!(!text.trim().is_empty(), "{cmd} printed nothing");

@@ -6,10 +6,12 @@
 //! in-process, picks ports (`ports`: the DESIGN.md §2 defaults where free, else a free
 //! loopback port, and says so), writes one config per sidecar and starts each as a child
 //! process (`sidecars`: `meshd run --config F --exit-with <our pid>`), then waits for
-//! every `/ready`. The tour (`tour`) runs; without `--once` the demo then stays up until
-//! a signal. Whatever happened, [`Demo::shutdown`] stops the apps, asks each sidecar to
-//! drain (`POST /shutdown`, killed after 5 s), stops the CA (which removes its sockets)
-//! and removes the temp dir.
+//! every `/ready`. One hop carries a JWT-SVID beside mTLS: payment's sidecar sends one for
+//! `document-service` with each call to document, whose sidecar requires it and whose
+//! policy names payment `via: both`. The tour (`tour`) runs; without `--once` the demo
+//! then stays up until a signal. Whatever happened, [`Demo::shutdown`] stops the apps,
+//! asks each sidecar to drain (`POST /shutdown`, killed after 5 s), stops the CA (which
+//! removes its sockets) and removes the temp dir.
 
 mod apps;
 mod edge_call;
@@ -26,7 +28,8 @@ pub use sidecars::SidecarError;
 use crate::config::parse_duration;
 pub use crate::demo::sidecars::{http, log_tail};
 use crate::demo::sidecars::{
-    spawn_sidecar, stop_sidecar, wait_ready, Child, SidecarSpec, READY_TIMEOUT, STOP_GRACE,
+    spawn_sidecar, stop_sidecar, wait_ready, Child, SidecarSpec, Upstream, READY_TIMEOUT,
+    STOP_GRACE,
 };
 use crate::dev_ca::{DevCa, DevCaError, Serving};
 use crate::identity::SpiffeId;
@@ -64,9 +67,10 @@ const POLICIES: [(&str, &str); 4] = [
         "family-service",
         include_str!("../../deploy/policies/family-service.yaml"),
     ),
+    // The reference document policy, but payment must show its JWT-SVID too (`via: both`).
     (
         "document-service",
-        include_str!("../../deploy/policies/document-service.yaml"),
+        include_str!("document-service-policy.yaml"),
     ),
 ];
 
@@ -86,11 +90,22 @@ const PROTOS: [(&str, &str); 6] = [
     ("document.proto", include_str!("../../proto/document.proto")),
 ];
 
-/// The services payment calls: app kind, service name, payment's outbound default port.
-const LEAVES: [(DemoService, &str, u16); 3] = [
-    (DemoService::Contact, "contact-service", 15101),
-    (DemoService::Family, "family-service", 15102),
-    (DemoService::Document, "document-service", 15103),
+/// The audience of the JWT-SVID the payment sidecar sends the document service with every
+/// call, and the document sidecar requires beside the caller's mTLS SVID.
+pub const DOCUMENT_AUDIENCE: &str = "document-service";
+
+/// The services payment calls: app kind, service name, payment's outbound default port,
+/// and the audience of the JWT-SVID its sidecar requires (document only: the demo's
+/// JWT-SVID hop).
+const LEAVES: [(DemoService, &str, u16, Option<&str>); 3] = [
+    (DemoService::Contact, "contact-service", 15101, None),
+    (DemoService::Family, "family-service", 15102, None),
+    (
+        DemoService::Document,
+        "document-service",
+        15103,
+        Some(DOCUMENT_AUDIENCE),
+    ),
 ];
 
 /// Why `meshd demo` could not set up the topology (a failed tour step is not an error).
@@ -402,7 +417,7 @@ impl Demo {
         let mut specs = Vec::new();
         let mut payment_out = Vec::new();
         let mut opts = DemoOptions::default();
-        for (kind, name, default_out) in LEAVES {
+        for (kind, name, default_out, jwt_audience) in LEAVES {
             let app = start_app(kind, 0, DemoOptions::default(), &self.stop).await?;
             let inbound = ports.pick(&format!("the {name} sidecar's inbound"), None)?;
             let out = ports.pick(
@@ -415,13 +430,19 @@ impl Demo {
                 DemoService::Family => opts.family = url,
                 _ => opts.document = url,
             }
-            payment_out.push((name.to_string(), out, inbound));
+            payment_out.push(Upstream {
+                name: name.to_string(),
+                listen: out,
+                sidecar: inbound,
+                jwt_audience: jwt_audience.map(str::to_string),
+            });
             let short = name.trim_end_matches("-service");
             specs.push(SidecarSpec {
                 name: short.to_string(),
                 id: name.to_string(),
                 admin: ports.pick(&format!("the {short} sidecar's admin"), None)?,
                 inbound: Some((inbound, app)),
+                inbound_jwt_audience: jwt_audience.map(str::to_string),
                 outbound: vec![],
                 gateway: None,
             });
@@ -433,6 +454,7 @@ impl Demo {
             id: "payment-service".into(),
             admin: payment_admin,
             inbound: Some((payment_inbound, payment_app)),
+            inbound_jwt_audience: None,
             outbound: payment_out,
             gateway: None,
         });
@@ -443,7 +465,13 @@ impl Demo {
                 id: name.into(),
                 admin: ports.pick(&format!("the {name} sidecar's admin"), None)?,
                 inbound: None,
-                outbound: vec![("payment-service".into(), out, payment_inbound)],
+                inbound_jwt_audience: None,
+                outbound: vec![Upstream {
+                    name: "payment-service".into(),
+                    listen: out,
+                    sidecar: payment_inbound,
+                    jwt_audience: None,
+                }],
                 gateway: (name == "api-gateway").then(|| (gateway_port, gateway_files.clone())),
             });
         }

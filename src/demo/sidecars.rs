@@ -63,6 +63,20 @@ pub enum SidecarError {
     },
 }
 
+/// One outbound of a sidecar: the listener its app dials and the sidecar it calls.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The service called, e.g. `document-service` (also the path of its SPIFFE ID).
+    pub name: String,
+    /// The loopback port the app dials.
+    pub listen: u16,
+    /// The inbound port of the called service's sidecar.
+    pub sidecar: u16,
+    /// The audience of the JWT-SVID sent with every call (`outbound[].jwt_svid`), when
+    /// the called sidecar requires one.
+    pub jwt_audience: Option<String>,
+}
+
 /// One sidecar's shape, from which its config file is written.
 #[derive(Debug, Clone)]
 pub struct SidecarSpec {
@@ -73,8 +87,11 @@ pub struct SidecarSpec {
     pub admin: u16,
     /// Inbound listen port and the app it forwards to; the policy is `policies/<id>.yaml`.
     pub inbound: Option<(u16, SocketAddr)>,
-    /// Upstream service name, local listen port, the upstream sidecar's inbound port.
-    pub outbound: Vec<(String, u16, u16)>,
+    /// The audience of the JWT-SVID its inbound requires of every caller, beside the
+    /// caller's mTLS SVID (`inbound.jwt_svid`); none: mTLS alone.
+    pub inbound_jwt_audience: Option<String>,
+    /// The services it calls, one outbound listener each.
+    pub outbound: Vec<Upstream>,
     /// The edge gateway's port and files (the api-gateway sidecar only).
     pub gateway: Option<(u16, GatewayFiles)>,
 }
@@ -96,16 +113,25 @@ impl SidecarSpec {
                  protocol: grpc\n  policy: {}\n",
                 q(policy.display().to_string())
             );
+            if let Some(audience) = &self.inbound_jwt_audience {
+                y += &format!("  jwt_svid: {{audience: {}}}\n", q(audience.clone()));
+            }
         }
         if !self.outbound.is_empty() {
             y += "outbound:\n";
-            for (name, listen, upstream) in &self.outbound {
+            for u in &self.outbound {
                 y += &format!(
                     "  - name: {name}\n    listen: 127.0.0.1:{listen}\n    protocol: grpc\n    \
-                     endpoints: [\"127.0.0.1:{upstream}\"]\n    server_id: {sid}\n    \
+                     endpoints: [\"127.0.0.1:{sidecar}\"]\n    server_id: {sid}\n    \
                      timeout: 5s\n",
-                    sid = spiffe_id(name)
+                    name = u.name,
+                    listen = u.listen,
+                    sidecar = u.sidecar,
+                    sid = spiffe_id(&u.name)
                 );
+                if let Some(audience) = &u.jwt_audience {
+                    y += &format!("    jwt_svid: {{audience: [{}]}}\n", q(audience.clone()));
+                }
             }
         }
         if let Some((port, files)) = &self.gateway {
@@ -123,12 +149,22 @@ impl SidecarSpec {
     pub fn listeners(&self) -> Vec<String> {
         let mut lines = Vec::new();
         if let Some((listen, forward)) = self.inbound {
-            lines.push(format!("inbound  127.0.0.1:{listen} -> app {forward}"));
+            let mut line = format!("inbound  127.0.0.1:{listen} -> app {forward}");
+            if let Some(audience) = &self.inbound_jwt_audience {
+                line += &format!(" (mTLS + JWT-SVID for {audience})");
+            }
+            lines.push(line);
         }
-        for (name, listen, upstream) in &self.outbound {
-            let short = name.trim_end_matches("-service");
+        for u in &self.outbound {
+            let short = u.name.trim_end_matches("-service");
+            let auth = if u.jwt_audience.is_some() {
+                "mTLS + JWT-SVID"
+            } else {
+                "mTLS"
+            };
             lines.push(format!(
-                "outbound 127.0.0.1:{listen} -> {short} sidecar 127.0.0.1:{upstream} (mTLS)"
+                "outbound 127.0.0.1:{} -> {short} sidecar 127.0.0.1:{} ({auth})",
+                u.listen, u.sidecar
             ));
         }
         if let Some((port, _)) = &self.gateway {
@@ -296,13 +332,32 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, text).unwrap();
         }
+        let upstream = |name: &str, listen, sidecar, jwt_audience: Option<&str>| Upstream {
+            name: name.into(),
+            listen,
+            sidecar,
+            jwt_audience: jwt_audience.map(Into::into),
+        };
         let specs = [
             SidecarSpec {
                 name: "payment".into(),
                 id: "payment-service".into(),
                 admin: 15000,
                 inbound: Some((15006, "127.0.0.1:8081".parse().unwrap())),
-                outbound: vec![("contact-service".into(), 15101, 40001)],
+                inbound_jwt_audience: None,
+                outbound: vec![
+                    upstream("contact-service", 15101, 40001, None),
+                    upstream("document-service", 15103, 40004, Some("document-service")),
+                ],
+                gateway: None,
+            },
+            SidecarSpec {
+                name: "document".into(),
+                id: "document-service".into(),
+                admin: 40005,
+                inbound: Some((40004, "127.0.0.1:40006".parse().unwrap())),
+                inbound_jwt_audience: Some("document-service".into()),
+                outbound: vec![],
                 gateway: None,
             },
             SidecarSpec {
@@ -310,7 +365,8 @@ mod tests {
                 id: "api-gateway".into(),
                 admin: 40002,
                 inbound: None,
-                outbound: vec![("payment-service".into(), 15100, 15006)],
+                inbound_jwt_audience: None,
+                outbound: vec![upstream("payment-service", 15100, 15006, None)],
                 gateway: Some((
                     40003,
                     crate::demo::gateway::write_files(dir.path()).unwrap(),
@@ -322,9 +378,29 @@ mod tests {
             std::fs::write(&path, spec.yaml(dir.path())).unwrap();
             let cfg = Config::load(&path, &Env::default()).unwrap();
             assert!(cfg.admin.listen.ip().is_loopback());
-            if let Some(ib) = cfg.inbound {
+            if let Some(ib) = &cfg.inbound {
                 assert!(ib.listen.ip().is_loopback());
+                // The document sidecar requires a JWT-SVID for its own name, and keeps it
+                // from the app; the others ask for none.
+                let wanted = ib
+                    .jwt_svid
+                    .as_ref()
+                    .map(|j| (j.audience.as_str(), j.forward));
+                let expected = spec.inbound_jwt_audience.as_deref().map(|a| (a, false));
+                assert_eq!(wanted, expected, "{}", spec.name);
             }
+            // Payment sends one to document only.
+            let sent: Vec<(&str, Vec<String>)> = cfg
+                .outbound
+                .iter()
+                .filter_map(|o| Some((o.name.as_str(), o.jwt_svid.as_ref()?.audience.clone())))
+                .collect();
+            let expected: Vec<(&str, Vec<String>)> = spec
+                .outbound
+                .iter()
+                .filter_map(|u| Some((u.name.as_str(), vec![u.jwt_audience.clone()?])))
+                .collect();
+            assert_eq!(sent, expected, "{}", spec.name);
             assert!(cfg
                 .outbound
                 .iter()

@@ -5,7 +5,7 @@
 //! A step never panics and never stops the tour: a failure prints why and the next step
 //! runs. [`run`] returns true when every step passed.
 
-use crate::demo::{http, say, spiffe_id, Topology, INTRUDER};
+use crate::demo::{http, say, spiffe_id, Topology, DOCUMENT_AUDIENCE, INTRUDER};
 use crate::dev_ca::DevCa;
 use crate::pb::payment::payment_service_client::PaymentServiceClient;
 use crate::pb::payment::CreatePaymentRequest;
@@ -184,7 +184,8 @@ pub fn short(text: &str) -> String {
     }
 }
 
-/// Step 1: the api-gateway identity creates a payment; the chain of callers comes back.
+/// Step 1: the api-gateway identity creates a payment; the chain of callers comes back, and
+/// the document sidecar has checked the JWT-SVID payment's sidecar sent beside mTLS.
 async fn allowed_call(t: &Topology) -> Step {
     const NAME: &str = "allowed call";
     let mut client = match payment_client(t.gateway_out) {
@@ -219,7 +220,18 @@ async fn allowed_call(t: &Topology) -> Step {
             if !passed {
                 detail.push(format!("expected the chain {want:?}"));
             }
-            Step::new(NAME, passed, detail)
+            let checked = jwt_svids_checked(t).await;
+            let jwt_hop = checked > 0;
+            detail.push(if jwt_hop {
+                format!(
+                    "{:<17} checked payment's JWT-SVID for {DOCUMENT_AUDIENCE} too \
+                     ({checked} so far)",
+                    "document sidecar"
+                )
+            } else {
+                "the document sidecar checked no JWT-SVID".to_string()
+            });
+            Step::new(NAME, passed && jwt_hop, detail)
         }
         Err(s) => Step::new(
             NAME,
@@ -231,6 +243,23 @@ async fn allowed_call(t: &Topology) -> Step {
             )],
         ),
     }
+}
+
+/// The JWT-SVIDs the document sidecar accepted so far
+/// (`meshd_jwt_svid_validations_total{result="ok"}`); 0 when it does not answer.
+async fn jwt_svids_checked(t: &Topology) -> u64 {
+    let Some(addr) = t.admin("document") else {
+        return 0;
+    };
+    let Some((200, body)) = http(addr, "GET", "/metrics").await else {
+        return 0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with("meshd_jwt_svid_validations_total") && l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// Step 2: an identity the payment policy does not name is refused, with the rule.
@@ -499,6 +528,10 @@ fn print_next(t: &Topology, once: bool) {
         spiffe_id(INTRUDER)
     );
     say!("    curl -s {admin}/metrics | grep -E '^meshd_(authz|svid)'");
+    if let Some(document) = t.admin("document") {
+        say!("  # the JWT-SVIDs the document sidecar checked (payment sends one with each call):");
+        say!("    curl -s http://{document}/metrics | grep '^meshd_jwt_svid_validations_total'");
+    }
     say!(
         "  logs: {} (denials in the access log of payment-sidecar.log)",
         shell_word(&t.dir.join("logs").display().to_string())
