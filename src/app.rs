@@ -100,7 +100,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let inbound_port =
         start_inbound(&config, &inbound_policy, &identity.jwt_bundles, &shared).await?;
     let dns = Arc::new(Dns::new(&config.discovery.nameservers));
-    let outbounds = start_outbounds(&config, &dns, &shared).await?;
+    let outbounds = start_outbounds(&config, &dns, &shared, &identity.jwt_bundles).await?;
     if let Some(t) = &config.transparent {
         start_transparent(t, outbounds.claims, dns, &tasks.drain).await?;
     }
@@ -356,6 +356,7 @@ async fn start_outbounds(
     config: &Config,
     dns: &Arc<Dns>,
     shared: &Shared,
+    jwt_bundles: &watch::Receiver<JwtBundlesStatus>,
 ) -> anyhow::Result<Outbounds> {
     let mut out = Outbounds {
         upstreams: Upstreams::default(),
@@ -380,7 +381,7 @@ async fn start_outbounds(
             refresh,
             background.clone(),
         );
-        let (slot, jwt) = upstream_tls(config, o, &shared.tls, &mut jwt_source)?;
+        let (slot, jwt) = upstream_tls(config, o, &shared.tls, &mut jwt_source, jwt_bundles)?;
         let ob = Arc::new(Outbound::new(
             o,
             slot,
@@ -423,6 +424,7 @@ fn upstream_tls(
     o: &crate::config::OutboundConfig,
     store: &TlsStore,
     jwt_source: &mut Option<Arc<crate::identity::JwtSvidSource>>,
+    jwt_bundles: &watch::Receiver<JwtBundlesStatus>,
 ) -> anyhow::Result<(
     Arc<crate::tls::UpstreamTls>,
     Option<crate::outbound::JwtAttach>,
@@ -450,7 +452,8 @@ fn upstream_tls(
         let addr = (config.identity.workload_api.as_deref())
             .unwrap_or(crate::config::DEFAULT_WORKLOAD_API);
         let expect = config.identity.expect.clone();
-        Arc::new(crate::identity::JwtSvidSource::new(addr, expect, patience))
+        let source = crate::identity::JwtSvidSource::new(addr, expect, patience);
+        Arc::new(source.following(jwt_bundles.clone()))
     });
     let attach = crate::outbound::JwtAttach::new(&o.name, jwt.audience.clone(), source.clone());
     Ok((slot, Some(attach)))

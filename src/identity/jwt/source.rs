@@ -276,7 +276,7 @@ impl std::fmt::Debug for JwtSvidToken {
 }
 
 impl JwtSvidToken {
-    fn new(svid: JwtSvid, fetched_at: SystemTime) -> JwtSvidToken {
+    pub(super) fn new(svid: JwtSvid, fetched_at: SystemTime) -> JwtSvidToken {
         let expiry = UNIX_EPOCH + Duration::from_secs(svid.claims().exp().max(0) as u64);
         let life = expiry.duration_since(fetched_at).unwrap_or_default();
         JwtSvidToken {
@@ -329,6 +329,10 @@ pub struct JwtSvidSource {
     cache: Mutex<HashMap<Vec<String>, Arc<JwtSvidToken>>>,
     /// One fetch at a time: concurrent callers for an expired token make one call.
     fetching: tokio::sync::Mutex<()>,
+    /// The JWT bundles meshd follows, when given: a cached token whose key has left its
+    /// trust domain's bundle (the authority was revoked) is fetched again at once, since
+    /// every validator would now refuse it.
+    bundles: Option<watch::Receiver<JwtBundlesStatus>>,
 }
 
 impl std::fmt::Debug for JwtSvidSource {
@@ -358,7 +362,26 @@ impl JwtSvidSource {
             client: tokio::sync::Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
+            bundles: None,
         }
+    }
+
+    /// Checks cached tokens against the followed JWT `bundles` (see the field).
+    pub fn following(mut self, bundles: watch::Receiver<JwtBundlesStatus>) -> JwtSvidSource {
+        self.bundles = Some(bundles);
+        self
+    }
+
+    /// Whether `token`'s key is gone from its trust domain's bundle. A domain without a
+    /// bundle (none received yet, or the stream is off) says nothing.
+    fn key_retired(&self, token: &JwtSvidToken) -> bool {
+        let Some(bundles) = &self.bundles else {
+            return false;
+        };
+        let status = bundles.borrow();
+        let own = (status.bundles.as_ref())
+            .and_then(|b| b.for_domain(token.spiffe_id().trust_domain_name()));
+        own.is_some_and(|bundle| !bundle.keys.contains_key(token.key_id()))
     }
 
     fn cached(&self, key: &[String]) -> Option<Arc<JwtSvidToken>> {
@@ -366,7 +389,7 @@ impl JwtSvidSource {
         cache.get(key).cloned()
     }
 
-    fn store(&self, key: Vec<String>, token: Arc<JwtSvidToken>) {
+    pub(super) fn store(&self, key: Vec<String>, token: Arc<JwtSvidToken>) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.insert(key, token);
     }
@@ -378,7 +401,8 @@ impl JwtSvidSource {
         if key.is_empty() {
             return Err(JwtApiError::NoAudience);
         }
-        let fresh = |t: &Arc<JwtSvidToken>| SystemTime::now() < t.refresh_at;
+        let fresh =
+            |t: &Arc<JwtSvidToken>| SystemTime::now() < t.refresh_at && !self.key_retired(t);
         if let Some(t) = self.cached(&key).filter(fresh) {
             return Ok(t);
         }
@@ -387,7 +411,8 @@ impl JwtSvidSource {
             return Ok(t);
         }
         // A cached token still before its expiry serves if this one attempt fails.
-        let stale = self.cached(&key).filter(|t| SystemTime::now() < t.expiry);
+        let stale =
+            (self.cached(&key)).filter(|t| SystemTime::now() < t.expiry && !self.key_retired(t));
         let id = self.spiffe_id.clone();
         let result = self
             .call("FetchJWTSVID", stale.is_some(), |c| {

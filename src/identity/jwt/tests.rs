@@ -8,6 +8,7 @@ use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::json;
 use spiffe::transport::{GrpcStatusCode, TransportError};
 use spiffe::WorkloadApiError;
+use std::sync::Arc;
 
 /// A P-256 signing key and its public JWK half.
 struct Signer {
@@ -342,4 +343,43 @@ fn workload_api_errors_decide_retries() {
     for (e, want) in table {
         assert_eq!(retry_decision(&e), want, "{e}");
     }
+}
+
+// Story: payment's sidecar holds a cached JWT-SVID for `documents`, fresh for minutes yet.
+// SPIRE revokes the authority that signed it: the key leaves jia.app's JWT bundle, and
+// every validator now refuses the token. The sidecar stops handing it out at once (here the
+// agent is unreachable, so the call fails closed instead of sending a token that cannot
+// pass); while the key is still in the bundle, the cached token serves.
+#[tokio::test]
+async fn a_cached_token_whose_key_left_the_bundle_is_not_handed_out() {
+    let old = signer("old-key");
+    let new = signer("new-key");
+    let claims =
+        json!({"sub": "spiffe://jia.app/payment", "aud": ["documents"], "exp": now_s() + 600});
+    let token = sign(
+        &old,
+        &json!({"alg": "ES256", "kid": "old-key", "typ": "JWT"}),
+        &claims,
+    );
+    let svid = spiffe::JwtSvid::parse_insecure(&token).unwrap();
+    let status = |signer: &Signer| JwtBundlesStatus {
+        bundles: Some(Arc::new(bundles(signer, &new))),
+        state: JwtStreamState::Following,
+        generation: 1,
+    };
+    let (tx, rx) = tokio::sync::watch::channel(status(&old));
+    let source =
+        JwtSvidSource::new("unix:///nonexistent/agent.sock", None, Duration::ZERO).following(rx);
+    let audience = vec!["documents".to_string()];
+    source.store(
+        audience.clone(),
+        Arc::new(JwtSvidToken::new(svid, SystemTime::now())),
+    );
+
+    let served = source.fetch(&audience).await.expect("the cached token");
+    assert_eq!(served.key_id(), "old-key");
+
+    tx.send_replace(status(&new));
+    let refused = source.fetch(&audience).await;
+    assert!(refused.is_err(), "a token of a revoked key was handed out");
 }
