@@ -76,22 +76,13 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         let timeout = self.limits.handshake_timeout;
         let serving = || self.tls.inbound().is_some();
-        let start = |arrival: proxy::Arrival| {
-            let this = self.clone();
-            let stop = drain.stop.clone();
-            drain.tracker.spawn(async move {
-                let proxy::Arrival {
-                    tcp,
-                    remote,
-                    open,
-                    deadline,
-                } = arrival;
-                let _open = open;
-                this.connection(tcp, remote, stop, deadline).await
-            });
-        };
+        let connection =
+            |tcp, remote, stop, deadline| self.clone().connection(tcp, remote, stop, deadline);
         let gate = self.gate.clone();
-        proxy::accept_ready(&listener, &drain, &gate, timeout, "inbound", serving, start).await;
+        proxy::accept_ready(
+            &listener, &drain, &gate, timeout, "inbound", serving, connection,
+        )
+        .await;
     }
 
     async fn connection(

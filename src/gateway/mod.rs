@@ -272,22 +272,19 @@ impl Gateway {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         tokio::spawn(self.clone().follow_files(drain.stop.clone()));
         let timeout = self.config.connections.handshake_timeout;
-        let start = |arrival: proxy::Arrival| {
-            let this = self.clone();
-            let stop = drain.stop.clone();
-            drain.tracker.spawn(async move {
-                let proxy::Arrival {
-                    tcp,
-                    remote,
-                    open,
-                    deadline,
-                } = arrival;
-                let _open = open;
-                this.connection(tcp, remote, stop, deadline).await
-            });
-        };
+        let connection =
+            |tcp, remote, stop, deadline| self.clone().connection(tcp, remote, stop, deadline);
         let gate = self.gate.clone();
-        proxy::accept_ready(&listener, &drain, &gate, timeout, "gateway", || true, start).await;
+        proxy::accept_ready(
+            &listener,
+            &drain,
+            &gate,
+            timeout,
+            "gateway",
+            || true,
+            connection,
+        )
+        .await;
     }
 
     /// One client connection: the TLS handshake by `deadline`, then HTTP/2 or HTTP/1.1.

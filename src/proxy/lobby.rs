@@ -16,21 +16,23 @@
 use crate::proxy::connections::{ConnectionGate, OpenConnection};
 use crate::proxy::Drain;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// A connection that has sent its first byte (or closed): what the listener starts with.
-pub struct Arrival {
-    pub tcp: TcpStream,
-    pub remote: SocketAddr,
+struct Arrival {
+    tcp: TcpStream,
+    remote: SocketAddr,
     /// Counts the connection open until it ends.
-    pub open: OpenConnection,
+    open: OpenConnection,
     /// When the TLS handshake must be done (`handshake_timeout` after accept).
-    pub deadline: Instant,
+    deadline: Instant,
 }
 
 /// One waiting connection.
@@ -187,18 +189,35 @@ fn has_spoken(tcp: &TcpStream) -> bool {
 
 /// Accepts connections on `listener` until drained. Each one is admitted by `gate` (or
 /// closed at once over `connections.max`); each that has sent its first byte within
-/// `handshake_timeout` is handed to `start`, the others are closed at that timeout.
-/// While `serving()` is false (the inbound without an SVID) every connection goes to
-/// `start` at once, which refuses it, rather than wait.
-pub async fn accept_ready(
+/// `handshake_timeout` gets a task on the drain's tracker running
+/// `connection(tcp, remote, stop, deadline)` (and counted open until it ends); the
+/// others are closed at that timeout. While `serving()` is false (the inbound without an
+/// SVID) every connection starts at once, and `connection` refuses it, rather than wait.
+pub async fn accept_ready<C, F>(
     listener: &TcpListener,
     drain: &Drain,
     gate: &Arc<ConnectionGate>,
     handshake_timeout: Duration,
     what: &'static str,
     serving: impl Fn() -> bool,
-    mut start: impl FnMut(Arrival),
-) {
+    connection: C,
+) where
+    C: Fn(TcpStream, SocketAddr, CancellationToken, Instant) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let start = |arrival: Arrival| {
+        let Arrival {
+            tcp,
+            remote,
+            open,
+            deadline,
+        } = arrival;
+        let served = connection(tcp, remote, drain.stop.clone(), deadline);
+        drain.tracker.spawn(async move {
+            let _open = open;
+            served.await
+        });
+    };
     let mut lobby = match Lobby::new() {
         Ok(lobby) => Some(lobby),
         Err(e) => {

@@ -48,7 +48,7 @@ pub use jwt_svid::{
     bearer, count as count_jwt_svid, JwtRefusal, JwtSvidVerifier, JWT_SVID_RESULTS,
 };
 pub use listen::{accept, Drain};
-pub use lobby::{accept_ready, Arrival};
+pub use lobby::accept_ready;
 pub use pipe::pipe;
 pub use replay_body::{ReplayBody, Replayable};
 pub use respond::{respond_locally, respond_upstream, ProxyBody};
