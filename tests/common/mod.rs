@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests (`mod common;` in a tests/*.rs file).
 pub mod edge;
+pub mod edge_gateway;
 pub mod envoy;
 pub mod gospiffe;
 pub mod injector;
