@@ -49,11 +49,13 @@ pub fn main(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let rt = if config.runtime.worker_threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(crate::telemetry::collect_memory_on_park)
             .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.runtime.worker_threads)
             .enable_all()
+            .on_thread_park(crate::telemetry::collect_memory_on_park)
             .build()?
     };
     rt.block_on(run(config, opts))

@@ -23,7 +23,7 @@
 //! - `app`: the composition root of `meshd run`.
 //! - Beside the sidecar: `k8s/` (`meshd inject`, `meshd injector`, `meshd iptables`), `dev_ca/` (the development
 //!   CA), `demo/` (`meshd demo` and the demo apps).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;

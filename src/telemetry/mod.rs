@@ -6,10 +6,12 @@
 //! [`RequestRecord`] per request (or TCP connection) and it records itself, through the
 //! handles of `metric_cache`, when finished or dropped.
 
+mod memory;
 mod metric_cache;
 
 #[cfg(test)]
 pub(crate) mod fuzz_budget;
+pub use memory::on_park as collect_memory_on_park;
 pub use metric_cache::increment;
 
 use arc_swap::ArcSwap;
