@@ -14,7 +14,8 @@
 //! `authorize` (mixed shape) runs after it.
 //!
 //! `MESHD_SCALE_QUICK=1` (the CI smoke): sizes 10 and 1,000, few samples.
-//! `MESHD_SCALE_SIZES=10,100`: other sizes.
+//! `MESHD_SCALE_SIZES=10,100`: other sizes; `MESHD_SCALE_SHAPES=exact,prefix,grpc,mixed`:
+//! some shapes only.
 
 use criterion::Criterion;
 use meshd::config::parse_spiffe_id;
@@ -67,6 +68,16 @@ enum Shape {
 }
 
 impl Shape {
+    /// The name `MESHD_SCALE_SHAPES` uses.
+    fn key(self) -> &'static str {
+        match self {
+            Shape::Exact => "exact",
+            Shape::Prefix => "prefix",
+            Shape::Grpc => "grpc",
+            Shape::Mixed => "mixed",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Shape::Exact => "exact IDs",
@@ -272,11 +283,10 @@ fn measure(shape: Shape, n: usize, effort: &Effort, dir: &std::path::Path) -> Ro
     let (authorize_p50, authorize_p99) = (pct(&samples, 0.5), pct(&samples, 0.99));
     drop(policy);
 
-    // decide without a reload, for as long as a reload takes (at least 50 ms).
-    let window = load.max(Duration::from_millis(50));
-    let idle = decide_for(&store, &probes, window, None);
+    // decide without a reload, for as long as a reload takes (50 ms to 2 s).
+    let window = load.clamp(Duration::from_millis(50), Duration::from_secs(2));
+    let (idle, decide_worst_idle) = decide_for(&store, &probes, window, None);
     let decide_p99 = pct(&idle, 0.99);
-    let decide_worst_idle = *idle.last().unwrap_or(&0);
 
     // decide while another thread reloads the same file.
     let reloading = Arc::new(AtomicBool::new(true));
@@ -290,7 +300,8 @@ fn measure(shape: Shape, n: usize, effort: &Effort, dir: &std::path::Path) -> Ro
             (ok, took)
         })
     };
-    let during = decide_for(&store, &probes, Duration::MAX, Some(&reloading));
+    let (during, decide_worst_reload) =
+        decide_for(&store, &probes, Duration::MAX, Some(&reloading));
     let (ok, reload) = reloader.join().expect("the reload thread");
     assert!(ok, "the reload of {n} rules failed");
     Row {
@@ -304,25 +315,38 @@ fn measure(shape: Shape, n: usize, effort: &Effort, dir: &std::path::Path) -> Ro
         decide_p99,
         decide_worst_idle,
         reload,
-        decide_worst_reload: *during.last().unwrap_or(&0),
+        decide_worst_reload,
         decide_p99_reload: pct(&during, 0.99),
     }
 }
 
-/// Per-call `decide` latencies (sorted) for `window`, or while `until` stays true.
+/// The most latency samples kept; later ones overwrite the oldest (the worst is kept
+/// apart), so a reload of many seconds does not fill the memory.
+const MAX_SAMPLES: usize = 1 << 23;
+
+/// Per-call `decide` latencies (sorted; the last [`MAX_SAMPLES`]) and the worst of all,
+/// for `window` or while `until` stays true.
 fn decide_for(
     store: &PolicyStore,
     probes: &[Probe],
     window: Duration,
     until: Option<&AtomicBool>,
-) -> Vec<u64> {
+) -> (Vec<u64>, u64) {
     let start = Instant::now();
     let mut samples = Vec::with_capacity(1 << 20);
+    let (mut worst, mut calls) = (0, 0usize);
     'outer: loop {
         for p in probes {
             let t = Instant::now();
             black_box(store.decide(black_box(&p.peer), black_box(&p.target)));
-            samples.push(t.elapsed().as_nanos() as u64);
+            let took = t.elapsed().as_nanos() as u64;
+            worst = worst.max(took);
+            if samples.len() < MAX_SAMPLES {
+                samples.push(took);
+            } else {
+                samples[calls % MAX_SAMPLES] = took;
+            }
+            calls += 1;
         }
         let done = match until {
             Some(flag) => !flag.load(Ordering::Acquire),
@@ -333,7 +357,7 @@ fn decide_for(
         }
     }
     samples.sort_unstable();
-    samples
+    (samples, worst)
 }
 
 fn ms(d: Duration) -> String {
@@ -392,11 +416,18 @@ fn main() {
         Err(_) if quick => vec![10, 1_000],
         Err(_) => vec![10, 100, 1_000, 10_000, 100_000],
     };
+    let shapes: Vec<Shape> = [Shape::Exact, Shape::Prefix, Shape::Grpc, Shape::Mixed]
+        .into_iter()
+        .filter(|s| {
+            std::env::var("MESHD_SCALE_SHAPES")
+                .map_or(true, |only| only.split(',').any(|o| o.trim() == s.key()))
+        })
+        .collect();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let started = Instant::now();
     let mut rows = Vec::new();
     for &n in &sizes {
-        for shape in [Shape::Exact, Shape::Prefix, Shape::Grpc, Shape::Mixed] {
+        for shape in shapes.iter().copied() {
             let effort = Effort {
                 rounds: if quick { 20 } else { 4_000 },
                 loads: if quick || n >= 10_000 { 1 } else { 5 },
