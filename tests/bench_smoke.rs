@@ -64,7 +64,28 @@ fn e2e_harness_smoke() {
 fn run_scale_bench(name: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let started = Instant::now();
-    let out = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // What cargo set for this test process (not the user's settings) is removed, or the
+    // nested build would see a changed environment and rebuild dependencies (ring's
+    // build script follows CARGO_MANIFEST_DIR).
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_cargo = ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_CRATE_"]
+            .iter()
+            .any(|p| key.starts_with(p))
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_ref());
+        if set_by_cargo {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    let out = cargo
         .args(["test", "--quiet", "--bench", name])
         .env("MESHD_SCALE_QUICK", "1")
         .current_dir(root)
