@@ -6,6 +6,11 @@
 //! both ways, then runs tiny loads through the whole measurement and table code. No timing
 //! is judged here. A missing tool that cannot be installed fails the test with the
 //! script's message naming it; it never passes without running.
+//!
+//! `scale_benches_quick` runs the policy-size and endpoint-count scale benches
+//! (`benches/policy_scale.rs`, `benches/endpoint_scale.rs`) in their quick mode through
+//! cargo, as a user would with `MESHD_SCALE_QUICK=1 cargo bench --bench NAME`, and checks
+//! that each generated its cases, checked their decisions and printed its whole table.
 
 use std::path::Path;
 use std::process::Command;
@@ -52,4 +57,82 @@ fn e2e_harness_smoke() {
         "smoke harness passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Runs one scale bench in quick mode (debug build, criterion's test mode) and returns
+/// its standard output.
+fn run_scale_bench(name: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let started = Instant::now();
+    let mut cargo = Command::new(env!("CARGO"));
+    // What cargo set for this test process (not the user's settings) is removed, or the
+    // nested build would see a changed environment and rebuild dependencies (ring's
+    // build script follows CARGO_MANIFEST_DIR).
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_cargo = ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_CRATE_"]
+            .iter()
+            .any(|p| key.starts_with(p))
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_ref());
+        if set_by_cargo {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    let out = cargo
+        .args(["test", "--quiet", "--bench", name])
+        .env("MESHD_SCALE_QUICK", "1")
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo ({}): {e}", env!("CARGO")));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "MESHD_SCALE_QUICK=1 cargo test --bench {name} failed ({}):\n{stderr}\n{stdout}",
+        out.status
+    );
+    println!(
+        "{name} quick mode passed in {:.1} s:\n{stdout}",
+        started.elapsed().as_secs_f64()
+    );
+    stdout
+}
+
+#[test]
+fn scale_benches_quick() {
+    let policy = run_scale_bench("policy_scale");
+    assert!(
+        policy.contains("## policy scale") && policy.contains("| shape | rules |"),
+        "policy_scale printed no table:\n{policy}"
+    );
+    for shape in ["exact IDs", "prefixes", "gRPC methods", "mixed"] {
+        for rules in [10, 1000] {
+            let row = format!("| {shape} | {rules} |");
+            assert!(
+                policy.contains(&row),
+                "policy_scale lacks the row `{row}`:\n{policy}"
+            );
+        }
+    }
+    let endpoints = run_scale_bench("endpoint_scale");
+    assert!(
+        endpoints.contains("## endpoint scale")
+            && endpoints.contains("pick p2c_ewma p50 / p99, ns")
+            && endpoints.contains("pick least_request p50 / p99, ns"),
+        "endpoint_scale printed no table:\n{endpoints}"
+    );
+    for n in [10, 1000] {
+        let row = format!("\n| {n} |");
+        assert!(
+            endpoints.contains(&row),
+            "endpoint_scale lacks the row for {n} endpoints:\n{endpoints}"
+        );
+    }
 }

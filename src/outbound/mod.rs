@@ -300,6 +300,20 @@ impl Outbound {
         }
     }
 
+    /// [`apply`](Self::apply) for `benches/endpoint_scale.rs`, which times it at scale
+    /// (not used by meshd itself).
+    #[doc(hidden)]
+    pub fn apply_for_bench(&self, set: &EndpointSet) {
+        self.apply(set)
+    }
+
+    /// [`pick`](Self::pick) with nothing tried yet, for `benches/endpoint_scale.rs`; the
+    /// pick's in-flight count ends at once (not used by meshd itself).
+    #[doc(hidden)]
+    pub fn pick_for_bench(&self) -> Option<SocketAddr> {
+        self.pick(&[]).map(|f| f.endpoint.meta.addr)
+    }
+
     /// Follows the discovery channel until `stop`.
     async fn follow(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut rx = self.discovery.endpoints.clone();
