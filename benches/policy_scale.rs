@@ -13,7 +13,8 @@
 //! window without one. A markdown table is printed at the end; a criterion group of
 //! `authorize` (mixed shape) runs after it.
 //!
-//! `MESHD_SCALE_QUICK=1` (the CI smoke): sizes 10 and 1,000, few samples.
+//! `MESHD_SCALE_QUICK=1` (the CI smoke), or any run without `--bench` (`cargo test`):
+//! sizes 10 and 1,000, few samples. `cargo bench --bench NAME` runs the full curve.
 //! `MESHD_SCALE_SIZES=10,100`: other sizes; `MESHD_SCALE_SHAPES=exact,prefix,grpc,mixed`:
 //! some shapes only.
 
@@ -407,7 +408,10 @@ fn criterion_authorize(c: &mut Criterion, sizes: &[usize]) {
 }
 
 fn main() {
-    let quick = std::env::var_os("MESHD_SCALE_QUICK").is_some_and(|v| v != "0");
+    // Quick unless asked for the full curve: `cargo test --all-targets` runs this binary
+    // without `--bench` (as CI does), and the full curve takes many minutes.
+    let quick = std::env::var_os("MESHD_SCALE_QUICK").is_some_and(|v| v != "0")
+        || !std::env::args().any(|a| a == "--bench");
     let sizes: Vec<usize> = match std::env::var("MESHD_SCALE_SIZES") {
         Ok(list) => list
             .split(',')

@@ -305,4 +305,5 @@ async fn bodies_over_max_request_body_are_refused_with_413_or_resource_exhausted
         &["service=\"payments\"", "reason=\"too_large\""],
     );
     assert_eq!(too_large, 4.0, "too_large refusals counted");
+    assert_logged_once(&g.gw, "over gateway.max_request_body was refused");
 }

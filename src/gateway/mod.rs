@@ -137,6 +137,9 @@ pub struct Gateway {
     transcoder: Option<transcode::Transcoder>,
     /// Counts the client connections and the limits (`gateway.connections`) they hit.
     gate: Arc<ConnectionGate>,
+    /// Whether a body over `max_request_body` was logged already: a flood of them gets
+    /// one line, then only counts.
+    too_large_logged: AtomicBool,
 }
 
 /// The route's refusal series at 0, so dashboards and alerts see them from start.
@@ -154,17 +157,6 @@ fn start_at_zero(route: &str) {
     for reason in reasons {
         metrics::counter!("gateway_requests_failed_total", "service" => service.clone(), "reason" => reason)
             .increment(0);
-    }
-}
-
-/// The message of a 413 / RESOURCE_EXHAUSTED for a body over `max` (`declared`: what its
-/// content-length said).
-fn too_large(declared: Option<u64>, max: u64) -> String {
-    match declared {
-        Some(n) => format!(
-            "request body of {n} bytes is over the gateway's max_request_body of {max} bytes"
-        ),
-        None => format!("request body is over the gateway's max_request_body of {max} bytes"),
     }
 }
 
@@ -225,6 +217,7 @@ impl Gateway {
             log,
             transcoder,
             gate: ConnectionGate::new("gateway", Some(config.connections)),
+            too_large_logged: AtomicBool::new(false),
         })
     }
 
@@ -419,7 +412,7 @@ impl Gateway {
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(n) = declared.filter(|n| *n > max) {
             call.refused = Some("too_large");
-            let err = ProxyError::TooLarge(too_large(Some(n), max));
+            let err = ProxyError::TooLarge(self.too_large(Some(n), max));
             return self.refuse(&mut req, protocol, call, err).await;
         }
         let cut = Arc::new(AtomicBool::new(false));
@@ -441,7 +434,7 @@ impl Gateway {
                         call.refused = Some("bad_request");
                         let mut record = self.refusal_record(http_method, None, call);
                         let (status, code, message) = if cut.load(Ordering::Acquire) {
-                            (StatusCode::PAYLOAD_TOO_LARGE, 8, too_large(None, max))
+                            (StatusCode::PAYLOAD_TOO_LARGE, 8, self.too_large(None, max))
                         } else {
                             let (status, code) = e.status();
                             (status, code, e.to_string())
@@ -471,7 +464,7 @@ impl Gateway {
         let resp = outbound::forward_as(&route.upstream, req, Some(call)).await;
         if cut.load(Ordering::Acquire) {
             tracing::debug!("gateway cut off a request body to {path} from {ip} at {max} bytes");
-            return ProxyError::TooLarge(too_large(None, max)).response(protocol);
+            return ProxyError::TooLarge(self.too_large(None, max)).response(protocol);
         }
         match json_call {
             Some((t, call)) => t.to_json(&call, resp).await,
@@ -520,6 +513,23 @@ impl Gateway {
             );
         }
         resp
+    }
+
+    /// The message of a 413 / RESOURCE_EXHAUSTED for a body over `max` (`declared`: what
+    /// its content-length said). The first one is logged.
+    fn too_large(&self, declared: Option<u64>, max: u64) -> String {
+        if !self.too_large_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_request_body = max,
+                "a request body over gateway.max_request_body was refused (413 / RESOURCE_EXHAUSTED); further ones are only counted in gateway_requests_failed_total{{reason=\"too_large\"}}"
+            );
+        }
+        match declared {
+            Some(n) => format!(
+                "request body of {n} bytes is over the gateway's max_request_body of {max} bytes"
+            ),
+            None => format!("request body is over the gateway's max_request_body of {max} bytes"),
+        }
     }
 
     /// The record of a request the gateway refused itself (counted and logged as denied).
