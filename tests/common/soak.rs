@@ -287,12 +287,25 @@ pub fn tally(report: &Value, starts: &[SystemTime], stopped: SystemTime) -> Vec<
             t.ok += 1;
             continue;
         } else if ended + Duration::from_millis(50) >= stopped
-            && (status == "Canceled" || error.contains("use of closed network connection"))
+            && (status == "Canceled"
+                || error.contains("use of closed network connection")
+                || (status == "Unavailable" && error.ends_with("EOF")))
         {
             // ghz closes its own connections when stopped (Go's "use of closed network
-            // connection"): not a failure of the mesh.
+            // connection"); grpc-go's client also says goodbye with a GOAWAY first, and
+            // the gateway then closing the connection can reach a call still in flight
+            // as "error reading from server: EOF". Not a failure of the mesh.
             CUT_OFF.to_string()
         } else {
+            let to_stop = |at: SystemTime| match stopped.duration_since(at) {
+                Ok(d) => format!("{} ms before", d.as_millis()),
+                Err(e) => format!("{} ms after", e.duration().as_millis()),
+            };
+            eprintln!(
+                "failed call: started {} the stop, ended {} it: {status}: {error}",
+                to_stop(started),
+                to_stop(ended)
+            );
             format!("{status}: {error}")
         };
         *t.failed.entry(cause).or_default() += 1;
