@@ -587,8 +587,12 @@ async fn wait_for_stop(stop: Stop, labels: &Labels) {
             Some(_) = async { int.as_mut()?.recv().await } => return,
             Some(_) = async { hup.as_mut()?.recv().await } => {
                 tracing::info!("SIGHUP: reloading policy and identity files");
-                if let Some(p) = &policy {
-                    let _ = p.reload();
+                if let Some(p) = policy.clone() {
+                    // Off the reactor: a big policy takes a while to compile. The tick
+                    // below sees its new version and updates the label bounds.
+                    tokio::task::spawn_blocking(move || {
+                        let _ = p.reload();
+                    });
                 }
                 reload_files.notify_one();
                 set_label_bounds(labels, policy.as_deref());

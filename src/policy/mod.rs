@@ -19,6 +19,7 @@ mod cli;
 mod file;
 mod model;
 mod parse;
+mod shadow;
 mod store;
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //! `serde_yaml_ng` (unknown fields are errors). Values are validated *while* they are
 //! deserialized (SPIFFE ID matchers, gRPC targets, paths, methods, ports), so serde
 //! reports their exact position. Whole-policy checks follow (duplicate names are
-//! errors, allows shadowed by a deny are warnings) and locate the rule in the source by
-//! searching for its `name:`. The command line uses it through `policy/cli.rs`.
+//! errors, allows shadowed by a deny are warnings, found through `shadow`'s index of
+//! denies) and locate the rule in the source by searching for its `name:`, only for the
+//! first problems, so a load stays linear in the file's size. The command line uses it
+//! through `policy/cli.rs`.
 
 use crate::policy::file::{listed, RawPolicy};
+use crate::policy::shadow::DenyIndex;
 use crate::policy::{Action, HttpTarget, Policy, Rule, To};
 use std::collections::HashMap;
 use std::fmt;
@@ -190,24 +193,35 @@ pub fn parse_policy(
         )]
     })?;
     let mut problems = Vec::new();
-    let mut first_line: HashMap<&str, usize> = HashMap::new();
+    // Each rule's name is searched for in the source only when there is a problem to
+    // report, and only for the first [`MAX_LOCATED`] of them: a search reads the whole
+    // file, and doing it for every rule made a 100,000-rule load take minutes.
+    let mut locator = Locator::new(source);
+    let mut first_lines: HashMap<&str, usize> = HashMap::new();
+    let mut nth_of = Vec::with_capacity(raw.rules.len());
     let mut count: HashMap<&str, usize> = HashMap::new();
     for rule in &raw.rules {
-        let nth = count.entry(&rule.name.0).or_default();
-        let at = locate_name(source, &rule.name.0, *nth);
+        let name = rule.name.0.as_str();
+        let nth = count.entry(name).or_default();
+        nth_of.push(*nth);
         *nth += 1;
-        match first_line.get(rule.name.0.as_str()) {
-            Some(&first_line) => {
-                let error = PolicyError::DuplicateName {
-                    name: rule.name.0.clone(),
-                    first_line,
-                };
-                problems.push(problem(path, at, Severity::Error, error));
-            }
-            None => {
-                first_line.insert(&rule.name.0, at.map_or(0, |p| p.0));
-            }
+        if *nth == 1 {
+            continue;
         }
+        let first_line = match first_lines.get(name) {
+            Some(&line) => line,
+            None => {
+                let line = locator.find(name, 0).map_or(0, |p| p.0);
+                first_lines.insert(name, line);
+                line
+            }
+        };
+        let at = locator.find(name, nth_of[nth_of.len() - 1]);
+        let error = PolicyError::DuplicateName {
+            name: name.to_string(),
+            first_line,
+        };
+        problems.push(problem(path, at, Severity::Error, error));
     }
     let rules: Vec<Rule> = raw
         .rules
@@ -230,26 +244,19 @@ pub fn parse_policy(
             }),
         })
         .collect();
+    let denies = DenyIndex::new(&rules);
     for (i, allow) in rules
         .iter()
         .enumerate()
         .filter(|(_, r)| r.action == Action::Allow)
     {
-        if let Some(deny) = rules
-            .iter()
-            .find(|d| d.action == Action::Deny && allow.is_covered_by(d))
-        {
-            let nth = rules[..i].iter().filter(|r| r.name == allow.name).count();
+        if let Some(deny) = denies.shadowing(allow) {
             let error = PolicyError::ShadowedAllow {
                 allow: allow.name.to_string(),
                 deny: deny.name.to_string(),
             };
-            problems.push(problem(
-                path,
-                locate_name(source, &allow.name, nth),
-                Severity::Warning,
-                error,
-            ));
+            let at = locator.find(&allow.name, nth_of[i]);
+            problems.push(problem(path, at, Severity::Warning, error));
         }
     }
     if problems.iter().any(|p| p.severity == Severity::Error) {
@@ -286,6 +293,34 @@ fn line_col(source: &str, at: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
+}
+
+/// The first problems of a file whose rule is looked for in the source; later ones are
+/// reported without a position.
+const MAX_LOCATED: usize = 200;
+
+/// Finds rule names in the source for problems, at most [`MAX_LOCATED`] times.
+struct Locator<'s> {
+    source: &'s str,
+    searches: usize,
+}
+
+impl<'s> Locator<'s> {
+    fn new(source: &'s str) -> Locator<'s> {
+        Locator {
+            source,
+            searches: 0,
+        }
+    }
+
+    /// The line and column of the `nth` rule named `name`, unless the budget is spent.
+    fn find(&mut self, name: &str, nth: usize) -> Option<(usize, usize)> {
+        if self.searches >= MAX_LOCATED {
+            return None;
+        }
+        self.searches += 1;
+        locate_name(self.source, name, nth)
+    }
 }
 
 /// Finds the `nth` (0-based) `name: VALUE` in the source (plain, single- or double-quoted,

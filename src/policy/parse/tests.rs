@@ -436,3 +436,87 @@ fn explain_cli_targets_and_errors() {
     )
     .is_err());
 }
+
+// The deny index finds, for every allow, the same first covering deny as holding each
+// allow against every deny would: matchers of every kind, nested prefixes, two trust
+// domains, several `from` entries, with and without `to`.
+#[test]
+fn deny_index_agrees_with_every_pair() {
+    let froms = [
+        "spiffe://td/*",
+        "spiffe://td/ns/*",
+        "spiffe://td/ns/a/*",
+        "spiffe://td/ns/a",
+        "spiffe://td/ns/a/b",
+        "spiffe://td/ns/ab",
+        "spiffe://td/nsx/a",
+        "spiffe://other/ns/a",
+        "spiffe://other/*",
+    ];
+    let tos = [
+        "",
+        ", to: {grpc: [\"x.Y/Get\"]}",
+        ", to: {grpc: [\"x.Y/*\"]}",
+    ];
+    let mut yaml = HEAD.to_string();
+    let mut n = 0;
+    for (i, from) in froms.iter().enumerate() {
+        for (j, to) in tos.iter().enumerate() {
+            let second = froms[(i * 7 + j) % froms.len()];
+            for (action, list) in [
+                ("allow", format!("[\"{from}\"]")),
+                ("deny", format!("[\"{from}\"]")),
+                ("allow", format!("[\"{from}\", \"{second}\"]")),
+            ] {
+                if action == "deny" && (i + j) % 3 == 0 {
+                    continue;
+                }
+                yaml.push_str(&format!(
+                    "  - {{name: r{n}, action: {action}, from: {list}{to}}}\n"
+                ));
+                n += 1;
+            }
+        }
+    }
+    let (policy, _) = parse_policy(&yaml, Path::new("p.yaml"), 1).expect("a valid policy");
+    let rules = &policy.rules;
+    let index = crate::policy::shadow::DenyIndex::new(rules);
+    let mut shadowed = 0;
+    for allow in rules.iter().filter(|r| r.action == Action::Allow) {
+        let pairwise = rules
+            .iter()
+            .find(|d| d.action == Action::Deny && allow.is_covered_by(d));
+        let indexed = index.shadowing(allow);
+        assert_eq!(
+            indexed.map(|d| &d.name),
+            pairwise.map(|d| &d.name),
+            "allow {}",
+            allow.name
+        );
+        shadowed += usize::from(pairwise.is_some());
+    }
+    assert!(
+        shadowed > 10,
+        "the table shadows too few allows: {shadowed}"
+    );
+}
+
+// A file with hundreds of duplicate names reports every one; the first ones carry their
+// line and column, the rest only the file name (each position is a search of the file).
+#[test]
+fn many_problems_are_all_reported_the_first_located() {
+    let mut yaml = HEAD.to_string();
+    for _ in 0..300 {
+        yaml.push_str("  - {name: same, from: [\"spiffe://td/x\"]}\n");
+    }
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 299);
+    assert_eq!(
+        e[0],
+        "p.yaml:4:12: duplicate rule name \"same\" (first used on line 3)"
+    );
+    assert_eq!(
+        e[298],
+        "p.yaml: duplicate rule name \"same\" (first used on line 3)"
+    );
+}

@@ -297,3 +297,38 @@ fn label_bounds_name_what_the_policy_names() {
     methods.sort();
     assert_eq!(methods, ["grpc.health.v1.Health/Check", "pay.v1.Pay/*"]);
 }
+
+// A request still holding the policy that decided it when a reload replaces it is never
+// the one to free it: the store keeps the old policy until the request lets go, and the
+// next sweep (or reload) frees it, off the request's thread.
+#[test]
+fn a_replaced_policy_is_freed_by_the_store_not_by_a_request() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("policy.yaml");
+    write(&path, GOOD);
+    let store = PolicyStore::new(&path);
+    store.reload().expect("good policy");
+    let (_, in_flight) = store.decide(&gateway(), &target());
+    write(&path, OTHER);
+    store.reload().expect("good edit");
+    assert_eq!(in_flight.version, 1);
+    assert!(
+        store.has_retired(),
+        "version 1 is kept while a request holds it"
+    );
+    assert!(store.sweep().is_empty(), "nothing to free while it is held");
+    assert_eq!(
+        Arc::strong_count(&in_flight),
+        2,
+        "the request's and the store's"
+    );
+    drop(in_flight);
+    let freed = store.sweep();
+    assert_eq!(freed.iter().map(|p| p.version).collect::<Vec<_>>(), [1]);
+    assert!(!store.has_retired());
+    // A replaced policy nobody holds is freed by the reload itself.
+    write(&path, GOOD);
+    store.reload().expect("good edit");
+    assert!(!store.has_retired());
+    assert_eq!(store.snapshot().map(|p| p.version), Some(3));
+}
