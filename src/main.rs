@@ -9,7 +9,10 @@ use std::process::ExitCode;
 
 /// mimalloc rather than glibc's malloc: the proxy allocates and frees small buffers for
 /// every request (headers, frames, tasks), and mimalloc does that in fewer instructions
-/// at the same RSS (Cargo.toml says why it is built with `no_thp`).
+/// at the same RSS (Cargo.toml says why it is built with `no_thp`). The
+/// `system-allocator` feature leaves glibc's malloc in place, for heap profilers that
+/// hook it (heaptrack; benches/e2e/README.md).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

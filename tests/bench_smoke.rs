@@ -11,6 +11,9 @@
 //! (`benches/policy_scale.rs`, `benches/endpoint_scale.rs`) in their quick mode through
 //! cargo, as a user would with `MESHD_SCALE_QUICK=1 cargo bench --bench NAME`, and checks
 //! that each generated its cases, checked their decisions and printed its whole table.
+//!
+//! `scale_harness_smoke` runs `benches/e2e/scale.sh --smoke` (scale curves 1 and 4 at one
+//! tiny size each) and checks that both tables came out.
 
 use std::path::Path;
 use std::process::Command;
@@ -135,4 +138,49 @@ fn scale_benches_quick() {
             "endpoint_scale lacks the row for {n} endpoints:\n{endpoints}"
         );
     }
+}
+
+// Scale curves 1 and 4 in smoke mode: 20 mTLS connections held to a meshd and an Envoy
+// inbound by connhold (built with go), and a meshd with 5 outbound entries started until
+// ready. The tables must come out whole, with a row per proxy and size; no figure judged.
+#[test]
+fn scale_harness_smoke() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("benches/e2e/scale.sh");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--smoke")
+        .env("MESHD_BIN", env!("CARGO_BIN_EXE_meshd"))
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        out.status.success(),
+        "scale.sh --smoke failed ({}); its output (a missing tool is named in a FAIL line):\n{all}",
+        out.status
+    );
+    for want in [
+        "connections: meshd x 20: RSS",
+        "connections: envoy x 20: RSS",
+        "### Curve 1: held mTLS connections",
+        "\n| 20 | ",
+        "upstreams: 5 outbound entries: ready after",
+        "### Curve 4: outbound entries in one config",
+        "\n| 5 | ",
+    ] {
+        assert!(
+            all.contains(want),
+            "scale.sh --smoke output lacks `{want}`:\n{all}"
+        );
+    }
+    println!(
+        "scale harness smoke passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
