@@ -1,10 +1,14 @@
 //! The end-to-end benchmark harness in smoke mode, so it cannot rot between benchmark runs.
 //!
 //! `benches/e2e/run.sh --smoke` starts nginx, a pair of plain socat relays (the floor), a
-//! meshd pair and an Envoy pair on loopback (installing nginx, h2load, socat and Envoy when
-//! missing), checks a 200 through every chain and that the SPIFFE checks refuse a wrong ID
-//! both ways, then runs tiny loads through the whole measurement and table code. No timing
-//! is judged here. A missing tool that cannot be installed fails the test with the
+//! meshd pair, an Envoy pair and an HAProxy pair on loopback, and a stunnel pair for the TCP
+//! rows (installing nginx, h2load, socat, HAProxy, stunnel and Envoy when missing), checks a
+//! 200 through every HTTP chain and bytes through the stunnel chain, that the SPIFFE checks
+//! refuse a wrong ID both ways on meshd and Envoy, and that HAProxy and stunnel refuse what
+//! they can check instead of an ID (HAProxy's inbound a wrong client ID; both a peer whose
+//! chain does not lead to the bundle they trust; stunnel a client without a certificate).
+//! Then it runs tiny loads through the whole measurement and table code, the peers' rows
+//! and the "meshd ahead of all of them" comparison included. No timing is judged here. A missing tool that cannot be installed fails the test with the
 //! script's message naming it; it never passes without running.
 //!
 //! `scale_benches_quick` runs the policy-size and endpoint-count scale benches
@@ -51,6 +55,21 @@ fn e2e_harness_smoke() {
         "reason: denied by default deny (ok)",
         "ssl.fail_verify_san",
         "wrong-ID checks refused: meshd and envoy",
+        "check: haproxy chain: 200 (ok)",
+        "check: haproxy chain XFCC at the backend",
+        "check: haproxy inbound, client spiffe://jia.app/bench-impostor: refused",
+        "because haproxy_frontend_denied_sessions_total{proxy=\"inbound\"}",
+        "check: haproxy outbound trusting another CA: refused (503)",
+        "check: haproxy handshake inbound, client spiffe://jia.app/bench-impostor refused: 1 (ok)",
+        "check: stunnel chain: iperf3 received ",
+        "check: stunnel_tin, no client certificate: refused",
+        "check: stunnel outbound trusting another CA: because its log says certificate verify failed",
+        "rep 1 haproxy: ",
+        "rep 1 stunnel tcp -P 4: ",
+        "rep 1 haproxy handshakes -new: ",
+        "rep 1 stunnel handshakes -reuse: ",
+        "| metric | direct | relay | meshd | envoy | haproxy | stunnel |",
+        "meshd ahead of all of them on every row: not judged in smoke mode",
         "| throughput, req/s |",
         "| JSON→gRPC via gateway, req/s |",
     ] {

@@ -1,5 +1,5 @@
-# What run.sh (with tcp.sh, grpc.sh) and cost.sh share: the certificates, the nginx
-# backend and the meshd sidecar configs. Sourced; needs $work, and `say`.
+# What run.sh (with tcp.sh, grpc.sh, haproxy.sh, stunnel.sh) and cost.sh share: the
+# certificates, the nginx backend and the meshd sidecar configs. Sourced; needs $work, and `say`.
 
 CLIENT_ID=spiffe://jia.app/bench-client
 SERVER_ID=spiffe://jia.app/bench-server
@@ -59,6 +59,27 @@ make_certs() { # name=spiffe-id...
       -days 1 -sha256 -extfile "$d/ext.cnf" -out "$d/svid.pem" 2>/dev/null
     cp "$ca/bundle.pem" "$d/bundle.pem"
   done
+}
+
+# A second CA, in $work/other-ca/bundle.pem, that signed none of the SVIDs: the trust
+# bundle of a listener that must refuse every peer (what HAProxy and stunnel check instead
+# of a SPIFFE ID is the chain, so that is what their smoke checks show).
+make_other_ca() {
+  local d=$work/other-ca
+  mkdir -p "$d"
+  gen_key "$d/ca.key"
+  openssl req -x509 -new -key "$d/ca.key" -sha256 -days 2 -subj "/O=meshd bench/CN=other CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$d/bundle.pem" 2>/dev/null
+}
+
+# The DER of a URI general name in a subjectAltName (context tag [6] = 0x86, the length,
+# the bytes of the URI), in upper-case hex as HAProxy's `hex` converter writes it.
+uri_san_der_hex() { # uri
+  local n=${#1} len
+  if [ "$n" -lt 128 ]; then len=$(printf '%02X' "$n"); elif [ "$n" -lt 256 ]; then len=$(printf '81%02X' "$n")
+  else len=$(printf '82%04X' "$n"); fi
+  printf '86%s%s' "$len" "$(printf '%s' "$1" | od -An -tx1 -v | tr -d ' \n' | tr a-f A-F)"
 }
 
 # nginx answering h2c at once on $1; /xfcc echoes the x-forwarded-client-cert it got.

