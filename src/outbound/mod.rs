@@ -236,14 +236,17 @@ impl Outbound {
         ob
     }
 
-    /// Makes `set` the endpoints to balance over; endpoints still present keep their
-    /// connection and statistics.
+    /// Makes `set` the endpoints to balance over; endpoints still present (same address,
+    /// weight, zone and `server_id`) keep their connection, statistics and health. Linear
+    /// in the sizes of both sets.
     fn apply(&self, set: &EndpointSet) {
         let old = self.endpoints.load();
+        let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
+            old.iter().map(|e| (e.meta.addr, e)).collect();
         let mut next = Vec::with_capacity(set.endpoints.len());
         for meta in &set.endpoints {
-            if let Some(ep) = old.iter().find(|e| e.meta == *meta) {
-                next.push(ep.clone());
+            if let Some(ep) = by_addr.get(&meta.addr).filter(|e| e.meta == *meta) {
+                next.push(Arc::clone(ep));
                 continue;
             }
             let tls = match &meta.server_id {
@@ -278,6 +281,7 @@ impl Outbound {
             }
             next.push(ep);
         }
+        drop(by_addr);
         self.endpoints.store(Arc::new(next));
         self.publish_states();
     }
