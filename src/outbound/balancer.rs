@@ -1,10 +1,13 @@
 //! Load balancing decisions: which endpoint of an upstream takes the next request (or TCP
 //! connection).
 //!
-//! Flow: the outbound listener snapshots each endpoint's [`EndpointStats`] into a
-//! [`Candidate`] and calls [`choose`], a plain function with no I/O (random numbers and
-//! the round-robin cursor are handed in), then holds an [`InFlight`] guard for the
-//! request and reports the time to response headers through it. The default policy is
+//! Flow: the outbound listener draws endpoints from its `EligibleSet` (`endpoints`): one
+//! from the round-robin cursor, or two at random whose [`EndpointStats`] it snapshots
+//! into [`Candidate`]s and compares by [`cost`]; only when those draws find nothing
+//! usable does it snapshot every endpoint and call [`choose`], a plain function with no
+//! I/O (random numbers and the round-robin cursor are handed in). It then holds an
+//! [`InFlight`] guard for the request and reports the time to response headers through
+//! it. The default policy is
 //! linkerd2-proxy's: power of two choices over peak-EWMA latency, where an endpoint's
 //! cost is `rtt_estimate * (in_flight + 1) / weight` and the estimate jumps up to any
 //! slower sample at once but decays towards faster ones (and towards zero while idle,
@@ -40,6 +43,16 @@ pub fn ewma_cost(c: &Candidate) -> f64 {
 
 fn request_load(c: &Candidate) -> f64 {
     (c.in_flight as f64 + 1.0) / f64::from(c.weight.max(1))
+}
+
+/// What the power-of-two choices compare under `policy` (the lower wins): the peak-EWMA
+/// cost, or requests in flight per unit of weight (round robin compares nothing: 0).
+pub fn cost(policy: BalancerPolicy, c: &Candidate) -> f64 {
+    match policy {
+        BalancerPolicy::P2cEwma => ewma_cost(c),
+        BalancerPolicy::LeastRequest => request_load(c),
+        BalancerPolicy::RoundRobin => 0.0,
+    }
 }
 
 /// The index whose cumulative weight range holds `x` (taken modulo the total), passing over
@@ -80,14 +93,12 @@ pub fn choose(
         1 => return Some(0),
         _ => {}
     }
-    let load: fn(&Candidate) -> f64 = match policy {
-        BalancerPolicy::RoundRobin => return Some(weighted_index(cands, cursor, None)),
-        BalancerPolicy::P2cEwma => ewma_cost,
-        BalancerPolicy::LeastRequest => request_load,
-    };
+    if policy == BalancerPolicy::RoundRobin {
+        return Some(weighted_index(cands, cursor, None));
+    }
     let a = weighted_index(cands, rand[0], None);
     let b = weighted_index(cands, rand[1], Some(a));
-    Some(if load(&cands[b]) < load(&cands[a]) {
+    Some(if cost(policy, &cands[b]) < cost(policy, &cands[a]) {
         b
     } else {
         a
@@ -157,13 +168,17 @@ impl Default for EndpointStats {
 }
 
 impl EndpointStats {
-    /// The decision's view of this endpoint now.
-    pub fn candidate(&self, weight: u32, now: Instant) -> Candidate {
-        let rtt_ns = self
-            .rtt
-            .lock()
-            .map(|mut r| r.current(now, DECAY))
-            .unwrap_or(DEFAULT_RTT.as_nanos() as f64);
+    /// The decision's view of this endpoint now, as far as `policy` looks: the latency
+    /// estimate (a lock and an `exp`) only for `p2c_ewma` (0 otherwise).
+    pub fn candidate(&self, policy: BalancerPolicy, weight: u32, now: Instant) -> Candidate {
+        let rtt_ns = match policy {
+            BalancerPolicy::P2cEwma => self
+                .rtt
+                .lock()
+                .map(|mut r| r.current(now, DECAY))
+                .unwrap_or(DEFAULT_RTT.as_nanos() as f64),
+            BalancerPolicy::RoundRobin | BalancerPolicy::LeastRequest => 0.0,
+        };
         Candidate {
             weight,
             in_flight: self.in_flight.load(Ordering::Relaxed),

@@ -16,11 +16,13 @@
 //! Where things live: [`Outbound`] and all its methods (construction, the endpoint set
 //! discovery keeps current, picking and observing endpoints, the listener) are here; the
 //! forwarding of one request or TCP connection through it is `call`'s free functions
-//! ([`forward_as`]), balancing is `balancer`, breaker, retries and outlier detection are
+//! ([`forward_as`]), the endpoint set kept ready for O(1) picks is `endpoints`, the
+//! balancing decisions are `balancer`, breaker, retries and outlier detection are
 //! `resilience`.
 
 mod balancer;
 mod call;
+mod endpoints;
 mod health_check;
 mod jwt_attach;
 mod resilience;
@@ -43,8 +45,8 @@ use crate::telemetry::{AccessLogger, Labels};
 use crate::tls::UpstreamTls;
 use arc_swap::ArcSwap;
 use balancer::{EndpointStats, HasStats, InFlight};
+use endpoints::{Drawn, EligibleSet, Pickable};
 use resilience::{Breaker, EndpointHealth, HealthState, Outcome, RetryBudget};
-use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,6 +90,18 @@ impl Checked for Endpoint {
 impl HasStats for Endpoint {
     fn stats(&self) -> &EndpointStats {
         &self.stats
+    }
+}
+
+impl Pickable for Endpoint {
+    fn addr(&self) -> SocketAddr {
+        self.meta.addr
+    }
+    fn weight(&self) -> u32 {
+        self.meta.weight
+    }
+    fn eligible(&self, now: Instant) -> bool {
+        self.health.eligible(now)
     }
 }
 
@@ -166,8 +180,11 @@ pub struct Outbound {
     pub(crate) jwt: Option<JwtAttach>,
     /// Where the upstream runs, as published by its resolver task.
     pub discovery: Arc<UpstreamDiscovery>,
-    /// The endpoints requests are balanced over; replaced when discovery publishes.
-    pub(crate) endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// The endpoints requests are balanced over, split by eligibility; replaced when
+    /// discovery publishes, when an endpoint is ejected and when a pick finds it stale.
+    pub(crate) endpoints: ArcSwap<EligibleSet<Endpoint>>,
+    /// Held while `endpoints` is rebuilt, so rebuilds never undo a newer one.
+    rebuilding: Mutex<()>,
     /// TLS slots for endpoints with their own `server_id`.
     overrides: Arc<OverrideTls>,
     /// Round-robin cursor.
@@ -216,7 +233,11 @@ impl Outbound {
             jwt,
             tls,
             discovery,
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            endpoints: ArcSwap::from_pointee(EligibleSet::build(
+                Default::default(),
+                Instant::now(),
+            )),
+            rebuilding: Mutex::new(()),
             overrides,
             next: AtomicU64::new(0),
             breaker: Breaker::new(&config.name, config.limits.clone()),
@@ -236,14 +257,18 @@ impl Outbound {
         ob
     }
 
-    /// Makes `set` the endpoints to balance over; endpoints still present keep their
-    /// connection and statistics.
+    /// Makes `set` the endpoints to balance over; endpoints still present (same address,
+    /// weight, zone and `server_id`) keep their connection, statistics and health. Linear
+    /// in the sizes of both sets.
     fn apply(&self, set: &EndpointSet) {
+        let _one = self.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.endpoints.load();
+        let by_addr: HashMap<SocketAddr, &Arc<Endpoint>> =
+            old.all().iter().map(|e| (e.meta.addr, e)).collect();
         let mut next = Vec::with_capacity(set.endpoints.len());
         for meta in &set.endpoints {
-            if let Some(ep) = old.iter().find(|e| e.meta == *meta) {
-                next.push(ep.clone());
+            if let Some(ep) = by_addr.get(&meta.addr).filter(|e| e.meta == *meta) {
+                next.push(Arc::clone(ep));
                 continue;
             }
             let tls = match &meta.server_id {
@@ -278,15 +303,35 @@ impl Outbound {
             }
             next.push(ep);
         }
+        drop(by_addr);
+        let next = EligibleSet::build(Arc::new(next), Instant::now());
         self.endpoints.store(Arc::new(next));
+        drop(_one);
         self.publish_states();
+    }
+
+    /// Splits the current endpoints by eligibility again (after an ejection, or when a
+    /// pick saw an endpoint change). With `wait` false, gives way to a rebuild already
+    /// under way (the pick that asked continues on the old set, checking live).
+    fn rebuild(&self, wait: bool) {
+        let _one = match self.rebuilding.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if !wait => return,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.rebuilding.lock().unwrap_or_else(|e| e.into_inner())
+            }
+        };
+        let all = self.endpoints.load().all().clone();
+        self.endpoints
+            .store(Arc::new(EligibleSet::build(all, Instant::now())));
     }
 
     /// Sets `meshd_upstream_endpoints{service,state}` from the endpoints' states now.
     pub fn publish_states(&self) {
         let now = Instant::now();
         let mut counts = [0usize; 3];
-        for e in self.endpoints.load().iter() {
+        for e in self.endpoints.load().all().iter() {
             counts[e.health.state(now) as usize] += 1;
         }
         let states = [
@@ -330,29 +375,25 @@ impl Outbound {
     /// Chooses an endpoint for one request (or TCP connection) and counts it in flight.
     /// Ejected and unhealthy endpoints are passed over, and so are those in `tried`
     /// while another one is left; when every endpoint is out, all are used (Envoy's
-    /// panic routing) rather than failing the request.
+    /// panic routing) rather than failing the request. Looks at one to three endpoints,
+    /// whatever the upstream's size (see `endpoints`).
     pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<InFlight<Endpoint>> {
-        let eps = self.endpoints.load();
         let now = Instant::now();
-        let usable = |e: &Endpoint| e.health.eligible(now);
-        let fresh = |e: &Endpoint| usable(e) && !tried.contains(&e.meta.addr);
-        let filter: &dyn Fn(&Endpoint) -> bool = if eps.iter().any(|e| fresh(e)) {
-            &fresh
-        } else if eps.iter().any(|e| usable(e)) {
-            &usable
-        } else {
-            &|_| true
-        };
-        // On the stack for up to 16 endpoints: no allocation per request.
-        let (idx, cands): (SmallVec<[usize; 16]>, SmallVec<[_; 16]>) = eps
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| filter(e))
-            .map(|(i, e)| (i, e.stats.candidate(e.meta.weight, now)))
-            .unzip();
         let cursor = self.next.fetch_add(1, Ordering::Relaxed);
-        let i = balancer::choose(self.config.balancer, &cands, cursor, rand::random())?;
-        Some(InFlight::start(eps.get(*idx.get(i)?)?.clone()))
+        let mut set = self.endpoints.load();
+        if set.probe(cursor, now) {
+            self.rebuild(false);
+            set = self.endpoints.load();
+        }
+        let policy = self.config.balancer;
+        let i = match set.pick(policy, tried, now, cursor, rand::random) {
+            Drawn::Chosen(i) => i,
+            Drawn::Empty => return None,
+            Drawn::Scan => {
+                endpoints::pick_scan(policy, set.all(), tried, now, cursor, rand::random())?
+            }
+        };
+        Some(InFlight::start(set.all().get(i)?.clone()))
     }
 
     /// Counts one attempt's outcome for the endpoint's balancer statistics and outlier
@@ -363,7 +404,8 @@ impl Outbound {
         let cfg = &self.config.outlier_detection;
         let now = Instant::now();
         let may_eject = || {
-            let eps = self.endpoints.load();
+            let set = self.endpoints.load();
+            let eps = set.all();
             let ejected = eps.iter().filter(|e| e.health.is_ejected(now)).count();
             ejected < resilience::max_ejected(eps.len(), cfg.max_ejection_percent)
         };
@@ -375,6 +417,7 @@ impl Outbound {
                 len.as_millis(),
                 cfg.consecutive_failures
             );
+            self.rebuild(true);
             self.publish_states();
         }
     }
@@ -454,6 +497,7 @@ impl UpstreamView for Outbound {
         let endpoints: Vec<_> = self
             .endpoints
             .load()
+            .all()
             .iter()
             .map(|e| {
                 let (requests, failures, in_flight, ewma_ms) = e.stats.snapshot();
@@ -485,3 +529,6 @@ impl UpstreamView for Outbound {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
