@@ -96,7 +96,11 @@ impl Inbound {
             return no_identity(remote);
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let handshake = acceptor.accept(HandshakeIo::new(tcp));
+        // Each phase of a connection (TLS handshake, HTTP/2 or TCP) is boxed: an async
+        // fn's state keeps room for every phase it awaits inline, which made each held
+        // connection's task 21.9 KB; boxed, the task is 1.6 KB plus the phase it is in
+        // (optimisation log, 2026-12-07).
+        let handshake = Box::pin(acceptor.accept(HandshakeIo::new(tcp)));
         let mut stream = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -145,7 +149,7 @@ impl Inbound {
             upstream: SharedString::from(Arc::<str>::from(self.forward.to_string())),
         });
         if self.protocol == Protocol::Tcp {
-            self.tcp(stream, peer).await;
+            Box::pin(self.tcp(stream, peer)).await;
             return;
         }
         let this = self.clone();
@@ -158,7 +162,7 @@ impl Inbound {
             gate: &self.gate,
             remote,
         };
-        proxy::serve_h2(stream, handle, stop, Some(watched)).await;
+        Box::pin(proxy::serve_h2(stream, handle, stop, Some(watched))).await;
     }
 
     async fn tcp(&self, stream: InboundTls, peer: Arc<Peer>) {

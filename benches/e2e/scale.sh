@@ -2,7 +2,7 @@
 # Scale curves 1 and 4 of the performance issue: how meshd's cost grows with held
 # connections and with outbound entries, all on loopback.
 #
-#   benches/e2e/scale.sh [--smoke] [--keep] [--out FILE] [connections] [upstreams]
+#   benches/e2e/scale.sh [--smoke] [--keep] [--out FILE] [connections] [upstreams] [cores]
 #
 # connections  For 100, 1,000 and 10,000 concurrent mTLS connections (TLS 1.3 with the
 #              client SVID, ALPN h2, two GETs on each, then idle) held open to a meshd
@@ -15,6 +15,11 @@
 # upstreams    For 10, 100 and 1,000 `outbound` entries in one meshd config (each its own
 #              listener, protocol http, one static endpoint, a server ID): time from exec to
 #              `/ready` answering 200, and RSS then.
+# cores        Curve 5: a meshd pair (outbound h2c in, mTLS h2 out, inbound to nginx, as in
+#              run.sh) with `runtime.worker_threads` 1 and then 2, saturated by h2load
+#              (-n 200000 -c 16 -m 8, median of 3): throughput and its ratio. With 4 or more
+#              CPUs the sidecars run on CPUs 0..workers-1 and h2load and nginx on the others
+#              (taskset); with fewer, nothing is pinned and the table says so.
 #
 # Without a curve name both run. --smoke runs each curve at one tiny size with a 1 s idle
 # window (tests/bench_smoke.rs runs it): the harness's correctness, no figures judged.
@@ -38,17 +43,18 @@ while [ $# -gt 0 ]; do
     --smoke) smoke=1 ;;
     --keep) keep=1 ;;
     --out) out=$2; shift ;;
-    connections | upstreams) curves+=("$1") ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    connections | upstreams | cores) curves+=("$1") ;;
+    -h | --help) sed -n '2,32p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
-[ ${#curves[@]} -gt 0 ] || curves=(connections upstreams)
+[ ${#curves[@]} -gt 0 ] || curves=(connections upstreams cores)
 if [ "$smoke" = 1 ]; then
-  conn_counts=(20) upstream_counts=(5) idle_secs=1
+  conn_counts=(20) upstream_counts=(5) idle_secs=1 sat=(-n 400 -c 4 -m 4) core_reps=1
 else
   conn_counts=(100 1000 10000) upstream_counts=(10 100 1000) idle_secs=30
+  sat=(-n 200000 -c 16 -m 8) core_reps=3
 fi
 
 # ---------------------------------------------------------------- tools
@@ -293,6 +299,56 @@ upstreams_curve() {
   emit ""
   [ -z "$out" ] || plot "$work/upstreams.tsv" "${out%.*}-upstreams.svg" \
     "outbound entries" "ms from exec to /ready" 2
+}
+
+# ---------------------------------------------------------------- curve 5: cores
+cores_curve() {
+  command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)"
+  local cpus w po pi ao ai out_pid in_pid rep f rps pin_note proxy_cpus=() load_cpus=()
+  cpus=$(nproc)
+  : >"$work/cores.tsv"
+  for w in 1 2; do
+    if [ "$cpus" -ge 4 ]; then
+      proxy_cpus=(taskset -c "0-$((w - 1))") load_cpus=(taskset -c "$w-$((cpus - 1))")
+      pin_note="sidecars on CPUs 0-$((w - 1)), h2load and nginx on $w-$((cpus - 1))"
+    else
+      pin_note="not pinned: $cpus CPUs cannot hold the sidecars' cores and the load apart"
+    fi
+    read -r po pi ao ai < <(free_ports 4)
+    meshd_outbound_yaml "$work/cores-out-$w.yaml" "$po" http "$pi" "$ao"
+    meshd_inbound_yaml "$work/cores-in-$w.yaml" "$pi" http "$P_BACKEND" "$ai"
+    sed -i "s/worker_threads: 1/worker_threads: $w/" "$work/cores-out-$w.yaml" "$work/cores-in-$w.yaml"
+    start "$work/cores-in-$w.log" "${proxy_cpus[@]}" "$MESHD_BIN" run --config "$work/cores-in-$w.yaml"
+    in_pid=$started
+    start "$work/cores-out-$w.log" "${proxy_cpus[@]}" "$MESHD_BIN" run --config "$work/cores-out-$w.yaml"
+    out_pid=$started
+    wait_http "$in_pid" "$work/cores-in-$w.log" "http://127.0.0.1:$ai/ready"
+    wait_http "$out_pid" "$work/cores-out-$w.log" "http://127.0.0.1:$ao/ready"
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -m 5 --http2-prior-knowledge "http://127.0.0.1:$po/")" = 200 ] ||
+      die "no 200 through the meshd pair with $w workers"
+    "${load_cpus[@]}" h2load -n 2000 -c 4 -m 4 "http://127.0.0.1:$po/" >/dev/null 2>&1 || die "h2load warm-up failed"
+    for rep in $(seq "$core_reps"); do
+      f=$work/cores-$w-$rep.txt
+      "${load_cpus[@]}" h2load "${sat[@]}" "http://127.0.0.1:$po/" >"$f" 2>&1 || die "h2load with $w workers failed"
+      grep -q " 0 failed, 0 errored" "$f" || { cat "$f" >&2; die "h2load with $w workers had errors"; }
+      rps=$(awk '/^finished in/ {print $4}' "$f")
+      printf '%d\t%d\t%s\n' "$w" "$rep" "$rps" >>"$work/cores.tsv"
+      say "cores: worker_threads $w, rep $rep: $rps req/s"
+    done
+    stop_pid "$out_pid"
+    stop_pid "$in_pid"
+  done
+  emit "### Curve 5: worker threads (a meshd pair, h2load ${sat[*]}, median of $core_reps; $pin_note)"
+  emit ""
+  emit "| worker_threads | throughput, req/s | vs 1 worker |"
+  emit "|---:|---:|---:|"
+  local one
+  one=$(awk -F'\t' '$1 == 1 {print $3}' "$work/cores.tsv" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')
+  for w in 1 2; do
+    emit "$(awk -F'\t' -v w="$w" '$1 == w {print $3}' "$work/cores.tsv" | sort -n |
+      awk -v w="$w" -v one="$one" '{v[NR] = $1} END {m = v[int((NR + 1) / 2)]; printf "| %d | %.0f | %.2fx |", w, m, m / one}')"
+  done
+  emit ""
 }
 
 # ---------------------------------------------------------------- plots

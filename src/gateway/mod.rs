@@ -289,7 +289,9 @@ impl Gateway {
         deadline: Instant,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.load_full());
-        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        // Boxed, as the phases below: a connection's task then holds only the phase it
+        // is in, not room for every phase (see `Inbound::connection`).
+        let tls = match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::debug!("gateway handshake from {from}: {e}");
@@ -317,9 +319,9 @@ impl Gateway {
             remote: from,
         };
         if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-            proxy::serve_h2(tls, handle, stop, Some(watched)).await;
+            Box::pin(proxy::serve_h2(tls, handle, stop, Some(watched))).await;
         } else {
-            http1::serve_http1(tls, handle, stop, watched).await;
+            Box::pin(http1::serve_http1(tls, handle, stop, watched)).await;
         }
     }
 

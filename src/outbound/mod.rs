@@ -480,9 +480,9 @@ impl Outbound {
                 let this = this.clone();
                 async move { call::forward(&this, req).await }
             };
-            proxy::serve_h2(tcp, handle, stop, None).await;
+            Box::pin(proxy::serve_h2(tcp, handle, stop, None)).await;
         } else {
-            call::forward_tcp(&self, tcp).await;
+            Box::pin(call::forward_tcp(&self, tcp)).await;
         }
     }
 }

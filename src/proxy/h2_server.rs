@@ -66,7 +66,9 @@ pub async fn serve_h2<I, H, F>(
         }
     };
     let header_deadline = limits.map(|l| Instant::now() + l.header_timeout);
-    let handshake = h2_server().handshake::<_, Bytes>(FrameWatch::new(io, watched));
+    // Boxed: the handshake's 2.5 KB would otherwise stay in this future's state for the
+    // connection's whole life.
+    let handshake = Box::pin(h2_server().handshake::<_, Bytes>(FrameWatch::new(io, watched)));
     let handshake = match header_deadline {
         Some(deadline) => tokio::time::timeout_at(deadline, handshake).await,
         None => Ok(handshake.await),
