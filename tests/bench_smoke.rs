@@ -16,8 +16,8 @@
 //! cargo, as a user would with `MESHD_SCALE_QUICK=1 cargo bench --bench NAME`, and checks
 //! that each generated its cases, checked their decisions and printed its whole table.
 //!
-//! `scale_harness_smoke` runs `benches/e2e/scale.sh --smoke` (scale curves 1 and 4 at one
-//! tiny size each) and checks that both tables came out.
+//! `scale_harness_smoke` runs `benches/e2e/scale.sh --smoke` (scale curves 1, 4 and 5 at
+//! one tiny size each) and checks that their tables came out.
 
 use std::path::Path;
 use std::process::Command;
@@ -159,9 +159,10 @@ fn scale_benches_quick() {
     }
 }
 
-// Scale curves 1 and 4 in smoke mode: 20 mTLS connections held to a meshd and an Envoy
-// inbound by connhold (built with go), and a meshd with 5 outbound entries started until
-// ready. The tables must come out whole, with a row per proxy and size; no figure judged.
+// Scale curves 1, 4 and 5 in smoke mode: 20 mTLS connections held to a meshd and an Envoy
+// inbound by connhold (built with go), a meshd with 5 outbound entries started until
+// ready, and a meshd pair loaded with 1 and then 2 worker threads. The tables must come
+// out whole, with a row per proxy and size; no figure judged.
 #[test]
 fn scale_harness_smoke() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -192,6 +193,10 @@ fn scale_harness_smoke() {
         "upstreams: 5 outbound entries: ready after",
         "### Curve 4: outbound entries in one config",
         "\n| 5 | ",
+        "cores: worker_threads 1, rep 1:",
+        "cores: worker_threads 2, rep 1:",
+        "### Curve 5: worker threads",
+        "\n| 2 | ",
     ] {
         assert!(
             all.contains(want),
