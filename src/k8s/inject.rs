@@ -3,7 +3,7 @@
 //!
 //! Flow: the file is read as a stream of YAML documents; each workload (Pod, Deployment,
 //! StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, and the items of a List) gets, in its
-//! pod spec, [`mutate_pod`] (which `meshd injector` runs too): [`skip_reason`] decides, and
+//! pod spec, [`mutate_pod`] (which `meshd injector` runs too): [`exemption`] decides, and
 //! [`pod_additions`], a plain function of the pod's metadata and the options,
 //! with no I/O. Everything else (Services, ConfigMaps, ...) passes through unchanged, as
 //! do pods that opt out (`meshd.io/inject: "false"`), pods on the node's network
@@ -86,7 +86,7 @@ pub struct SidecarOptions {
 
 /// Why a pod is left as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
+pub enum Exemption {
     /// The pod says `meshd.io/inject: "false"`.
     OptedOut,
     /// The pod is on the node's network: its iptables are the node's.
@@ -95,13 +95,13 @@ pub enum Skip {
     AlreadyInjected,
 }
 
-impl Skip {
+impl Exemption {
     /// The reason as a word, for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
-            Skip::OptedOut => "opted out (meshd.io/inject: \"false\")",
-            Skip::HostNetwork => "hostNetwork pod",
-            Skip::AlreadyInjected => "already has the meshd sidecar",
+            Exemption::OptedOut => "opted out (meshd.io/inject: \"false\")",
+            Exemption::HostNetwork => "hostNetwork pod",
+            Exemption::AlreadyInjected => "already has the meshd sidecar",
         }
     }
 }
@@ -112,7 +112,7 @@ pub enum PodOutcome {
     /// The pod got the init step, the sidecar and the volumes.
     Injected,
     /// The pod is left as it is, and why.
-    Skipped(Skip),
+    LeftAlone(Exemption),
 }
 
 /// Why a pod could not be mutated: its spec is not where or what Kubernetes puts there.
@@ -214,24 +214,24 @@ fn inject_document(
 
 /// Why the pod with this metadata and spec is left alone, or `None` to inject it: the one
 /// decision of `meshd inject` and `meshd injector`.
-pub fn skip_reason(meta: &Value, spec: &Mapping, containers: &[Value]) -> Option<Skip> {
+pub fn exemption(meta: &Value, spec: &Mapping, containers: &[Value]) -> Option<Exemption> {
     let inits = spec.get("initContainers").and_then(Value::as_sequence);
     if text_at(meta, &["annotations", "meshd.io/inject"]) == Some("false") {
-        return Some(Skip::OptedOut);
+        return Some(Exemption::OptedOut);
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        return Some(Skip::HostNetwork);
+        return Some(Exemption::HostNetwork);
     }
     let injected = containers
         .iter()
         .chain(inits.into_iter().flatten())
         .any(|c| text_at(c, &["name"]) == Some("meshd"));
-    injected.then_some(Skip::AlreadyInjected)
+    injected.then_some(Exemption::AlreadyInjected)
 }
 
 /// The mutation: gives the pod (a Pod, or a workload's pod template: a mapping with
 /// `metadata` and `spec`) of workload `workload` the additions of [`pod_additions`], unless
-/// [`skip_reason`] says to leave it alone.
+/// [`exemption`] says to leave it alone.
 pub fn mutate_pod(
     pod: &mut Value,
     workload: &str,
@@ -246,11 +246,11 @@ pub fn mutate_pod(
         .get("containers")
         .and_then(Value::as_sequence)
         .ok_or(PodShapeError::NoContainers)?;
-    if let Some(skip) = skip_reason(&meta, spec, containers) {
-        return Ok(PodOutcome::Skipped(skip));
+    if let Some(why) = exemption(&meta, spec, containers) {
+        return Ok(PodOutcome::LeftAlone(why));
     }
     let Some(add) = pod_additions(&meta, workload, options) else {
-        return Ok(PodOutcome::Skipped(Skip::OptedOut));
+        return Ok(PodOutcome::LeftAlone(Exemption::OptedOut));
     };
     // In front of the pod's own init containers, so that they too run with the sidecar.
     list_at(spec, "initContainers")

@@ -9,8 +9,8 @@ mod iptables;
 #[cfg(test)]
 mod fuzz;
 pub use inject::{
-    inject_file, mutate_pod, skip_reason, InjectArgs, PodOutcome, PodShapeError, SidecarOptions,
-    Skip,
+    exemption, inject_file, mutate_pod, Exemption, InjectArgs, PodOutcome, PodShapeError,
+    SidecarOptions,
 };
 pub use injector::{
     main as injector_main, review, write_certs, Answer, BadReview, CertsArgs, CertsError,

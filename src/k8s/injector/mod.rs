@@ -7,7 +7,7 @@
 //! Patch), `/ready`, `/live` and `/metrics` (`meshd_injector_requests_total{result}`).
 //! The API server chooses which pods reach the webhook (the MutatingWebhookConfiguration's
 //! namespaceSelector and objectSelector, deploy/k8s/injector.yaml); the webhook injects
-//! every pod it is sent except those [`crate::k8s::skip_reason`] leaves alone.
+//! every pod it is sent except those [`crate::k8s::exemption`] leaves alone.
 
 mod certs;
 pub(super) mod review;

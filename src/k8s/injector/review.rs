@@ -5,7 +5,7 @@
 //! server answers 400). A request for a pod's CREATE runs [`mutate_pod`], the mutation of
 //! `meshd inject`, on the pod (as its YAML value); the answer is `allowed: true` with the
 //! JSON Patch (RFC 6902) from the pod to its injected self, or without a patch when the pod
-//! is skipped. A pod the mutation cannot understand is admitted as it is with a `warnings`
+//! is left alone. A pod the mutation cannot understand is admitted as it is with a `warnings`
 //! entry saying why: a broken injector must not block workloads beyond what the webhook's
 //! `failurePolicy` says (and the pod's owner sees the warning in `kubectl`'s output).
 //! The answer is in the AdmissionReview version asked, with `uid` copied, and its patch
@@ -38,7 +38,7 @@ pub enum Verdict {
     /// Admitted with the sidecar patch.
     Injected,
     /// Admitted as it is (opted out, hostNetwork, already injected, not a pod's CREATE).
-    Skipped,
+    LeftAlone,
     /// Admitted as it is with a warning: the pod could not be understood.
     Error,
 }
@@ -48,7 +48,8 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Injected => "injected",
-            Verdict::Skipped => "skipped",
+            // The label dashboards and alerts already use.
+            Verdict::LeftAlone => "skipped",
             Verdict::Error => "error",
         }
     }
@@ -100,12 +101,12 @@ fn decide(
     response: AdmissionResponse,
     options: &SidecarOptions,
 ) -> (AdmissionResponse, Verdict, String) {
-    let skipped = |why: String| (response.clone(), Verdict::Skipped, why);
+    let left_alone = |why: String| (response.clone(), Verdict::LeftAlone, why);
     if request.kind.kind != "Pod" || !request.kind.group.is_empty() {
-        return skipped(format!("not a Pod but {}", request.kind.kind));
+        return left_alone(format!("not a Pod but {}", request.kind.kind));
     }
     if !matches!(request.operation, Operation::Create) {
-        return skipped(format!(
+        return left_alone(format!(
             "operation {:?}, only CREATE is injected",
             request.operation
         ));
@@ -124,7 +125,7 @@ fn decide(
     let workload = workload_name(&pod);
     match mutate_pod(&mut pod, &workload, options) {
         Err(e) => warned(response, e.to_string()),
-        Ok(PodOutcome::Skipped(skip)) => skipped(skip.as_str().into()),
+        Ok(PodOutcome::LeftAlone(why)) => left_alone(why.as_str().into()),
         Ok(PodOutcome::Injected) => {
             let after = match serde_json::to_value(&pod) {
                 Ok(v) => v,

@@ -2,7 +2,7 @@
 //! answer, and that its JSON Patch makes of a pod exactly what `meshd inject` makes.
 
 use super::super::inject::{
-    inject_text, mutate_pod, PodOutcome, PodShapeError, SidecarOptions, Skip,
+    inject_text, mutate_pod, Exemption, PodOutcome, PodShapeError, SidecarOptions,
 };
 use super::certs::serving_names;
 use super::review::workload_name;
@@ -63,19 +63,19 @@ fn the_decision_injects_or_skips_and_says_why() {
         ),
         (
             "metadata: {annotations: {meshd.io/inject: \"false\"}}\nspec: {containers: [{name: app}]}",
-            Ok(PodOutcome::Skipped(Skip::OptedOut)),
+            Ok(PodOutcome::LeftAlone(Exemption::OptedOut)),
         ),
         (
             "spec: {hostNetwork: true, containers: [{name: app}]}",
-            Ok(PodOutcome::Skipped(Skip::HostNetwork)),
+            Ok(PodOutcome::LeftAlone(Exemption::HostNetwork)),
         ),
         (
             "spec: {containers: [{name: app}, {name: meshd}]}",
-            Ok(PodOutcome::Skipped(Skip::AlreadyInjected)),
+            Ok(PodOutcome::LeftAlone(Exemption::AlreadyInjected)),
         ),
         (
             "spec: {initContainers: [{name: meshd, restartPolicy: Always}], containers: [{name: app}]}",
-            Ok(PodOutcome::Skipped(Skip::AlreadyInjected)),
+            Ok(PodOutcome::LeftAlone(Exemption::AlreadyInjected)),
         ),
         ("spec: {}", Err(PodShapeError::NoContainers)),
         (
@@ -135,7 +135,7 @@ fn the_patch_makes_the_pod_meshd_inject_makes() {
     }
 }
 
-// Story: the webhook's answers, one review per row: what is skipped gets no patch and no
+// Story: the webhook's answers, one review per row: what is left alone gets no patch and no
 // warning, a pod it cannot understand is admitted with a warning saying why.
 #[test]
 fn reviews_are_answered_allowed_with_a_patch_none_or_a_warning() {
@@ -143,23 +143,23 @@ fn reviews_are_answered_allowed_with_a_patch_none_or_a_warning() {
     let app = "metadata: {name: p}\nspec: {containers: [{name: app}]}";
     let rows = [
         (admission(pod(app), "CREATE"), Verdict::Injected, None),
-        (admission(pod(app), "UPDATE"), Verdict::Skipped, None),
+        (admission(pod(app), "UPDATE"), Verdict::LeftAlone, None),
         (
             admission(
                 pod("metadata: {name: p, annotations: {meshd.io/inject: \"false\"}}\nspec: {containers: [{name: app}]}"),
                 "CREATE",
             ),
-            Verdict::Skipped,
+            Verdict::LeftAlone,
             None,
         ),
         (
             admission(pod("metadata: {name: p}\nspec: {hostNetwork: true, containers: [{name: app}]}"), "CREATE"),
-            Verdict::Skipped,
+            Verdict::LeftAlone,
             None,
         ),
         (
             admission(pod("metadata: {name: p}\nspec: {containers: [{name: app}, {name: meshd}]}"), "CREATE"),
-            Verdict::Skipped,
+            Verdict::LeftAlone,
             None,
         ),
         (
