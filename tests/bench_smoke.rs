@@ -23,27 +23,37 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-#[test]
-fn e2e_harness_smoke() {
+/// Runs `benches/e2e/SCRIPT --smoke` with the test build's meshd; fails naming the script
+/// and showing its output (a missing tool is named in a FAIL line) unless it succeeds.
+/// Returns stderr and stdout together.
+fn smoke(script: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("benches/e2e/run.sh");
-    assert!(script.exists(), "missing {}", script.display());
-    let started = Instant::now();
+    let path = root.join("benches/e2e").join(script);
+    assert!(path.exists(), "missing {}", path.display());
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(&path)
         .arg("--smoke")
         .env("MESHD_BIN", env!("CARGO_BIN_EXE_meshd"))
         .current_dir(root)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let all = format!("{stderr}\n{stdout}");
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", path.display()));
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(
         out.status.success(),
-        "run.sh --smoke failed ({}); its output (a missing tool is named in a FAIL line):\n{all}",
+        "{script} --smoke failed ({}); its output (a missing tool is named in a FAIL line):\n{all}",
         out.status
     );
+    all
+}
+
+#[test]
+fn e2e_harness_smoke() {
+    let started = Instant::now();
+    let all = smoke("run.sh");
     for want in [
         "check: meshd chain: 200 (ok)",
         "check: envoy chain: 200 (ok)",
@@ -165,26 +175,8 @@ fn scale_benches_quick() {
 // out whole, with a row per proxy and size; no figure judged.
 #[test]
 fn scale_harness_smoke() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("benches/e2e/scale.sh");
     let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("--smoke")
-        .env("MESHD_BIN", env!("CARGO_BIN_EXE_meshd"))
-        .current_dir(root)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        out.status.success(),
-        "scale.sh --smoke failed ({}); its output (a missing tool is named in a FAIL line):\n{all}",
-        out.status
-    );
+    let all = smoke("scale.sh");
     for want in [
         "connections: meshd x 20: RSS",
         "connections: envoy x 20: RSS",
