@@ -23,6 +23,30 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+/// Removes what cargo set for this test process (not the user's settings) from `cmd`'s
+/// environment: a cargo build under it (a quick bench, or `run.sh`'s record_crypto)
+/// would see a changed environment and rebuild dependencies (ring's build script follows
+/// CARGO_MANIFEST_DIR).
+fn without_test_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_cargo = ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_CRATE_"]
+            .iter()
+            .any(|p| key.starts_with(p))
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_ref());
+        if set_by_cargo {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+}
+
 /// Runs `benches/e2e/SCRIPT --smoke` with the test build's meshd; fails naming the script
 /// and showing its output (a missing tool is named in a FAIL line) unless it succeeds.
 /// Returns stderr and stdout together.
@@ -30,7 +54,9 @@ fn smoke(script: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("benches/e2e").join(script);
     assert!(path.exists(), "missing {}", path.display());
-    let out = Command::new("bash")
+    let mut bash = Command::new("bash");
+    without_test_env(&mut bash);
+    let out = bash
         .arg(&path)
         .arg("--smoke")
         .env("MESHD_BIN", env!("CARGO_BIN_EXE_meshd"))
@@ -82,6 +108,7 @@ fn e2e_harness_smoke() {
         "meshd ahead of all of them on every row: not judged in smoke mode",
         "| throughput, req/s |",
         "| JSON→gRPC via gateway, req/s |",
+        "record crypto alone: seal ",
     ] {
         assert!(all.contains(want), "run.sh --smoke output lacks `{want}`:\n{all}");
     }
@@ -97,26 +124,7 @@ fn run_scale_bench(name: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let started = Instant::now();
     let mut cargo = Command::new(env!("CARGO"));
-    // What cargo set for this test process (not the user's settings) is removed, or the
-    // nested build would see a changed environment and rebuild dependencies (ring's
-    // build script follows CARGO_MANIFEST_DIR).
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        let set_by_cargo = ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_CRATE_"]
-            .iter()
-            .any(|p| key.starts_with(p))
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "OUT_DIR",
-            ]
-            .contains(&key.as_ref());
-        if set_by_cargo {
-            cargo.env_remove(key.as_ref());
-        }
-    }
+    without_test_env(&mut cargo);
     let out = cargo
         .args(["test", "--quiet", "--bench", name])
         .env("MESHD_SCALE_QUICK", "1")

@@ -386,7 +386,7 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 /// The first bytes a real TLS client sends: a rustls ClientHello offering h2.
 fn client_hello() -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = meshd::identity::crypto_provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -25,7 +25,8 @@
 # --handshakes measures full mTLS handshakes instead of requests: a tcp-mode inbound (as in
 # tcp.sh) forwarding to nginx, `openssl s_time -new` for 5 s per repetition (10 s with
 # --instructions), and the inbound's CPU ms (or, with --instructions, instructions) per
-# handshake.
+# handshake; with --record S, the inbound is sampled for S seconds of the first repetition
+# (perf-hs.data in the work folder).
 #
 # Environment: MESHD_BIN (default $CARGO_TARGET_DIR/release/meshd). Needs nginx, h2load,
 # perf (apt-get install linux-perf), openssl, curl, python3.
@@ -46,14 +47,14 @@ while [ $# -gt 0 ]; do
     --instructions) instr=1 ;;
     --handshakes) handshakes=1 ;;
     --record) record=$2; shift ;;
-    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [ "$unloaded$mallocs" = 11 ] && die "--mallocs counts with perf stat, which --unloaded leaves out"
 [ "$instr" = 1 ] && [ "$mallocs$record" != 00 ] && die "--instructions runs under valgrind: no --mallocs or --record with it"
-[ "$handshakes" = 1 ] && [ "$unloaded$mallocs$record" != 000 ] && die "--handshakes goes alone or with --instructions"
+[ "$handshakes" = 1 ] && [ "$unloaded$mallocs" != 00 ] && die "--handshakes goes alone, with --instructions or with --record"
 [ "$instr" = 1 ] && n=${n:-10000}
 if [ "$unloaded" = 1 ]; then conc=(-c 1 -m 1) n=${n:-20000}; else conc=(-c 16 -m 8) n=${n:-100000}; fi
 tools=(nginx h2load perf openssl curl python3)
@@ -143,6 +144,9 @@ if [ "$handshakes" = 1 ]; then
       printf '%s\t%s\t%.0f\n' "$rep" "$hs" "$(awk -v v="$ir" -v n="$hs" 'BEGIN {print v / n}')"
     else
       t0=$(ticks "$pid_meshd_hs")
+      if [ "$record" != 0 ] && [ "$rep" = 1 ]; then
+        perf record ${PERF_RECORD_ARGS:--F 999 -g} -p "$pid_meshd_hs" -o "$work/perf-hs.data" -- sleep "$record" 2>/dev/null &
+      fi
       hs=$(s_time "$secs")
       printf '%s\t%s\t%.3f\n' "$rep" "$hs" \
         "$(awk -v d="$(($(ticks "$pid_meshd_hs") - t0))" -v hz="$hz" -v n="$hs" 'BEGIN {print d / hz / n * 1000}')"

@@ -440,6 +440,19 @@ verdict() { # label value op limit
     echo "- NOT MET: $1 ($v, want $3 $4)"
   fi
 }
+# Under a TCP CPU-per-GB verdict: the relay's CPU per GB plus what the record crypto alone
+# costs per GB (the outbound seals, the inbound opens; benches/record_crypto.rs), as a
+# ratio to the relay. Above 1.25, the target cannot be met by a sidecar that does TLS in
+# user space on this machine, however little else it does.
+crypto_floor() { # relay-cpu-per-gb crypto-cpu-per-gb out|in
+  [ "$1" != - ] && [ "$2" != - ] || return 0
+  awk -v r="$1" -v c="$2" -v side="$3" 'BEGIN {
+    f = (r + c) / r
+    printf "  - floor with TLS: relay %.3f + AES-128-GCM %s alone %.3f = %.3f s/GB, %.4f of the relay: %s\n",
+      r, (side == "out") ? "seal" : "open", c, r + c, f,
+      (f > 1.25) ? "out of reach in user space on this machine" : "within reach"
+  }'
+}
 floor_verdicts() { # the performance issue's targets, as ratios to the relay floor in the same run
   local n side
   verdict "throughput meshd/relay" "$(exact "$(med meshd rps)" "$(med relay rps)")" ">=" 1
@@ -452,6 +465,7 @@ floor_verdicts() { # the performance issue's targets, as ratios to the relay flo
     for side in out in; do
       verdict "TCP CPU/GB -P $n ${side}bound meshd/relay" \
         "$(exact "$(med meshd "tcp${n}_cpugb_$side")" "$(med relay "tcp${n}_cpugb_$side")")" "<=" 1.25
+      crypto_floor "$(med relay "tcp${n}_cpugb_$side")" "$(med crypto "$([ "$side" = out ] && echo seal || echo open)_cpugb")" "$side"
     done
   done
 }

@@ -145,3 +145,20 @@ for rep in $(seq "$reps"); do
     case $s in meshd | envoy | haproxy | stunnel) hs_run "$s" "$rep" ;; esac
   done
 done
+
+# Record crypto alone (benches/record_crypto.rs: ring's AES-128-GCM on full 16 KiB records,
+# CPU s per GB, sealed and opened): what a TLS sidecar must spend per GB on top of what a
+# plain relay does, so the floor under the TCP CPU-per-GB rows (floor_verdicts).
+# Smoke: a debug build moving 64 MB once (as tests/bench_smoke.rs runs the scale benches).
+if [ "$smoke" = 1 ]; then rc_cargo=(env MESHD_SCALE_QUICK=1 cargo test -q); else rc_cargo=(cargo bench -q); fi
+say "record crypto alone (${rc_cargo[*]} --bench record_crypto)"
+(cd "$repo" && "${on_load_cpus[@]}" "${rc_cargo[@]}" --bench record_crypto) \
+  >"$work/record_crypto.txt" 2>"$work/record_crypto.err" ||
+  { cat "$work/record_crypto.err" >&2; die "${rc_cargo[*]} --bench record_crypto failed"; }
+med_crypto() { awk -F'\t' -v m="$1_cpugb" '$1 == "crypto" && $3 == m {print $4}' "$results"; }
+for op in seal open; do
+  v=$(awk -v k="${op}_s_per_gb" '$1 == k {print $2}' "$work/record_crypto.txt")
+  [ -n "$v" ] || { cat "$work/record_crypto.txt" >&2; die "record_crypto printed no ${op}_s_per_gb"; }
+  record crypto 1 "${op}_cpugb" "$v"
+done
+say "record crypto alone: seal $(med_crypto seal) open $(med_crypto open) CPU s / GB$([ "$smoke" = 1 ] && echo " (smoke: the numbers mean nothing)")"

@@ -112,7 +112,7 @@ pub fn gateway_tls(dir: &Path, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = meshd::identity::crypto_provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -135,7 +135,7 @@ pub fn svid_tls(dir: &Path) -> tokio_rustls::TlsConnector {
     let key = rustls_pemfile::private_key(&mut read("key.pem").as_slice())
         .unwrap()
         .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = meshd::identity::crypto_provider();
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
