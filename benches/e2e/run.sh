@@ -87,22 +87,8 @@ fi
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- tools
-apt_updated=
-need_deb() { # command package
-  command -v "$1" >/dev/null 2>&1 && return 0
-  [ -x "/usr/sbin/$1" ] && return 0
-  command -v apt-get >/dev/null 2>&1 || die "'$1' is missing and there is no apt-get to install $2"
-  if [ -z "$apt_updated" ]; then apt-get update -qq >&2 || die "apt-get update failed"; apt_updated=1; fi
-  say "installing $2 (for $1)"
-  local policy=
-  if [ ! -e /usr/sbin/policy-rc.d ]; then # do not let the package start its daemon
-    policy=/usr/sbin/policy-rc.d
-    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 0755 "$policy"
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2 ||
-    { [ -z "$policy" ] || rm -f "$policy"; die "apt-get install $2 failed"; }
-  [ -z "$policy" ] || rm -f "$policy"
-}
+# shellcheck source=benches/e2e/lib.sh
+. "$here/lib.sh"
 need_deb curl curl
 need_deb openssl openssl
 need_deb python3 python3
@@ -115,8 +101,6 @@ nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$nginx_bin" ] || die "nginx is missing (apt-get install nginx)"
 command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)"
 
-# shellcheck source=benches/e2e/lib.sh
-. "$here/lib.sh"
 find_envoy
 find_meshd "$repo"
 
