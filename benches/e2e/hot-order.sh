@@ -8,7 +8,10 @@
 # Runs three meshd sidecars under valgrind's callgrind, from exec to exit: an http-mode
 # outbound -> inbound pair in front of nginx (h2c), loaded with h2load (saturated, then one
 # request at a time) after a scrape of each admin /metrics, and a tcp-mode inbound given
-# full mTLS handshakes with `openssl s_time -new`; then 12 s idle (keepalive PINGs, timers,
+# full mTLS handshakes with `openssl s_time -new`. What goes wrong in a sidecar's life runs
+# too, as run.sh's checks make it: an outbound whose server has the wrong SPIFFE ID (the
+# refused handshake, its 503 and log line), a caller the policy denies (403, the denial
+# logged), a direct mTLS client of the inbound. Then 12 s idle (keepalive PINGs, timers,
 # the watchers) and SIGTERM (drain and exit). Every function callgrind saw run, and that
 # the binary defines, is written to FILE (default link/meshd.order), one mangled name per
 # line. The names are those of the binary run: make the list with a release build
@@ -73,13 +76,19 @@ wait_ready() { # admin-port: up to 120 s (callgrind runs a sidecar some 50x slow
   die "a sidecar was not ready in 120 s (logs in $work)"
 }
 
-make_certs client=$CLIENT_ID server=$SERVER_ID
+make_certs client="$CLIENT_ID" server="$SERVER_ID" impostor="$IMPOSTOR_ID"
 write_policy
-read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN < <(free_ports 7)
+read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN P_MO_WRONG < <(free_ports 8)
 write_nginx_conf "$P_BACKEND"
 start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 meshd_inbound_yaml "$work/in.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
-meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN"
+meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN" "  - name: wrong-id
+    listen: 127.0.0.1:$P_MO_WRONG
+    protocol: http
+    endpoints: [\"127.0.0.1:$P_MI\"]
+    server_id: $WRONG_SERVER_ID
+    timeout: 5s
+"
 meshd_inbound_yaml "$work/hs.yaml" "$P_HS" tcp "$P_BACKEND" "$P_HS_ADMIN"
 for side in in out hs; do
   start "meshd_$side" valgrind --tool=callgrind --demangle=no --dump-instr=no --compress-strings=no \
@@ -92,6 +101,14 @@ say "sidecars ready under callgrind; loading them"
 for port in "$P_MI_ADMIN" "$P_MO_ADMIN" "$P_HS_ADMIN"; do
   curl -sf -o /dev/null "http://127.0.0.1:$port/metrics" || die "GET /metrics on port $port failed"
 done
+code() { curl -s -o /dev/null -w '%{http_code}' -m 30 "$@" || true; }
+mtls() { # who: a request straight to the inbound with that SVID
+  code --http2 -k --cert "$work/$1/svid.pem" --key "$work/$1/key.pem" "https://127.0.0.1:$P_MI/"
+}
+[ "$(code --http2-prior-knowledge "http://127.0.0.1:$P_MO/xfcc")" = 200 ] || die "no 200 through the pair"
+[ "$(code --http2-prior-knowledge "http://127.0.0.1:$P_MO_WRONG/")" != 200 ] || die "the wrong server ID was not refused"
+[ "$(mtls client)" = 200 ] || die "the inbound refused $CLIENT_ID"
+[ "$(mtls impostor)" = 403 ] || die "the inbound did not deny $IMPOSTOR_ID"
 url=http://127.0.0.1:$P_MO/
 h2load "${sat[@]}" "$url" >"$work/sat.txt" 2>&1 || die "h2load failed (log: $work/sat.txt)"
 grep -q "status codes: ${sat[1]} 2xx" "$work/sat.txt" || { cat "$work/sat.txt" >&2; die "not all 2xx"; }
