@@ -78,12 +78,6 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-start() { # name command...
-  local name=$1; shift
-  "$@" >"$work/$name.log" 2>&1 &
-  pids+=("$!")
-  eval "pid_$name=$!"
-}
 wait_http() { # url [curl args...]
   local url=$1 i; shift
   for i in $(seq 200); do
@@ -99,7 +93,7 @@ read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN < <(free_ports
 # Certificates, backend and sidecars as in run.sh.
 make_certs client="$CLIENT_ID" server="$SERVER_ID"
 write_nginx_conf "$P_BACKEND"
-start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
+start_logged nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 wait_http "http://127.0.0.1:$P_BACKEND/" --http2-prior-knowledge
 
 # With --instructions: counters zeroed before each run and dumped after it; each dump is
@@ -121,7 +115,7 @@ if [ "$handshakes" = 1 ]; then
   meshd_inbound_yaml "$work/hs.yaml" "$P_HS" tcp "$P_BACKEND" "$P_HS_ADMIN"
   under=()
   [ "$instr" = 1 ] && under=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.hs")
-  start meshd_hs "${under[@]}" "$MESHD_BIN" run --config "$work/hs.yaml"
+  start_logged meshd_hs "${under[@]}" "$MESHD_BIN" run --config "$work/hs.yaml"
   wait_http "http://127.0.0.1:$P_HS_ADMIN/ready"
   secs=5
   [ "$instr" = 1 ] && secs=10
@@ -161,8 +155,8 @@ if [ "$instr" = 1 ]; then
   under_in=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.in")
   under_out=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out")
 fi
-start meshd_in "${under_in[@]}" "$MESHD_BIN" run --config "$work/in.yaml"
-start meshd_out "${under_out[@]}" "$MESHD_BIN" run --config "$work/out.yaml"
+start_logged meshd_in "${under_in[@]}" "$MESHD_BIN" run --config "$work/in.yaml"
+start_logged meshd_out "${under_out[@]}" "$MESHD_BIN" run --config "$work/out.yaml"
 wait_http "http://127.0.0.1:$P_MI_ADMIN/ready"
 wait_http "http://127.0.0.1:$P_MO_ADMIN/ready"
 url=http://127.0.0.1:$P_MO/

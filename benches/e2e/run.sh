@@ -176,13 +176,7 @@ relay relay_out "$P_RO" "$P_RI"
 
 # ---------------------------------------------------------------- meshd pair
 write_policy
-meshd_outbound_yaml "$work/meshd-outbound.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN" "  - name: wrong-id
-    listen: 127.0.0.1:$P_MO_WRONG
-    protocol: http
-    endpoints: [\"127.0.0.1:$P_MI\"]
-    server_id: $WRONG_SERVER_ID
-    timeout: 5s
-"
+meshd_outbound_yaml "$work/meshd-outbound.yaml" "$P_MO" http "$P_MI" "$P_MO_ADMIN" "$(wrong_id_outbound "$P_MO_WRONG" "$P_MI")"$'\n'
 meshd_inbound_yaml "$work/meshd-inbound.yaml" "$P_MI" http "$P_BACKEND" "$P_MI_ADMIN"
 meshd_start meshd_in "$work/meshd-inbound.yaml"
 meshd_start meshd_out "$work/meshd-outbound.yaml"
