@@ -155,10 +155,9 @@ say "record crypto alone (${rc_cargo[*]} --bench record_crypto)"
 (cd "$repo" && "${on_load_cpus[@]}" "${rc_cargo[@]}" --bench record_crypto) \
   >"$work/record_crypto.txt" 2>"$work/record_crypto.err" ||
   { cat "$work/record_crypto.err" >&2; die "${rc_cargo[*]} --bench record_crypto failed"; }
-med_crypto() { awk -F'\t' -v m="$1_cpugb" '$1 == "crypto" && $3 == m {print $4}' "$results"; }
 for op in seal open; do
   v=$(awk -v k="${op}_s_per_gb" '$1 == k {print $2}' "$work/record_crypto.txt")
   [ -n "$v" ] || { cat "$work/record_crypto.txt" >&2; die "record_crypto printed no ${op}_s_per_gb"; }
   record crypto 1 "${op}_cpugb" "$v"
+  say "record crypto alone: $op $v CPU s / GB$([ "$smoke" = 1 ] && echo " (smoke: the numbers mean nothing)")"
 done
-say "record crypto alone: seal $(med_crypto seal) open $(med_crypto open) CPU s / GB$([ "$smoke" = 1 ] && echo " (smoke: the numbers mean nothing)")"

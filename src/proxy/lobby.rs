@@ -51,7 +51,7 @@ struct Lobby {
     /// Waiting connections by token.
     waiting: HashMap<usize, Waiting>,
     /// Tokens in order of their deadlines (every connection gets the same timeout, so
-    /// arrival order is deadline order); entries that left already are skipped.
+    /// arrival order is deadline order); entries that left already are passed over.
     deadlines: VecDeque<(Instant, usize)>,
     next_token: usize,
 }
