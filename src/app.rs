@@ -162,13 +162,7 @@ fn start_telemetry(config: &Config) -> Telemetry {
     };
     if let Some(handle) = metrics.clone() {
         // Without upkeep the exporter keeps every histogram sample until the next scrape.
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                handle.run_upkeep();
-            }
-        });
+        tokio::spawn(telemetry::keep_histograms_drained(handle));
     }
     Telemetry {
         log_reload,

@@ -138,6 +138,7 @@ pub fn increment(name: &'static str, labels: &[(&'static str, &str)], by: u64) {
 
 /// Records `value` in the histogram `name{labels}`.
 pub fn record(name: &'static str, labels: &[(&'static str, &str)], value: f64) {
+    super::upkeep::sampled();
     let register = || metrics::histogram!(name, owned_labels(labels));
     let f = |h: &Histogram| h.record(value);
     if !ENABLED.load(Ordering::Acquire) {

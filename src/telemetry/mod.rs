@@ -8,11 +8,13 @@
 
 mod memory;
 mod metric_cache;
+mod upkeep;
 
 #[cfg(test)]
 pub(crate) mod fuzz_budget;
 pub use memory::on_park as collect_memory_on_park;
 pub use metric_cache::increment;
+pub use upkeep::keep_drained as keep_histograms_drained;
 
 use arc_swap::ArcSwap;
 use metrics::SharedString;
