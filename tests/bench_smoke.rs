@@ -194,6 +194,8 @@ fn scale_harness_smoke() {
     for want in [
         "connections: meshd x 20: RSS",
         "connections: envoy x 20: RSS",
+        "connections: floor x 20: RSS",
+        "memory per connection at 20, meshd/envoy",
         "### Curve 1: held mTLS connections",
         "\n| 20 | ",
         "upstreams: 5 outbound entries: ready after",

