@@ -89,7 +89,10 @@ while len(held) < n:  # the ephemeral range covers everything: take what bind(0)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     held.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in held))
+ports = [s.getsockname()[1] for s in held]
+for s in held:  # closed before the ports are printed: the caller may bind one at once,
+    s.close()   # while this interpreter is still exiting
+print(" ".join(map(str, ports)))
 PY
 }
 
