@@ -25,7 +25,9 @@ use crate::tls::HandshakeIo;
 use crate::tls::{self, TlsStore};
 use http::{HeaderValue, Request, Response};
 use metrics::SharedString;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -101,39 +103,59 @@ impl Inbound {
         // connection's task 21.9 KB; boxed, the task is 1.6 KB plus the phase it is in
         // (optimisation log, 2026-12-07).
         let handshake = Box::pin(acceptor.accept(HandshakeIo::new(tcp)));
-        let mut stream = match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let reason = tls::failure_reason(&e);
-                metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
-                if reason == "io" || reason == "truncated" {
-                    // The peer went away (reset, EOF): counted, but not worth a line
-                    // each (a port scan or a flood would fill the log).
-                    tracing::debug!(%remote, reason, "inbound TLS handshake failed: {e}");
-                } else {
-                    tracing::info!(%remote, reason, "inbound TLS handshake failed: {e}");
+        // In a block: the stream moves into the boxed phase that serves it, and an async
+        // fn keeps a moved-from local's room (1.2 KB for a TLS stream) until its scope
+        // ends, so `serving.await` below would have kept it for the connection's life.
+        let serving = {
+            let stream = match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let reason = tls::failure_reason(&e);
+                    metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
+                    if reason == "io" || reason == "truncated" {
+                        // The peer went away (reset, EOF): counted, but not worth a line
+                        // each (a port scan or a flood would fill the log).
+                        tracing::debug!(%remote, reason, "inbound TLS handshake failed: {e}");
+                    } else {
+                        tracing::info!(%remote, reason, "inbound TLS handshake failed: {e}");
+                    }
+                    return;
                 }
-                return;
-            }
-            Err(_) => return self.gate.handshake_timed_out(remote),
+                Err(_) => return self.gate.handshake_timed_out(remote),
+            };
+            self.serving(stream, remote, stop)
         };
+        if let Some(serving) = serving {
+            serving.await;
+        }
+    }
+
+    /// What follows a completed TLS handshake: the checks of the client (its SPIFFE ID,
+    /// ALPN h2 when it speaks HTTP), then the boxed phase that serves it (HTTP/2 or TCP),
+    /// or `None` when the connection ends here.
+    fn serving(
+        self: &Arc<Self>,
+        mut stream: InboundTls,
+        remote: SocketAddr,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
         let (io, _) = stream.get_mut();
         io.handshake_over();
         if io.peer_gone() {
             // A client that finished its handshake and closed before reading the
             // session tickets (a TLS probe): done, and not a failure.
             tracing::debug!(%remote, "client closed right after its TLS handshake");
-            return;
+            return None;
         }
         let (_, conn) = stream.get_ref();
         let Some(id) = tls::peer_id(conn.peer_certificates()) else {
             tracing::warn!(%remote, "peer certificate has no SPIFFE ID");
-            return;
+            return None;
         };
         if self.protocol.is_http() && conn.alpn_protocol() != Some(tls::ALPN_H2) {
             metrics::counter!("meshd_tls_handshake_failures_total", "direction" => "inbound", "reason" => "no_alpn").increment(1);
             tracing::info!(%remote, peer = %id, "closed: client did not negotiate ALPN h2");
-            return;
+            return None;
         }
         let id_text = SharedString::from(Arc::<str>::from(id.to_string()));
         let own_id = self
@@ -149,8 +171,7 @@ impl Inbound {
             upstream: SharedString::from(Arc::<str>::from(self.forward.to_string())),
         });
         if self.protocol == Protocol::Tcp {
-            Box::pin(self.tcp(stream, peer)).await;
-            return;
+            return Some(Box::pin(self.tcp(stream, peer)));
         }
         let this = self.clone();
         let handle = move |req| {
@@ -162,7 +183,12 @@ impl Inbound {
             gate: &self.gate,
             remote,
         };
-        Box::pin(proxy::serve_h2(stream, handle, stop, Some(watched))).await;
+        Some(Box::pin(proxy::serve_h2(
+            stream,
+            handle,
+            stop,
+            Some(watched),
+        )))
     }
 
     async fn tcp(&self, stream: InboundTls, peer: Arc<Peer>) {

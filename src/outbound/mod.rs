@@ -46,6 +46,7 @@ use crate::tls::UpstreamTls;
 use arc_swap::ArcSwap;
 use balancer::{EndpointStats, HasStats, InFlight};
 use endpoints::{Drawn, EligibleSet, Pickable};
+use futures::FutureExt;
 use resilience::{Breaker, EndpointHealth, HealthState, Outcome, RetryBudget};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -460,10 +461,8 @@ impl Outbound {
                 continue;
             };
             let served = self.clone().serve_connection(tcp, drain.stop.clone());
-            drain.tracker.spawn(async move {
-                let _open = open;
-                served.await
-            });
+            // `open` is let go when the connection ends (as in `proxy::accept_ready`).
+            drain.tracker.spawn(served.map(move |()| drop(open)));
         }
     }
 

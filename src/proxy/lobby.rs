@@ -15,6 +15,7 @@
 
 use crate::proxy::connections::{ConnectionGate, OpenConnection};
 use crate::proxy::Drain;
+use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -213,10 +214,10 @@ pub async fn accept_ready<C, F>(
             deadline,
         } = arrival;
         let served = connection(tcp, remote, drain.stop.clone(), deadline);
-        drain.tracker.spawn(async move {
-            let _open = open;
-            served.await
-        });
+        // `open` is let go when the connection ends. Not `async move { served.await }`:
+        // that block keeps `served` twice in its state, as its capture and as the future
+        // it awaits (1.6 KB each for an inbound connection).
+        drain.tracker.spawn(served.map(move |()| drop(open)));
     };
     let mut lobby = match Lobby::new() {
         Ok(lobby) => Some(lobby),
