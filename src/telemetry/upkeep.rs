@@ -20,16 +20,15 @@ pub const DRAIN_AFTER: usize = 4096;
 /// The longest time between two upkeeps.
 pub const DRAIN_EVERY: Duration = Duration::from_secs(1);
 
-/// Samples recorded since the last wake of [`keep_drained`].
-static PENDING: AtomicUsize = AtomicUsize::new(0);
+/// Histogram samples recorded since start (wrapping; [`DRAIN_AFTER`] divides 2^64).
+static SAMPLES: AtomicUsize = AtomicUsize::new(0);
 
-/// Wakes [`keep_drained`] when [`PENDING`] reaches [`DRAIN_AFTER`].
+/// Wakes [`keep_drained`] every [`DRAIN_AFTER`] samples.
 static DRAIN: Notify = Notify::const_new();
 
 /// Counts one histogram sample; every [`DRAIN_AFTER`]th wakes the upkeep.
 pub fn sampled() {
-    if PENDING.fetch_add(1, Ordering::Relaxed) + 1 >= DRAIN_AFTER {
-        PENDING.store(0, Ordering::Relaxed);
+    if SAMPLES.fetch_add(1, Ordering::Relaxed) % DRAIN_AFTER == DRAIN_AFTER - 1 {
         DRAIN.notify_one();
     }
 }
