@@ -13,6 +13,7 @@
 
 mod files;
 mod jwt;
+mod os_random;
 mod workload_api;
 
 #[cfg(test)]
@@ -307,7 +308,8 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The one crypto provider of meshd (ring), built once: it loads SVID keys here
 /// ([`Svid::from_der`]) and builds every TLS config (`tls`, the gateway). Its policy:
-/// TLS 1.3 suites; TLS 1.2 only with ECDHE AES-GCM; key exchange X25519, P-256, P-384.
+/// TLS 1.3 suites; TLS 1.2 only with ECDHE AES-GCM; key exchange X25519, P-256, P-384;
+/// rustls's random bytes from a per-thread pool of kernel randomness (`os_random`).
 /// It is not installed as the process default: every rustls config names it.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, default_provider, kx_group};
@@ -325,6 +327,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
                     cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
                 ],
                 kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+                secure_random: &os_random::OsRandom,
                 ..default_provider()
             })
         })
