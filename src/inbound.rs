@@ -191,7 +191,7 @@ impl Inbound {
         )))
     }
 
-    async fn tcp(&self, stream: InboundTls, peer: Arc<Peer>) {
+    async fn tcp(&self, mut stream: InboundTls, peer: Arc<Peer>) {
         let target = Target {
             port: self.port,
             request: AuthzRequest::Tcp,
@@ -217,8 +217,8 @@ impl Inbound {
             return;
         }
         match proxy::tcp_connect(self.forward).await {
-            Ok(app) => {
-                let (rx, tx) = proxy::pipe(stream, app, "inbound").await;
+            Ok(mut app) => {
+                let (rx, tx) = proxy::pipe(&mut stream, &mut app, "inbound").await;
                 record.bytes = rx + tx;
                 record.http_status = 200;
             }

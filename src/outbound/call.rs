@@ -366,7 +366,7 @@ fn fail(
 
 /// Connects the app's TCP connection to an endpoint; a failed connect is retried on
 /// another endpoint (nothing was sent yet) when retries are on.
-pub async fn forward_tcp(ob: &Outbound, app: tokio::net::TcpStream) {
+pub async fn forward_tcp(ob: &Outbound, mut app: tokio::net::TcpStream) {
     let mut tried = Vec::new();
     let now = Instant::now();
     ob.budget.deposit(now);
@@ -377,9 +377,9 @@ pub async fn forward_tcp(ob: &Outbound, app: tokio::net::TcpStream) {
         };
         let addr = ep.endpoint.meta.addr;
         match proxy::tls_connect(addr, &ep.endpoint.tls).await {
-            Ok(up) => {
+            Ok(mut up) => {
                 ep.record(true);
-                proxy::pipe(app, up, "outbound").await;
+                proxy::pipe(&mut app, &mut up, "outbound").await;
                 return;
             }
             Err(e) => {

@@ -277,7 +277,7 @@ impl Transparent {
 
     /// Accepts intercepted connections on one listener until drained.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
-        while let Some((tcp, from)) =
+        while let Some((mut tcp, from)) =
             proxy::accept(&listener, &drain.stop, "transparent listener").await
         {
             let Some(open) = self.gate.admit(from) else {
@@ -301,8 +301,8 @@ impl Transparent {
                     drain.tracker.spawn(async move {
                         let _open = open;
                         match this.relay_connect(dst).await {
-                            Ok((up, port)) => {
-                                proxy::pipe(tcp, up, "passthrough").await;
+                            Ok((mut up, port)) => {
+                                proxy::pipe(&mut tcp, &mut up, "passthrough").await;
                                 this.relaying_mut().remove(&port);
                             }
                             Err(e) => tracing::warn!("passthrough to {dst} (from {from}): {e}"),
