@@ -3,7 +3,7 @@
 //! A full TLS 1.3 handshake makes rustls ask for random bytes seven times (the server
 //! random, and for each of the two session tickets its nonce, its age offset and its
 //! session ID), and ring's `SystemRandom` makes one `getrandom` system call for each. In
-//! this VM a system call costs about 2 µs, and those seven were a third of the inbound's
+//! this VM a system call costs about 2 µs, and those were seven of the inbound's 23-25
 //! system calls per handshake (optimisation log, 2026-12-07, night).
 //!
 //! Flow: [`OsRandom::fill`] serves a request from the calling thread's pool -> a pool
