@@ -5,7 +5,9 @@
 use crate::config::parse_spiffe_id;
 use crate::identity::SpiffeId;
 use crate::policy::model::{Action, Caller, IdMatcher, Mode, Rule, Target, Via};
-use std::collections::HashMap;
+// foldhash rather than SipHash: the keys come from the policy file, and every request
+// hashes the caller's trust domain and path up to a few times.
+use foldhash::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -129,8 +131,8 @@ impl Policy {
         version: u64,
         source: PathBuf,
     ) -> Policy {
-        let mut index: HashMap<String, DomainIndex> = HashMap::new();
-        let mut jwt_index: HashMap<String, DomainIndex> = HashMap::new();
+        let mut index: HashMap<String, DomainIndex> = HashMap::default();
+        let mut jwt_index: HashMap<String, DomainIndex> = HashMap::default();
         for (i, rule) in rules.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
             let index = match rule.via {

@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use metrics::SharedString;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -180,8 +180,9 @@ pub struct LabelBounds {
 /// request is a reference count, not a copy).
 #[derive(Debug, Default)]
 struct LabelSet {
-    peers: HashMap<String, SharedString>,
-    methods: HashMap<String, SharedString>,
+    /// Looked up for every request (foldhash: the keys come from the policy).
+    peers: foldhash::HashMap<String, SharedString>,
+    methods: foldhash::HashMap<String, SharedString>,
 }
 
 /// The label value of everything not admitted.
