@@ -97,8 +97,9 @@ async fn slow_h2(tls: tokio_rustls::TlsConnector, port: u16) -> Option<Duration>
 // Story: an attacker holds 10,000 TCP connections that never start TLS and 1,000
 // slowloris clients against the gateway. A partner's gRPC client keeps calling on its
 // own connection with its p99 within 2x of before (the best of up to three measurements
-// of 1,000 calls); each idle connection costs meshd about a kilobyte; meshd closes every attacking connection at its timeout, counts them, logs
-// each cause once, and its memory stays bounded.
+// of 1,000 calls); each idle connection costs meshd about a kilobyte; meshd closes every
+// attacking connection at its timeout, counts them, logs each cause once, and its memory
+// stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_floods_leave_a_good_client_its_latency() {
     let _alone = ALONE.write().await;
