@@ -21,9 +21,15 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The most one read takes in, and the buffer a direction holds while bytes are on
-/// the way (64 KiB, as the pipe's reads were before: 8 KiB reads mean eight times the
-/// system calls per GB).
-pub const READ_LEN: usize = 64 << 10;
+/// the way (256 KiB).
+///
+/// Each write to a loopback socket costs the kernel a delivery and a wake-up of the
+/// reader, whatever its size; a TLS reader hands out a full buffer's worth of records per
+/// read when they are there. With 64 KiB, a tcp inbound spent 10-16 % more CPU per GB
+/// and moved 12-16 % fewer bytes a second (optimisation log, 2026-12-08). The buffer is
+/// held only while bytes flow, so an idle connection still holds none; Envoy's default
+/// per-connection buffer limit is 1 MiB.
+pub const READ_LEN: usize = 256 << 10;
 
 /// Where a direction's bytes start in its buffer: 2 KiB in, half a page away from where
 /// the allocator put the buffer.
